@@ -1,0 +1,1 @@
+"""Code shared by the MNIST and CIFAR-10 challenges."""

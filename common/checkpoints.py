@@ -1,0 +1,105 @@
+"""Checkpoints: the ones training writes (`checkpoint-<step>`, 3 kept) and the released TF1 ones.
+
+Training saves model, optimizer and global step as a TF2 object checkpoint, so a run resumes
+where it stopped. Evaluation and attack scripts also accept a folder holding a checkpoint of the
+original TF1 code (the released challenge models): its variables are read by name through a
+mapping each model provides, with a clear error when a name or a shape does not match.
+"""
+
+import glob
+import os
+import re
+
+import tensorflow as tf
+
+from common.errors import UserError
+
+MAX_TO_KEEP = 3
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+GLOBAL_STEP_KEY = "global_step/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def latest_checkpoint(model_dir):
+    """The newest checkpoint prefix in `model_dir`, or None.
+
+    Follows the `checkpoint` state file; where it is missing or names a path that is not there
+    (a zip made on another machine holds absolute paths), the highest `checkpoint-<step>` wins.
+    """
+    path = tf.train.latest_checkpoint(model_dir)
+    if path and os.path.exists(path + ".index"):
+        return path
+    steps = []
+    for index_file in glob.glob(os.path.join(glob.escape(model_dir), "*-*.index")):
+        match = re.search(r"-(\d+)\.index$", index_file)
+        if match:
+            steps.append((int(match.group(1)), index_file[: -len(".index")]))
+    return max(steps)[1] if steps else None
+
+
+def _reader(path):
+    try:
+        return tf.train.load_checkpoint(path)
+    except (tf.errors.OpError, ValueError) as error:
+        raise UserError(f"cannot read checkpoint {path}: {error}") from error
+
+
+def is_tf1_checkpoint(path):
+    """True for checkpoints of the original TF1 code, which have no object graph."""
+    return OBJECT_GRAPH_KEY not in _reader(path).get_variable_to_shape_map()
+
+
+def training_checkpoint(model, optimizer, global_step):
+    """What a training run saves and resumes from."""
+    return tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=global_step)
+
+
+def checkpoint_manager(checkpoint, model_dir):
+    """Writes `model_dir/checkpoint-<step>`, keeping the newest three like the original Saver."""
+    return tf.train.CheckpointManager(checkpoint, model_dir, max_to_keep=MAX_TO_KEEP,
+                                      checkpoint_name="checkpoint")
+
+
+def global_step_of(path):
+    """The global step stored in a checkpoint of either kind (0 where there is none)."""
+    reader = _reader(path)
+    for key in (GLOBAL_STEP_KEY, "global_step"):
+        if reader.has_tensor(key):
+            return int(reader.get_tensor(key))
+    return 0
+
+
+def load_tf1_weights(path, variables_by_name):
+    """Assigns each Keras variable the value of the TF1 variable of the given name."""
+    reader = _reader(path)
+    shapes = reader.get_variable_to_shape_map()
+    for name, variable in variables_by_name.items():
+        if name not in shapes:
+            raise UserError(f"TF1 checkpoint {path} has no variable '{name}' for {variable.path}")
+        if tuple(shapes[name]) != tuple(variable.shape):
+            raise UserError(
+                f"TF1 checkpoint {path}: variable '{name}' has shape {tuple(shapes[name])}, "
+                f"the model's {variable.path} needs {tuple(variable.shape)}")
+        variable.assign(reader.get_tensor(name))
+
+
+def load_weights(model, path, tf1_variables):
+    """Loads the model's weights from a checkpoint written by training here or by the TF1 code.
+
+    `tf1_variables(model)` maps TF1 variable names to the model's variables.
+    """
+    if is_tf1_checkpoint(path):
+        load_tf1_weights(path, tf1_variables(model))
+        return
+    try:
+        status = tf.train.Checkpoint(model=model).read(path).expect_partial()
+        status.assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as error:
+        raise UserError(f"checkpoint {path} does not fit this model: {error}") from error
+
+
+def load_latest_weights(model, model_dir, tf1_variables):
+    """Loads the newest checkpoint of `model_dir`; returns its path, or None where there is none."""
+    path = latest_checkpoint(model_dir)
+    if path is not None:
+        load_weights(model, path, tf1_variables)
+    return path

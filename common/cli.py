@@ -1,0 +1,28 @@
+"""Entry point for every script: absl flags, and one clear line instead of a traceback."""
+
+import os
+import sys
+
+from absl import app, logging
+
+from common.errors import UserError
+
+
+def quiet_tensorflow():
+    """Hides TensorFlow's start-up chatter so the original's printed lines stand out."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def run(main):
+    """Runs `main` under absl; a UserError becomes `Error: ...` on stderr and exit status 1."""
+
+    def guarded_main(argv):
+        try:
+            main(argv)
+        except UserError as error:
+            sys.stdout.flush()
+            print(f"Error: {error}", file=sys.stderr)
+            sys.exit(1)
+
+    logging.set_verbosity(logging.WARNING)
+    app.run(guarded_main)

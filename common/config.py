@@ -1,0 +1,203 @@
+"""The JSON config of each challenge: loading, `--KEY=VALUE` overrides and validation.
+
+Each challenge keeps the original's `config.json` beside its scripts. That file fixes which keys
+exist and their types (keys starting with `_`, like the original's `_comment`, are notes and
+ignored); every script takes `--config=PATH` and one absl flag per key, so any value
+can be changed on the command line. Everything is checked before any work starts.
+"""
+
+import json
+import os
+
+from absl import flags
+
+from common.errors import UserError
+
+FLAGS = flags.FLAGS
+
+PATH_KEYS = ("model_dir", "data_path", "store_adv_path")
+TEST_SET_SIZE = 10000
+
+
+def _non_empty(value):
+    return None if value else "must not be empty"
+
+
+def _at_least(lowest):
+    def check(value):
+        return None if value >= lowest else f"must be at least {lowest}, got {value}"
+
+    return check
+
+
+def _between(lowest, highest):
+    def check(value):
+        if lowest <= value <= highest:
+            return None
+        return f"must be between {lowest} and {highest}, got {value}"
+
+    return check
+
+
+def _one_of(*choices):
+    def check(value):
+        return None if value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
+
+    return check
+
+
+def _step_size_schedule(schedule):
+    """[[0, lr0], [boundary1, lr1], ...]: boundaries whole, rising from 0; rates positive."""
+    if not schedule or not all(isinstance(pair, list) and len(pair) == 2 for pair in schedule):
+        return "must be a non-empty list of [step, learning_rate] pairs"
+    steps = [pair[0] for pair in schedule]
+    if any(not _is_int(step) for step in steps) or steps[0] != 0:
+        return "must start at step 0 and use whole step numbers"
+    if any(later <= earlier for earlier, later in zip(steps, steps[1:])):
+        return "must have rising step boundaries"
+    if any(not _is_number(pair[1]) or pair[1] <= 0 for pair in schedule):
+        return "must have positive learning rates"
+    return None
+
+
+def _filters(widths):
+    if len(widths) != 4 or not all(_is_int(width) and width > 0 for width in widths):
+        return f"must be four positive whole numbers, got {widths}"
+    return None
+
+
+# key: (type, check or None). A config's keys are those of the challenge's own config.json.
+RULES = {
+    "model_dir": (str, _non_empty),
+    "data_path": (str, _non_empty),
+    "store_adv_path": (str, _non_empty),
+    "random_seed": (int, _at_least(0)),
+    "tf_random_seed": (int, _at_least(0)),
+    "np_random_seed": (int, _at_least(0)),
+    "max_num_training_steps": (int, _at_least(0)),
+    "num_output_steps": (int, _at_least(1)),
+    "num_summary_steps": (int, _at_least(1)),
+    "num_checkpoint_steps": (int, _at_least(1)),
+    "training_batch_size": (int, _at_least(1)),
+    "num_eval_examples": (int, _between(1, TEST_SET_SIZE)),
+    "eval_batch_size": (int, _at_least(1)),
+    "eval_on_cpu": (bool, None),
+    "epsilon": (float, _at_least(0)),
+    "k": (int, _at_least(0)),
+    "num_steps": (int, _at_least(0)),
+    "a": (float, _at_least(0)),
+    "step_size": (float, _at_least(0)),
+    "random_start": (bool, None),
+    "loss_func": (str, _one_of("xent", "cw")),
+    "weight_decay": (float, _at_least(0)),
+    "momentum": (float, _between(0, 1)),
+    "step_size_schedule": (list, _step_size_schedule),
+    "filters": (list, _filters),
+}
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _typed(key, value):
+    """Returns `value` as the key's type (an int is a fine float), or raises UserError."""
+    kind, _ = RULES[key]
+    if kind is float and _is_number(value):
+        return float(value)
+    if kind is int and _is_int(value):
+        return value
+    if kind in (bool, str, list) and type(value) is kind:
+        return value
+    raise UserError(f"config key '{key}' must be of type {kind.__name__}, got {value!r}")
+
+
+def _read_json(path):
+    try:
+        with open(path) as config_file:
+            values = json.load(config_file)
+    except OSError as error:
+        raise UserError(f"cannot read config file {path}: {error.strerror}") from error
+    except json.JSONDecodeError as error:
+        raise UserError(f"config file {path} is not valid JSON: {error}") from error
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a JSON object")
+    return {key: value for key, value in values.items() if not key.startswith("_")}
+
+
+def _read_with_paths(path):
+    """A config file's values, its relative paths made relative to the file's folder."""
+    values = _read_json(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    for key in PATH_KEYS:
+        if isinstance(values.get(key), str) and values[key]:
+            values[key] = os.path.join(folder, values[key])
+    return values
+
+
+def define_flags(default_config_path):
+    """Defines `--config` and one override flag per key of the challenge's own config.json."""
+    flags.DEFINE_string("config", default_config_path, "Path of the JSON config file.")
+    for key, value in _read_json(default_config_path).items():
+        kind, _ = RULES[key]
+        help_text = f"Overrides the config's '{key}' (default there: {json.dumps(value)})."
+        if kind is bool:
+            flags.DEFINE_boolean(key, None, help_text)
+        elif kind is int:
+            flags.DEFINE_integer(key, None, help_text)
+        elif kind is float:
+            flags.DEFINE_float(key, None, help_text)
+        else:
+            flags.DEFINE_string(key, None, help_text + " Lists are given as JSON.")
+
+
+def _overrides(keys):
+    """Config values given as flags. Paths given on the command line are relative to the cwd."""
+    values = {}
+    for key in keys:
+        value = FLAGS[key].value
+        if value is None:
+            continue
+        if RULES[key][0] is list:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise UserError(f"--{key} must be a JSON list, got {value!r}") from error
+        if key in PATH_KEYS:
+            value = os.path.abspath(value)
+        values[key] = value
+    return values
+
+
+def load_config():
+    """The config selected by `--config`, with the flag overrides applied, checked.
+
+    Keys missing from the file take the challenge's defaults; relative paths in the file are
+    relative to the file's folder.
+    """
+    defaults = _read_with_paths(FLAGS["config"].default)
+    path = os.path.abspath(FLAGS.config)
+    values = _read_with_paths(path)
+    for key in values:
+        if key not in defaults:
+            raise UserError(f"unknown config key '{key}' in {path}")
+    config = {**defaults, **values, **_overrides(defaults)}
+    return validate(config)
+
+
+def validate(config):
+    """Returns the config with each value of its key's type, or raises UserError."""
+    checked = {}
+    for key, value in config.items():
+        if key not in RULES:
+            raise UserError(f"unknown config key '{key}'")
+        checked[key] = _typed(key, value)
+        check = RULES[key][1]
+        problem = check(checked[key]) if check else None
+        if problem:
+            raise UserError(f"config key '{key}' {problem}")
+    return checked

@@ -1,0 +1,5 @@
+"""The one exception type whose message is shown to the user as a single line."""
+
+
+class UserError(Exception):
+    """Bad input or a missing file: the scripts print the message and exit non-zero."""

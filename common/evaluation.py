@@ -1,0 +1,107 @@
+"""Evaluation of checkpoints: natural and adversarial accuracy and average losses.
+
+`eval_loop` is the original's endless loop, polling `model_dir` every 10 seconds and evaluating
+each new checkpoint, with its printed lines and its summaries in `model_dir/eval`; `once`
+evaluates the newest checkpoint and returns.
+"""
+
+import os
+import sys
+import time
+from datetime import datetime
+
+import numpy as np
+import tensorflow as tf
+import tqdm
+
+from common import checkpoints
+from common.batching import batch_bounds
+from common.errors import UserError
+
+POLL_SECONDS = 10
+
+
+def _summed_xent_and_correct(model, x, labels):
+    logits = model(x, training=False)
+    xent = tf.reduce_sum(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+    correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1), labels), tf.int64))
+    return xent, correct
+
+
+def evaluate(model, attack, images, labels, num_examples, batch_size):
+    """Accuracy and average cross-entropy of the model on the first `num_examples`, natural and
+    under `attack`."""
+    score = tf.function(lambda x, y: _summed_xent_and_correct(model, x, y), reduce_retracing=True)
+    totals = np.zeros(4)
+    for first, end in tqdm.tqdm(batch_bounds(num_examples, batch_size), desc="evaluating",
+                                unit="batch", leave=False):
+        x_batch, y_batch = images[first:end], labels[first:end]
+        x_adv = attack.perturb(x_batch, y_batch).astype(np.float32)
+        xent_nat, correct_nat = score(x_batch, y_batch)
+        xent_adv, correct_adv = score(x_adv, y_batch)
+        totals += [xent_nat, xent_adv, correct_nat, correct_adv]
+    avg_xent_nat, avg_xent_adv, acc_nat, acc_adv = totals / num_examples
+    return {"avg_xent_nat": avg_xent_nat, "avg_xent_adv": avg_xent_adv,
+            "acc_nat": acc_nat, "acc_adv": acc_adv}
+
+
+def _write_results(writer, step, results):
+    with writer.as_default(step=step):
+        tf.summary.scalar("xent adv eval", results["avg_xent_adv"])
+        tf.summary.scalar("xent adv", results["avg_xent_adv"])
+        tf.summary.scalar("xent nat", results["avg_xent_nat"])
+        tf.summary.scalar("accuracy adv eval", results["acc_adv"])
+        tf.summary.scalar("accuracy adv", results["acc_adv"])
+        tf.summary.scalar("accuracy nat", results["acc_nat"])
+    writer.flush()
+
+
+def _print_results(results):
+    print(f"natural: {100 * results['acc_nat']:.2f}%")
+    print(f"adversarial: {100 * results['acc_adv']:.2f}%")
+    print(f"avg nat loss: {results['avg_xent_nat']:.4f}")
+    print(f"avg adv loss: {results['avg_xent_adv']:.4f}")
+
+
+def _say(text):
+    print(text, end="")
+    sys.stdout.flush()
+
+
+def _evaluate_checkpoint(path, writer, load_checkpoint, run_evaluation):
+    _say(f"\nCheckpoint {path}, evaluating ...   ({datetime.now()})\n")
+    load_checkpoint(path)
+    results = run_evaluation()
+    _write_results(writer, checkpoints.global_step_of(path), results)
+    _print_results(results)
+    return results
+
+
+def eval_loop(model_dir, load_checkpoint, run_evaluation, once=False):
+    """Evaluates each new checkpoint of `model_dir` as it appears (with `once`, the newest only).
+
+    `load_checkpoint(path)` loads the weights; `run_evaluation()` returns `evaluate`'s results.
+    """
+    writer = tf.summary.create_file_writer(os.path.join(model_dir, "eval"))
+    if once:
+        path = checkpoints.latest_checkpoint(model_dir)
+        if path is None:
+            raise UserError(f"No checkpoint found in {model_dir}")
+        return _evaluate_checkpoint(path, writer, load_checkpoint, run_evaluation)
+    last_checkpoint = None
+    waiting = False
+    while True:
+        path = checkpoints.latest_checkpoint(model_dir)
+        if path is not None and path != last_checkpoint:
+            _evaluate_checkpoint(path, writer, load_checkpoint, run_evaluation)
+            last_checkpoint, waiting = path, False
+            continue
+        if waiting:
+            _say(".")
+        elif path is None:
+            _say("No checkpoint yet, waiting ...")
+        else:
+            _say(f"Waiting for the next checkpoint ...   ({datetime.now()})   ")
+        waiting = True
+        time.sleep(POLL_SECONDS)

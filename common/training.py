@@ -1,0 +1,205 @@
+"""PGD adversarial training, the loop both challenges share.
+
+Per step, as the original: draw a batch, attack it, print and write summaries on their cadence,
+save a checkpoint on its cadence (before the update, so `checkpoint-N` holds the model after N
+updates), then take the optimizer step on the adversarial batch only. The attack runs inside the
+replica step under a `tf.distribute` strategy, with `training_batch_size` as the global batch.
+
+Beyond the original: a run resumes from the newest checkpoint in `model_dir` (data order and
+random starts are functions of the step, so it continues the same sequence), a last checkpoint
+is written at `max_num_training_steps`, and a progress bar shows the rate and the time left.
+"""
+
+import json
+import os
+import time
+from datetime import datetime
+
+import numpy as np
+import tensorflow as tf
+import tqdm
+
+from common import checkpoints, pgd
+from common.errors import UserError
+
+PREFETCH_BATCHES = 2
+
+
+def make_strategy():
+    """MirroredStrategy over all visible GPUs (one CPU device where there is none)."""
+    return tf.distribute.MirroredStrategy()
+
+
+def start_noise(seed, step, shape, epsilon):
+    """The random-start noise of a training step, drawn on the host in float64 as the original."""
+    return np.random.default_rng([seed, step]).uniform(-epsilon, epsilon, shape)
+
+
+class TrainStep:
+    """One distributed training step: attack in each replica, metrics, optimizer update.
+
+    `loss_fn(labels, logits, model)` returns what the replica minimises, scaled so that the
+    sum over replicas is the loss of the global batch. `attack_training` selects the mode the
+    model runs in during the attack (training mode in the CIFAR-10 original).
+    """
+
+    def __init__(self, strategy, model, optimizer, attack, loss_fn, attack_training=False):
+        self.strategy = strategy
+        self.model = model
+        self.optimizer = optimizer
+        self.attack = attack
+        self.loss_fn = loss_fn
+        self.attack_training = attack_training
+        self._step = tf.function(self._distributed_step)
+
+    def _replica_step(self, x_nat, labels, noise, report):
+        attack, model = self.attack, self.model
+        if attack.rand:
+            x_start = pgd.random_start(x_nat, noise, attack.pixel_range)
+        else:
+            x_start = tf.cast(x_nat, tf.float64)
+        x_adv = tf.cast(pgd.pgd_steps(model, x_nat, labels, x_start, attack.epsilon, attack.k,
+                                      attack.a, attack.pixel_range, attack.loss_func,
+                                      self.attack_training), tf.float32)
+        metrics = {}
+        if report:
+            metrics["nat_correct"] = _num_correct(model(x_nat, training=True), labels)
+        with tf.GradientTape() as tape:
+            logits = model(x_adv, training=True)
+            loss = self.loss_fn(labels, logits, model)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        self.optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        metrics["adv_correct"] = _num_correct(logits, labels)
+        metrics["adv_xent"] = tf.reduce_sum(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+        return metrics, x_adv
+
+    def _distributed_step(self, x_nat, labels, noise, report):
+        metrics, x_adv = self.strategy.run(self._replica_step, args=(x_nat, labels, noise, report))
+        totals = {name: self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+                  for name, value in metrics.items()}
+        return totals, self.strategy.experimental_local_results(x_adv)[0]
+
+    def _split(self, batch):
+        """Gives replica r the r-th consecutive slice of the global batch."""
+        replicas = self.strategy.num_replicas_in_sync
+        size = len(batch[0])
+        if size % replicas:
+            raise UserError(f"training_batch_size {size} does not split over {replicas} replicas")
+        local = size // replicas
+
+        def replica_slice(context):
+            first = context.replica_id_in_sync_group * local
+            return tuple(tensor[first:first + local] for tensor in batch)
+
+        return self.strategy.experimental_distribute_values_from_function(replica_slice)
+
+    def __call__(self, x_nat, labels, noise, report=True):
+        """Runs the step on a global batch; returns summed metrics and some adversarial images."""
+        batch = (tf.convert_to_tensor(x_nat), tf.convert_to_tensor(labels),
+                 tf.convert_to_tensor(noise))
+        return self._step(*self._split(batch), report)
+
+
+def _num_correct(logits, labels):
+    return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1), labels), tf.int64))
+
+
+def _batches(batch_for_step, first_step, last_step, seed, epsilon):
+    """Prefetched (x, y, noise) global batches from `first_step` up to `last_step`."""
+    x, y = batch_for_step(first_step)
+
+    def generate():
+        for step in range(first_step, last_step):
+            x_batch, y_batch = batch_for_step(step)
+            yield x_batch, y_batch, start_noise(seed, step, x_batch.shape, epsilon)
+
+    signature = (tf.TensorSpec(x.shape, tf.float32), tf.TensorSpec(y.shape, tf.int64),
+                 tf.TensorSpec(x.shape, tf.float64))
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    return iter(dataset.prefetch(PREFETCH_BATCHES))
+
+
+def _resume(checkpoint, manager, model_dir):
+    """Restores the newest checkpoint of this run, if any; returns the step to continue from."""
+    path = checkpoints.latest_checkpoint(model_dir)
+    if path is None:
+        return 0
+    if checkpoints.is_tf1_checkpoint(path):
+        raise UserError(f"{path} is a TF1 checkpoint: training resumes only from its own "
+                        "checkpoints; choose another model_dir")
+    try:
+        checkpoint.restore(path).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as error:
+        raise UserError(f"cannot resume from {path}: {error}") from error
+    return int(checkpoint.global_step.numpy())
+
+
+def _write_config(config, model_dir):
+    with open(os.path.join(model_dir, "config.json"), "w") as config_file:
+        json.dump(config, config_file, indent=2)
+
+
+def _report(step, metrics, batch_size, examples_per_second):
+    tqdm.tqdm.write(f"Step {step}:    ({datetime.now()})")
+    tqdm.tqdm.write(f"    training nat accuracy {metrics['nat_correct'] / batch_size * 100:.4}%")
+    tqdm.tqdm.write(f"    training adv accuracy {metrics['adv_correct'] / batch_size * 100:.4}%")
+    if examples_per_second is not None:
+        tqdm.tqdm.write(f"    {examples_per_second} examples per second")
+
+
+def _summarize(writer, step, metrics, batch_size, images):
+    with writer.as_default(step=step):
+        accuracy = metrics["adv_correct"] / batch_size
+        xent = metrics["adv_xent"] / batch_size
+        tf.summary.scalar("accuracy adv train", accuracy)
+        tf.summary.scalar("accuracy adv", accuracy)
+        tf.summary.scalar("xent adv train", xent)
+        tf.summary.scalar("xent adv", xent)
+        tf.summary.image("images adv train", images, max_outputs=3)
+
+
+def train(config, train_step, batch_for_step, seed, to_images):
+    """The training loop: `train_step` a TrainStep, `batch_for_step(step) -> (x, y)` global
+    batches, `seed` for the random starts, `to_images(x)` for the image summary in [0, 1]."""
+    model_dir = config["model_dir"]
+    batch_size = config["training_batch_size"]
+    max_steps = config["max_num_training_steps"]
+    os.makedirs(model_dir, exist_ok=True)
+    global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+    with train_step.strategy.scope():
+        train_step.optimizer.build(train_step.model.trainable_variables)
+    checkpoint = checkpoints.training_checkpoint(train_step.model, train_step.optimizer,
+                                                 global_step)
+    manager = checkpoints.checkpoint_manager(checkpoint, model_dir)
+    first_step = _resume(checkpoint, manager, model_dir)
+    if first_step:
+        tqdm.tqdm.write(f"Resuming from {manager.latest_checkpoint} at step {first_step}")
+    _write_config(config, model_dir)
+    writer = tf.summary.create_file_writer(model_dir)
+    batches = _batches(batch_for_step, first_step, max_steps, seed, train_step.attack.epsilon)
+    training_time = 0.0
+    progress = tqdm.tqdm(total=max_steps, initial=first_step, unit="step", smoothing=0.1)
+    for step in range(first_step, max_steps):
+        x_batch, y_batch, noise = next(batches)
+        if step % config["num_checkpoint_steps"] == 0 and (step > first_step or step == 0):
+            manager.save(checkpoint_number=step)
+        report = step % config["num_output_steps"] == 0
+        start = time.perf_counter()
+        metrics, images = train_step(x_batch, y_batch, noise, report)
+        metrics = {name: value.numpy() for name, value in metrics.items()}
+        training_time += time.perf_counter() - start
+        if report:
+            rate = None
+            if step > first_step:
+                rate = config["num_output_steps"] * batch_size / training_time
+                training_time = 0.0
+            _report(step, metrics, batch_size, rate)
+        if step % config["num_summary_steps"] == 0:
+            _summarize(writer, step, metrics, batch_size, to_images(images))
+        global_step.assign(step + 1)
+        progress.update(1)
+    progress.close()
+    if manager.latest_checkpoint != os.path.join(model_dir, f"checkpoint-{max_steps}"):
+        manager.save(checkpoint_number=max_steps)
+    writer.flush()

@@ -1,0 +1,49 @@
+"""PGD attack on the MNIST challenge model. Running this file attacks the first
+`num_eval_examples` test images of the model in `model_dir` and stores them in `store_adv_path`.
+
+`LinfPGDAttack` (from common/pgd.py) keeps the original's constructor and `perturb(x_nat, y)`.
+Beyond the original: `--restarts=N` random restarts per example.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from common import cli
+
+cli.quiet_tensorflow()
+
+import numpy as np
+from absl import flags
+
+from common import checkpoints, config as config_lib
+from common.errors import UserError
+from common.pgd import LinfPGDAttack, attack_test_set
+from mnist_challenge import mnist_input, model as mnist_model
+
+__all__ = ["LinfPGDAttack"]
+
+config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json"))
+flags.DEFINE_integer("restarts", 1, "Random restarts per example; the strongest one is kept.")
+
+
+def main(argv):
+    config = config_lib.load_config()
+    model = mnist_model.create_model()
+    if checkpoints.load_latest_weights(model, config["model_dir"],
+                                       mnist_model.tf1_variables) is None:
+        raise UserError("No model found")
+    attack = LinfPGDAttack(model, config["epsilon"], config["k"], config["a"],
+                           config["random_start"], config["loss_func"],
+                           restarts=flags.FLAGS.restarts, seed=config["random_seed"])
+    mnist = mnist_input.MNISTData(config["data_path"])
+    x_adv = attack_test_set(attack, mnist.test_images, mnist.test_labels,
+                            config["num_eval_examples"], config["eval_batch_size"])
+    print("Storing examples")
+    path = config["store_adv_path"]
+    np.save(path, x_adv)
+    print(f"Examples stored in {path}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

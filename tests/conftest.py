@@ -1,0 +1,43 @@
+"""Shared test set-up: paths to `../shared`, helpers to run the real scripts, two logical CPUs."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+sys.path.insert(0, REPO)
+
+# The 2-replica tests need two devices; this must happen before TensorFlow starts.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+
+
+def shared_path(*parts):
+    """A path under ../shared; fails the test, naming the path, where it is missing."""
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        pytest.fail(f"shared test material missing: {path} (the tests need ../shared beside "
+                    "the checkout)")
+    return path
+
+
+@pytest.fixture
+def mnist_data():
+    return shared_path("data", "mnist")
+
+
+@pytest.fixture
+def mnist_fixture():
+    return shared_path("fixtures", "tf1_checkpoints", "mnist")
+
+
+def run_script(script, *args, cwd=None, timeout=600):
+    """Runs one of the challenge scripts as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd or REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})

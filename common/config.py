@@ -139,27 +139,29 @@ def _read_with_paths(path):
     return values
 
 
-def define_flags(default_config_path):
+def define_flags(default_config_path, flag_values=FLAGS):
     """Defines `--config` and one override flag per key of the challenge's own config.json."""
-    flags.DEFINE_string("config", default_config_path, "Path of the JSON config file.")
+    flags.DEFINE_string("config", default_config_path, "Path of the JSON config file.",
+                        flag_values=flag_values)
     for key, value in _read_json(default_config_path).items():
         kind, _ = RULES[key]
         help_text = f"Overrides the config's '{key}' (default there: {json.dumps(value)})."
         if kind is bool:
-            flags.DEFINE_boolean(key, None, help_text)
+            flags.DEFINE_boolean(key, None, help_text, flag_values=flag_values)
         elif kind is int:
-            flags.DEFINE_integer(key, None, help_text)
+            flags.DEFINE_integer(key, None, help_text, flag_values=flag_values)
         elif kind is float:
-            flags.DEFINE_float(key, None, help_text)
+            flags.DEFINE_float(key, None, help_text, flag_values=flag_values)
         else:
-            flags.DEFINE_string(key, None, help_text + " Lists are given as JSON.")
+            flags.DEFINE_string(key, None, help_text + " Lists are given as JSON.",
+                                flag_values=flag_values)
 
 
-def _overrides(keys):
+def _overrides(keys, flag_values):
     """Config values given as flags. Paths given on the command line are relative to the cwd."""
     values = {}
     for key in keys:
-        value = FLAGS[key].value
+        value = flag_values[key].value
         if value is None:
             continue
         if RULES[key][0] is list:
@@ -173,19 +175,19 @@ def _overrides(keys):
     return values
 
 
-def load_config():
+def load_config(flag_values=FLAGS):
     """The config selected by `--config`, with the flag overrides applied, checked.
 
     Keys missing from the file take the challenge's defaults; relative paths in the file are
     relative to the file's folder.
     """
-    defaults = _read_with_paths(FLAGS["config"].default)
-    path = os.path.abspath(FLAGS.config)
+    defaults = _read_with_paths(flag_values["config"].default)
+    path = os.path.abspath(flag_values.config)
     values = _read_with_paths(path)
     for key in values:
         if key not in defaults:
             raise UserError(f"unknown config key '{key}' in {path}")
-    config = {**defaults, **values, **_overrides(defaults)}
+    config = {**defaults, **values, **_overrides(defaults, flag_values)}
     return validate(config)
 
 

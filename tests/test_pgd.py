@@ -1,0 +1,81 @@
+"""The PGD engine: the epsilon ball, the pixel range, the losses, restarts and reproducibility."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from common import pgd
+
+
+def tiny_model(input_size=12, classes=3):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((input_size,))
+    hidden = keras.layers.Dense(16, activation="relu")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(classes)(hidden))
+
+
+def test_unknown_loss_is_rejected():
+    with pytest.raises(ValueError, match="unknown loss_func 'hinge'"):
+        pgd.LinfPGDAttack(tiny_model(), 0.3, 5, 0.1, True, "hinge")
+
+
+def test_cw_loss_is_the_original_margin():
+    logits = tf.constant([[1.0, 5.0, 2.0], [0.0, -1.0, 70.0]])
+    labels = tf.constant([1, 0], tf.int64)
+    loss = pgd.per_example_loss(logits, labels, "cw").numpy()
+    # -relu(correct - max wrong + 50): (5 - 2 + 50) and (0 - 70 + 50 < 0).
+    np.testing.assert_allclose(loss, [-53.0, 0.0])
+
+
+@pytest.mark.parametrize("pixel_range, epsilon", [((0.0, 1.0), 0.3), ((0.0, 255.0), 8.0)])
+def test_result_stays_in_the_ball_and_the_pixel_range(pixel_range, epsilon):
+    rng = np.random.default_rng(1)
+    x_nat = rng.uniform(*pixel_range, (32, 12)).astype(np.float32)
+    y = rng.integers(0, 3, 32)
+    attack = pgd.LinfPGDAttack(tiny_model(), epsilon, 10, epsilon / 4, True, "xent",
+                               pixel_range=pixel_range, seed=3)
+    x_adv = attack.perturb(x_nat, y)
+    assert x_adv.dtype == np.float64
+    assert np.all(np.abs(x_adv - x_nat) <= epsilon * (1 + 1e-6))
+    assert x_adv.min() >= pixel_range[0] and x_adv.max() <= pixel_range[1]
+    assert np.abs(x_adv - x_nat).max() > epsilon / 2
+
+
+def test_attack_raises_the_loss_and_seeds_reproduce():
+    rng = np.random.default_rng(2)
+    x_nat = rng.uniform(0, 1, (64, 12)).astype(np.float32)
+    y = rng.integers(0, 3, 64)
+    model = tiny_model()
+    first = pgd.LinfPGDAttack(model, 0.3, 20, 0.05, True, "xent", seed=5).perturb(x_nat, y)
+    again = pgd.LinfPGDAttack(model, 0.3, 20, 0.05, True, "xent", seed=5).perturb(x_nat, y)
+    np.testing.assert_array_equal(first, again)
+
+    def summed_loss(x):
+        return pgd.per_example_loss(model(x.astype(np.float32)), y, "xent").numpy().sum()
+
+    assert summed_loss(first) > summed_loss(x_nat) + 1.0
+
+
+def test_no_random_start_begins_at_the_natural_image():
+    x_nat = np.full((4, 12), 0.5, np.float32)
+    attack = pgd.LinfPGDAttack(tiny_model(), 0.3, 0, 0.1, False, "xent")
+    np.testing.assert_array_equal(attack.perturb(x_nat, np.zeros(4, np.int64)), x_nat)
+
+
+def test_restarts_keep_the_strongest_start_per_example():
+    rng = np.random.default_rng(4)
+    x_nat = rng.uniform(0, 1, (200, 12)).astype(np.float32)
+    model = tiny_model()
+    y = np.argmax(model(x_nat).numpy(), axis=1)
+    one = pgd.LinfPGDAttack(model, 0.05, 3, 0.02, True, "xent", seed=9)
+    many = pgd.LinfPGDAttack(model, 0.05, 3, 0.02, True, "xent", restarts=5, seed=9)
+    first_start = one.start_point(x_nat)
+    x_one = one.perturb(x_nat, y, start=first_start)
+    x_many = many.perturb(x_nat, y, start=first_start)
+    loss_one, wrong_one = (t.numpy() for t in one._score(x_one.astype(np.float32), y))
+    loss_many, wrong_many = (t.numpy() for t in many._score(x_many.astype(np.float32), y))
+    assert np.all(wrong_many >= wrong_one)
+    kept_first = ~wrong_one & ~wrong_many
+    assert np.all(loss_many[kept_first] >= loss_one[kept_first])
+    assert wrong_many.sum() > wrong_one.sum() or np.any(loss_many > loss_one)

@@ -8,6 +8,8 @@ Running this file prints the Keras summary (3,274,634 parameters).
 import keras
 from keras import layers
 
+from common.layers import Conv2D
+
 # The released TF1 checkpoints hold unnamed variables, in the order the original created them.
 TF1_VARIABLES = {
     "Variable": ("conv1", "kernel"),
@@ -29,9 +31,9 @@ def create_model():
     }
     images = keras.Input((784,), name="x_input")
     x = layers.Reshape((28, 28, 1), name="x_image")(images)
-    x = layers.Conv2D(32, 5, padding="same", activation="relu", name="conv1", **weights)(x)
+    x = Conv2D(32, 5, padding="same", activation="relu", name="conv1", **weights)(x)
     x = layers.MaxPooling2D(2, padding="same", name="pool1")(x)
-    x = layers.Conv2D(64, 5, padding="same", activation="relu", name="conv2", **weights)(x)
+    x = Conv2D(64, 5, padding="same", activation="relu", name="conv2", **weights)(x)
     x = layers.MaxPooling2D(2, padding="same", name="pool2")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(1024, activation="relu", name="fc1", **weights)(x)

@@ -1,0 +1,72 @@
+"""Times the MNIST challenge's 40-step PGD attack (batch 200) and one training step (batch 50).
+
+Prints examples/s, achieved GFLOP/s and the fraction of the fp32 matrix-multiply peak measured in
+this same process (before and after, as these shared machines drift). Run from the repository
+root: `python benchmarks/mnist.py`.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from benchmarks.flops import attack_flops_per_example, training_flops_per_example
+from benchmarks.peak import matmul_peak_gflops
+from common import pgd, training
+from mnist_challenge import model as mnist_model
+from mnist_challenge.train import summed_xent
+
+EPSILON, STEPS, STEP_SIZE = 0.3, 40, 0.01
+ATTACK_BATCH, TRAINING_BATCH, REPEATS = 200, 50, 3
+
+
+def best_seconds(run, repeats=REPEATS):
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def report(name, examples, seconds, flops_per_example, peak):
+    gflops = examples * flops_per_example / seconds / 1e9
+    print(f"{name:28s} {examples / seconds:8.1f} examples/s {gflops:7.1f} GFLOP/s "
+          f"{gflops / peak:6.1%} of peak")
+
+
+def main():
+    rng = np.random.default_rng(0)
+    model = mnist_model.create_model()
+    x = rng.uniform(0, 1, (ATTACK_BATCH, 784)).astype(np.float32)
+    y = rng.integers(0, 10, ATTACK_BATCH)
+    attack = pgd.LinfPGDAttack(model, EPSILON, STEPS, STEP_SIZE, True, "xent", seed=0)
+    strategy = tf.distribute.get_strategy()
+    optimizer = keras.optimizers.Adam(learning_rate=1e-4, epsilon=1e-8)
+    train_step = training.TrainStep(strategy, model, optimizer, attack, summed_xent)
+    noise = rng.uniform(-EPSILON, EPSILON, (TRAINING_BATCH, 784))
+
+    def one_training_step():
+        metrics, _ = train_step(x[:TRAINING_BATCH], y[:TRAINING_BATCH], noise, report=False)
+        metrics["adv_correct"].numpy()
+
+    peak_before = matmul_peak_gflops()
+    attack_seconds = best_seconds(lambda: attack.perturb(x, y))
+    training_seconds = best_seconds(one_training_step)
+    peak = max(peak_before, matmul_peak_gflops())
+    print(f"fp32 matmul peak (2048x2048, best): {peak:.1f} GFLOP/s")
+    report(f"attack ({STEPS} steps, batch {ATTACK_BATCH})", ATTACK_BATCH, attack_seconds,
+           attack_flops_per_example(model, STEPS), peak)
+    report(f"training step (batch {TRAINING_BATCH})", TRAINING_BATCH, training_seconds,
+           training_flops_per_example(model, STEPS), peak)
+
+
+if __name__ == "__main__":
+    main()

@@ -42,7 +42,7 @@ def check_submission(x_adv, x_nat, epsilon, pixel_range, shape_text):
                         f"found [{x_min}, {x_max}]")
     not_finite = ~np.isfinite(x_adv)
     if not_finite.any():
-        first = np.unravel_index(np.argmax(not_finite), x_adv.shape)
+        first = tuple(int(i) for i in np.unravel_index(np.argmax(not_finite), x_adv.shape))
         raise UserError(f"Invalid pixel value: {x_adv[first]} at index {first}")
     distance = np.max(np.abs(x_adv.astype(np.float64) - x_nat))
     if distance > epsilon + TOLERANCE:

@@ -50,6 +50,8 @@ class TrainStep:
         self.attack = attack
         self.loss_fn = loss_fn
         self.attack_training = attack_training
+        with strategy.scope():
+            optimizer.build(model.trainable_variables)
         self._step = tf.function(self._distributed_step)
 
     def _replica_step(self, x_nat, labels, noise, report):
@@ -167,8 +169,6 @@ def train(config, train_step, batch_for_step, seed, to_images):
     max_steps = config["max_num_training_steps"]
     os.makedirs(model_dir, exist_ok=True)
     global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-    with train_step.strategy.scope():
-        train_step.optimizer.build(train_step.model.trainable_variables)
     checkpoint = checkpoints.training_checkpoint(train_step.model, train_step.optimizer,
                                                  global_step)
     manager = checkpoints.checkpoint_manager(checkpoint, model_dir)

@@ -5,6 +5,11 @@ It is the convolutional network of the TensorFlow "Deep MNIST" tutorial: input [
 Running this file prints the Keras summary (3,274,634 parameters).
 """
 
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
 import keras
 from keras import layers
 

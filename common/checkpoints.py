@@ -103,3 +103,11 @@ def load_latest_weights(model, model_dir, tf1_variables):
     if path is not None:
         load_weights(model, path, tf1_variables)
     return path
+
+
+def require_latest_weights(model, model_dir, tf1_variables, message):
+    """Loads the newest checkpoint of `model_dir`, or raises UserError(message) where none is."""
+    path = load_latest_weights(model, model_dir, tf1_variables)
+    if path is None:
+        raise UserError(message)
+    return path

@@ -93,6 +93,7 @@ RULES = {
     "momentum": (float, _between(0, 1)),
     "step_size_schedule": (list, _step_size_schedule),
     "filters": (list, _filters),
+    "attack_batch_norm": (str, _one_of("train", "eval")),
 }
 
 

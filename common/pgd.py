@@ -138,3 +138,9 @@ def attack_test_set(attack, images, labels, num_examples, batch_size):
         tqdm.tqdm.write(f"batch size: {end - first}")
         x_adv.append(attack.perturb(images[first:end], labels[first:end]))
     return np.concatenate(x_adv).astype(np.float32)
+
+
+def store_attack(x_adv, path):
+    print("Storing examples")
+    np.save(path, x_adv)
+    print(f"Examples stored in {path}")

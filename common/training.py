@@ -23,6 +23,8 @@ from common import checkpoints, pgd
 from common.errors import UserError
 
 PREFETCH_BATCHES = 2
+# The random-start noise is stream 1 of the seed; the data order is stream 0 (the inputs).
+START_NOISE_STREAM = 1
 
 
 def make_strategy():
@@ -32,7 +34,7 @@ def make_strategy():
 
 def start_noise(seed, step, shape, epsilon):
     """The random-start noise of a training step, drawn on the host in float64 as the original."""
-    return np.random.default_rng([seed, step]).uniform(-epsilon, epsilon, shape)
+    return np.random.default_rng([seed, START_NOISE_STREAM, step]).uniform(-epsilon, epsilon, shape)
 
 
 class TrainStep:

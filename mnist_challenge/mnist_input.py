@@ -21,6 +21,7 @@ FILES = {
 }
 SOURCE_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 VALIDATION_SIZE = 5000
+DATA_ORDER_STREAM = 0
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 
 
@@ -68,7 +69,7 @@ class MNISTData:
 
 def epoch_order(num_examples, seed, epoch):
     """The shuffled order of one epoch: a function of the seed and the epoch alone."""
-    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+    return np.random.default_rng([seed, DATA_ORDER_STREAM, epoch]).permutation(num_examples)
 
 
 def batch_indices(step, batch_size, num_examples, seed):

@@ -13,12 +13,10 @@ from common import cli
 
 cli.quiet_tensorflow()
 
-import numpy as np
 from absl import flags
 
 from common import checkpoints, config as config_lib
-from common.errors import UserError
-from common.pgd import LinfPGDAttack, attack_test_set
+from common.pgd import LinfPGDAttack, attack_test_set, store_attack
 from mnist_challenge import mnist_input, model as mnist_model
 
 __all__ = ["LinfPGDAttack"]
@@ -30,19 +28,15 @@ flags.DEFINE_integer("restarts", 1, "Random restarts per example; the strongest 
 def main(argv):
     config = config_lib.load_config()
     model = mnist_model.create_model()
-    if checkpoints.load_latest_weights(model, config["model_dir"],
-                                       mnist_model.tf1_variables) is None:
-        raise UserError("No model found")
+    checkpoints.require_latest_weights(model, config["model_dir"], mnist_model.tf1_variables,
+                                       "No model found")
     attack = LinfPGDAttack(model, config["epsilon"], config["k"], config["a"],
                            config["random_start"], config["loss_func"],
                            restarts=flags.FLAGS.restarts, seed=config["random_seed"])
     mnist = mnist_input.MNISTData(config["data_path"])
     x_adv = attack_test_set(attack, mnist.test_images, mnist.test_labels,
                             config["num_eval_examples"], config["eval_batch_size"])
-    print("Storing examples")
-    path = config["store_adv_path"]
-    np.save(path, x_adv)
-    print(f"Examples stored in {path}")
+    store_attack(x_adv, config["store_adv_path"])
 
 
 if __name__ == "__main__":

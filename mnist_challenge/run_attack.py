@@ -9,10 +9,7 @@ from common import cli
 
 cli.quiet_tensorflow()
 
-import numpy as np
-
 from common import checkpoints, config as config_lib, submission
-from common.errors import UserError
 from mnist_challenge import mnist_input, model as mnist_model
 
 config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json"))
@@ -23,18 +20,15 @@ PREDICTION_BATCH_SIZE = 64
 def main(argv):
     config = config_lib.load_config()
     model = mnist_model.create_model()
-    if checkpoints.load_latest_weights(model, config["model_dir"],
-                                       mnist_model.tf1_variables) is None:
-        raise UserError("No checkpoint found")
+    checkpoints.require_latest_weights(model, config["model_dir"], mnist_model.tf1_variables,
+                                       "No checkpoint found")
     mnist = mnist_input.MNISTData(config["data_path"])
     x_adv = submission.check_submission(
         submission.load_submission(config["store_adv_path"]), mnist.test_images,
         config["epsilon"], (0.0, 1.0), "(10000,784)")
     accuracy, predictions = submission.score(model, x_adv, mnist.test_labels,
                                              PREDICTION_BATCH_SIZE)
-    print(f"Accuracy: {100.0 * accuracy:.2f}%")
-    np.save("pred.npy", predictions)
-    print("Output saved at pred.npy")
+    submission.report_score(accuracy, predictions)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,6 @@ from cifar10_challenge import cifar10_input, model as cifar_model
 from common import checkpoints, config as config_lib, evaluation
 from common.pgd import LinfPGDAttack
 
-config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json"))
-flags.DEFINE_boolean("once", False, "Evaluate the newest checkpoint and exit.")
-
 
 def main(argv):
     config = config_lib.load_config()
@@ -42,4 +39,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         "config.json"))
+    flags.DEFINE_boolean("once", False, "Evaluate the newest checkpoint and exit.")
     cli.run(main)

@@ -22,8 +22,6 @@ from common.pgd import LinfPGDAttack, attack_test_set, store_attack
 
 __all__ = ["LinfPGDAttack"]
 
-config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json"))
-flags.DEFINE_integer("restarts", 1, "Random restarts per example; the strongest one is kept.")
 
 PIXEL_RANGE = (0.0, 255.0)
 
@@ -43,4 +41,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         "config.json"))
+    flags.DEFINE_integer("restarts", 1, "Random restarts per example; the strongest one is kept.")
     cli.run(main)

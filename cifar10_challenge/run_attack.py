@@ -12,7 +12,6 @@ cli.quiet_tensorflow()
 from cifar10_challenge import cifar10_input, model as cifar_model
 from common import checkpoints, config as config_lib, submission
 
-config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json"))
 
 PREDICTION_BATCH_SIZE = 100
 
@@ -33,4 +32,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         "config.json"))
     cli.run(main)

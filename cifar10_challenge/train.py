@@ -17,8 +17,6 @@ from common import config as config_lib, training
 from common.momentum import TF1Momentum
 from common.pgd import LinfPGDAttack
 
-config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json"))
-
 
 def learning_rate_schedule(step_size_schedule):
     """TF1's piecewise_constant on the global step: the old rate holds at a boundary."""
@@ -62,4 +60,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         "config.json"))
     cli.run(main)

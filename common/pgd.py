@@ -47,12 +47,15 @@ def pgd_steps(model, x_nat, labels, x_start, epsilon, num_steps, step_size, pixe
     `a * sign(grad)` and the bounds `x_nat +- epsilon` are float32, as numpy computes a float32
     array with a Python float. Clipping to the epsilon ball and then to the pixel range equals
     one clip to the intersection of the two, computed once here.
+
+    With `training`, batch norm updates its averages and, over several replicas, synchronizes
+    its statistics, which TensorFlow cannot do inside a graph loop: the steps are then unrolled.
     """
     x_nat = tf.cast(x_nat, tf.float32)
     lower = tf.maximum(tf.cast(x_nat - epsilon, tf.float64), pixel_range[0])
     upper = tf.minimum(tf.cast(x_nat + epsilon, tf.float64), pixel_range[1])
     x = x_start
-    for _ in tf.range(num_steps):
+    for _ in range(num_steps) if training else tf.range(num_steps):
         grad = input_gradient(model, tf.cast(x, tf.float32), labels, loss_func, training)
         x = tf.clip_by_value(x + tf.cast(step_size * tf.sign(grad), tf.float64), lower, upper)
     return x

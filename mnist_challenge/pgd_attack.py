@@ -21,9 +21,6 @@ from mnist_challenge import mnist_input, model as mnist_model
 
 __all__ = ["LinfPGDAttack"]
 
-config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json"))
-flags.DEFINE_integer("restarts", 1, "Random restarts per example; the strongest one is kept.")
-
 
 def main(argv):
     config = config_lib.load_config()
@@ -40,4 +37,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         "config.json"))
+    flags.DEFINE_integer("restarts", 1, "Random restarts per example; the strongest one is kept.")
     cli.run(main)

@@ -12,7 +12,6 @@ cli.quiet_tensorflow()
 from common import checkpoints, config as config_lib, submission
 from mnist_challenge import mnist_input, model as mnist_model
 
-config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json"))
 
 PREDICTION_BATCH_SIZE = 64
 
@@ -32,4 +31,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         "config.json"))
     cli.run(main)

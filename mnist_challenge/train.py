@@ -16,8 +16,6 @@ from common import config as config_lib, training
 from common.pgd import LinfPGDAttack
 from mnist_challenge import mnist_input, model as mnist_model
 
-config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json"))
-
 
 def summed_xent(labels, logits, model):
     """The original's objective: cross-entropy summed over the batch (Adam takes it as is)."""
@@ -48,4 +46,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         "config.json"))
     cli.run(main)

@@ -43,3 +43,20 @@ def run_script(script, *args, cwd=None, timeout=600):
     return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd or REPO,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+@pytest.fixture
+def cifar_data():
+    return shared_path("data", "cifar10")
+
+
+@pytest.fixture
+def cifar_fixture():
+    return shared_path("fixtures", "tf1_checkpoints", "cifar10_simple")
+
+
+@pytest.fixture(scope="session")
+def two_replicas():
+    """One MirroredStrategy over the two logical CPUs for the whole session: strategies created
+    anew in one process number their collective all-reduces alike, and would collide."""
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

@@ -98,7 +98,7 @@ def one_step(strategy, batch, initial_weights):
     return model.get_weights(), {name: value.numpy() for name, value in metrics.items()}
 
 
-def test_two_replicas_take_the_same_step_as_one_device(mnist_data):
+def test_two_replicas_take_the_same_step_as_one_device(mnist_data, two_replicas):
     from mnist_challenge import mnist_input
     mnist = mnist_input.MNISTData(mnist_data)
     indices = mnist_input.batch_indices(0, 50, len(mnist.train_labels), seed=1)
@@ -106,9 +106,8 @@ def test_two_replicas_take_the_same_step_as_one_device(mnist_data):
              training.start_noise(1, 0, (50, 784), 0.3))
     keras.utils.set_random_seed(3)
     initial = mnist_model.create_model().get_weights()
-    two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    assert two.num_replicas_in_sync == 2
-    weights_two, metrics_two = one_step(two, batch, initial)
+    assert two_replicas.num_replicas_in_sync == 2
+    weights_two, metrics_two = one_step(two_replicas, batch, initial)
     weights_one, metrics_one = one_step(tf.distribute.OneDeviceStrategy("/cpu:0"), batch,
                                         initial)
     assert metrics_two["adv_correct"] == metrics_one["adv_correct"]
@@ -119,9 +118,9 @@ def test_two_replicas_take_the_same_step_as_one_device(mnist_data):
         np.testing.assert_allclose(after_two, after_one, rtol=0, atol=1e-6)
 
 
-def test_an_uneven_split_is_refused():
+def test_an_uneven_split_is_refused(two_replicas):
     from common.errors import UserError
-    two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    two = two_replicas
     with two.scope():
         model = mnist_model.create_model()
         optimizer = keras.optimizers.Adam()

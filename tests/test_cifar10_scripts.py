@@ -1,0 +1,92 @@
+"""The CIFAR-10 scripts as a user runs them, on the TF1 fixture of the simple network."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import REPO, run_script
+
+from cifar10_challenge import cifar10_input
+
+SIMPLE = "--filters=[16,16,32,64]"
+
+
+@pytest.fixture
+def model_dir(tmp_path, cifar_fixture):
+    target = tmp_path / "released"
+    shutil.copytree(cifar_fixture, target)
+    return str(target)
+
+
+def _args(model_dir, cifar_data, *extra):
+    return (f"--model_dir={model_dir}", f"--data_path={cifar_data}", SIMPLE, *extra)
+
+
+def test_model_summary_prints_the_parameter_counts():
+    wide = run_script("cifar10_challenge/model.py")
+    assert wide.returncode == 0, wide.stderr
+    assert "Trainable params: 45,901,914" in wide.stdout
+    simple = run_script("cifar10_challenge/model.py", SIMPLE)
+    assert "Trainable params: 464,154" in simple.stdout
+
+
+def test_pgd_attack_then_run_attack(model_dir, cifar_data, tmp_path):
+    store = tmp_path / "attack.npy"
+    attack = run_script("cifar10_challenge/pgd_attack.py",
+                        *_args(model_dir, cifar_data, "--num_eval_examples=30",
+                               "--eval_batch_size=20", "--num_steps=3",
+                               f"--store_adv_path={store}"),
+                        cwd=os.path.join(REPO, "cifar10_challenge"))
+    assert attack.returncode == 0, attack.stderr
+    assert attack.stdout.splitlines()[0] == "Iterating over 2 batches"
+    x_adv = np.load(store)
+    assert x_adv.shape == (30, 32, 32, 3) and x_adv.dtype == np.float32
+    test_images = cifar10_input.CIFAR10Data(cifar_data).test_images.astype(np.float32)
+    assert np.abs(x_adv - test_images[:30]).max() <= 8.0 + 1e-4
+    assert x_adv.min() >= 0 and x_adv.max() <= 255
+
+    full = test_images.copy()
+    full[:30] = x_adv
+    np.save(store, full)
+    scored = run_script("cifar10_challenge/run_attack.py",
+                        *_args(model_dir, cifar_data, f"--store_adv_path={store}"), cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    assert scored.stdout.strip().splitlines()[-1] == "Output saved at pred.npy"
+    assert scored.stdout.strip().splitlines()[-2].startswith("Accuracy: ")
+    assert np.load(tmp_path / "pred.npy").shape == (10000,)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda x: x[:, :16], "Invalid shape: expected (10000, 32, 32, 3), found (10000, 16, 32, 3)"),
+    (lambda x: x * 2, "Invalid pixel range. Expected [0, 255], found"),
+    (lambda x: np.where(x == x.max(), np.inf, x),
+     "Invalid pixel range. Expected [0, 255], found [0.0, inf]"),
+    (lambda x: np.where(np.arange(x.size).reshape(x.shape) == 7, np.nan, x),
+     "Invalid pixel value: nan at index (0, 0, 2, 1)"),
+    (lambda x: np.clip(x + 9, 0, 255), "maximum perturbation found: 9.0"),
+])
+def test_run_attack_refuses_bad_submissions(model_dir, cifar_data, tmp_path, mutate, message):
+    test_images = cifar10_input.CIFAR10Data(cifar_data).test_images.astype(np.float32)
+    np.save(tmp_path / "attack.npy", mutate(test_images))
+    result = run_script("cifar10_challenge/run_attack.py",
+                        *_args(model_dir, cifar_data, f"--store_adv_path={tmp_path}/attack.npy"),
+                        cwd=tmp_path)
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_once(model_dir, cifar_data):
+    result = run_script("cifar10_challenge/eval.py",
+                        *_args(model_dir, cifar_data, "--once", "--num_eval_examples=40",
+                               "--eval_batch_size=20", "--num_steps=2"))
+    assert result.returncode == 0, result.stderr
+    assert f"Checkpoint {model_dir}/checkpoint-30, evaluating ..." in result.stdout
+    assert "natural: " in result.stdout and "avg adv loss: " in result.stdout
+    assert os.listdir(os.path.join(model_dir, "eval"))
+
+
+def test_fetch_model_usage_line():
+    result = run_script("cifar10_challenge/fetch_model.py")
+    assert result.returncode == 1
+    assert result.stdout.strip() == "Usage: python fetch_model.py [natural, adv_trained, secret]"

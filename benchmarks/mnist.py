@@ -7,7 +7,6 @@ root: `python benchmarks/mnist.py`.
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -18,28 +17,13 @@ import tensorflow as tf
 
 from benchmarks.flops import attack_flops_per_example, training_flops_per_example
 from benchmarks.peak import matmul_peak_gflops
+from benchmarks.timing import best_seconds, report, timed_training_step
 from common import pgd, training
 from mnist_challenge import model as mnist_model
 from mnist_challenge.train import summed_xent
 
 EPSILON, STEPS, STEP_SIZE = 0.3, 40, 0.01
-ATTACK_BATCH, TRAINING_BATCH, REPEATS = 200, 50, 3
-
-
-def best_seconds(run, repeats=REPEATS):
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def report(name, examples, seconds, flops_per_example, peak):
-    gflops = examples * flops_per_example / seconds / 1e9
-    print(f"{name:28s} {examples / seconds:8.1f} examples/s {gflops:7.1f} GFLOP/s "
-          f"{gflops / peak:6.1%} of peak")
+ATTACK_BATCH, TRAINING_BATCH = 200, 50
 
 
 def main():
@@ -53,13 +37,10 @@ def main():
     train_step = training.TrainStep(strategy, model, optimizer, attack, summed_xent)
     noise = rng.uniform(-EPSILON, EPSILON, (TRAINING_BATCH, 784))
 
-    def one_training_step():
-        metrics, _ = train_step(x[:TRAINING_BATCH], y[:TRAINING_BATCH], noise, report=False)
-        metrics["adv_correct"].numpy()
-
     peak_before = matmul_peak_gflops()
     attack_seconds = best_seconds(lambda: attack.perturb(x, y))
-    training_seconds = best_seconds(one_training_step)
+    training_seconds = best_seconds(
+        timed_training_step(train_step, x[:TRAINING_BATCH], y[:TRAINING_BATCH], noise))
     peak = max(peak_before, matmul_peak_gflops())
     print(f"fp32 matmul peak (2048x2048, best): {peak:.1f} GFLOP/s")
     report(f"attack ({STEPS} steps, batch {ATTACK_BATCH})", ATTACK_BATCH, attack_seconds,

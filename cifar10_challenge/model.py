@@ -116,6 +116,4 @@ def decayed_kernels(model):
 if __name__ == "__main__":
     from common import cli, config as config_lib
 
-    config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                         "config.json"))
-    cli.run(lambda argv: create_model(config_lib.load_config()["filters"]).summary())
+    cli.run(lambda argv: create_model(config_lib.load_config()["filters"]).summary(), __file__)

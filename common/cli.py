@@ -5,6 +5,7 @@ import sys
 
 from absl import app, logging
 
+from common import config as config_lib
 from common.errors import UserError
 
 
@@ -13,8 +14,14 @@ def quiet_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def run(main):
-    """Runs `main` under absl; a UserError becomes `Error: ...` on stderr and exit status 1."""
+def run(main, script=None):
+    """Runs `main` under absl; a UserError becomes `Error: ...` on stderr and exit status 1.
+
+    With `script` (a script's `__file__`), the flags of the `config.json` beside it are defined.
+    """
+    if script is not None:
+        config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(script)),
+                                             "config.json"))
 
     def guarded_main(argv):
         try:

@@ -38,7 +38,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                         "config.json"))
     flags.DEFINE_boolean("once", False, "Evaluate the newest checkpoint and exit.")
-    cli.run(main)
+    cli.run(main, __file__)

@@ -37,7 +37,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                         "config.json"))
     flags.DEFINE_integer("restarts", 1, "Random restarts per example; the strongest one is kept.")
-    cli.run(main)
+    cli.run(main, __file__)

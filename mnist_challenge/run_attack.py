@@ -31,6 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                         "config.json"))
-    cli.run(main)
+    cli.run(main, __file__)

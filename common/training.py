@@ -124,7 +124,7 @@ def _batches(batch_for_step, first_step, last_step, seed, epsilon):
     return iter(dataset.prefetch(PREFETCH_BATCHES))
 
 
-def _resume(checkpoint, manager, model_dir):
+def _resume(checkpoint, model_dir):
     """Restores the newest checkpoint of this run, if any; returns the step to continue from."""
     path = checkpoints.latest_checkpoint(model_dir)
     if path is None:
@@ -174,7 +174,7 @@ def train(config, train_step, batch_for_step, seed, to_images):
     checkpoint = checkpoints.training_checkpoint(train_step.model, train_step.optimizer,
                                                  global_step)
     manager = checkpoints.checkpoint_manager(checkpoint, model_dir)
-    first_step = _resume(checkpoint, manager, model_dir)
+    first_step = _resume(checkpoint, model_dir)
     if first_step:
         tqdm.tqdm.write(f"Resuming from {manager.latest_checkpoint} at step {first_step}")
     _write_config(config, model_dir)

@@ -1,6 +1,7 @@
 """Shared test set-up: paths to `../shared`, helpers to run the real scripts, two logical CPUs."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -36,6 +37,14 @@ def mnist_data():
 @pytest.fixture
 def mnist_fixture():
     return shared_path("fixtures", "tf1_checkpoints", "mnist")
+
+
+def writable_copy(folder, tmp_path):
+    """A copy of a read-only fixture folder that scripts may write into (as into a fetched
+    released model, where eval.py writes its summaries)."""
+    target = tmp_path / "released"
+    shutil.copytree(folder, target)
+    return str(target)
 
 
 def run_script(script, *args, cwd=None, timeout=600):

@@ -1,11 +1,10 @@
 """The CIFAR-10 scripts as a user runs them, on the TF1 fixture of the simple network."""
 
 import os
-import shutil
 
 import numpy as np
 import pytest
-from conftest import REPO, run_script
+from conftest import REPO, run_script, writable_copy
 
 from cifar10_challenge import cifar10_input
 
@@ -14,9 +13,7 @@ SIMPLE = "--filters=[16,16,32,64]"
 
 @pytest.fixture
 def model_dir(tmp_path, cifar_fixture):
-    target = tmp_path / "released"
-    shutil.copytree(cifar_fixture, target)
-    return str(target)
+    return writable_copy(cifar_fixture, tmp_path)
 
 
 def _args(model_dir, cifar_data, *extra):

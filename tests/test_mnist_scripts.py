@@ -2,13 +2,12 @@
 
 import http.server
 import os
-import shutil
 import threading
 import zipfile
 
 import numpy as np
 import pytest
-from conftest import REPO, run_script
+from conftest import REPO, run_script, writable_copy
 
 from common import download, fetch
 from common.errors import UserError
@@ -18,10 +17,7 @@ EPSILON = 0.3
 
 @pytest.fixture
 def model_dir(tmp_path, mnist_fixture):
-    """A writable copy of the TF1 fixture checkpoint, as a fetched released model would be."""
-    target = tmp_path / "released"
-    shutil.copytree(mnist_fixture, target)
-    return str(target)
+    return writable_copy(mnist_fixture, tmp_path)
 
 
 def _args(model_dir, mnist_data, *extra):

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import keras
 from keras import layers
 
-from common.layers import Conv2D
+from common.layers import Conv2D, Dense
 
 # The released TF1 checkpoints hold unnamed variables, in the order the original created them.
 TF1_VARIABLES = {
@@ -41,8 +41,8 @@ def create_model():
     x = Conv2D(64, 5, padding="same", activation="relu", name="conv2", **weights)(x)
     x = layers.MaxPooling2D(2, padding="same", name="pool2")(x)
     x = layers.Flatten(name="flatten")(x)
-    x = layers.Dense(1024, activation="relu", name="fc1", **weights)(x)
-    logits = layers.Dense(10, name="fc2", **weights)(x)
+    x = Dense(1024, activation="relu", name="fc1", **weights)(x)
+    logits = Dense(10, name="fc2", **weights)(x)
     return keras.Model(images, logits, name="mnist_challenge_model")
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from common import download
 from common.errors import UserError
+from common.files import written_in_place
 
 TRAIN_FILES = [f"data_batch_{index}" for index in range(1, 6)]
 TEST_FILE = "test_batch"
@@ -64,7 +65,7 @@ def _fetch_missing(data_path):
         for name in needed:
             member = tar.getmember(f"{ARCHIVE_FOLDER}/{name}")
             with tar.extractfile(member) as source, \
-                    open(os.path.join(data_path, name), "wb") as target:
+                    written_in_place(os.path.join(data_path, name)) as target:
                 shutil.copyfileobj(source, target)
 
 

@@ -22,10 +22,8 @@ def main(argv):
     checkpoints.require_latest_weights(model, config["model_dir"], cifar_model.tf1_variables,
                                        "No checkpoint found")
     cifar = cifar10_input.CIFAR10Data(config["data_path"])
-    x_adv = submission.check_submission(
-        submission.load_submission(config["store_adv_path"]),
-        cifar.test_images.astype("float32"), config["epsilon"], (0.0, 255.0),
-        "(10000, 32, 32, 3)")
+    x_adv = submission.load_and_check(config["store_adv_path"], cifar.test_images,
+                                      config["epsilon"], (0.0, 255.0), "(10000, 32, 32, 3)")
     accuracy, predictions = submission.score(model, x_adv, cifar.test_labels,
                                              PREDICTION_BATCH_SIZE)
     submission.report_score(accuracy, predictions)

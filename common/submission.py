@@ -1,8 +1,10 @@
-"""Checking a submitted `attack.npy`, the original's checks in the original's order.
+"""Checking a submitted `attack.npy`: untrusted input, read header first and never unpickled.
 
-A submission is untrusted input: it is read without pickle, and each failed check raises a
-UserError whose one line names what is wrong. The original let NaN through (NaN passes every
-comparison); here NaN and infinity are refused.
+The `.npy` header is parsed and checked (type, shape, size of the data) before any data is read,
+so a header that declares terabytes or Python objects costs nothing. Then come the original's
+checks in the original's order (shape, pixel range, perturbation), plus NaN and infinity, which
+the original let through. Each failed check raises a UserError whose one line names what is
+wrong and, for values, the first offending index and value.
 """
 
 import os
@@ -14,41 +16,93 @@ from common.batching import batch_bounds
 from common.errors import UserError
 
 TOLERANCE = 1e-4
+# numpy's own bound on a header's length; a longer one is refused unparsed.
+MAX_HEADER_BYTES = 10000
 
 
-def load_submission(path):
-    """The array in a `.npy` file, never unpickling anything."""
+def _read_header(submission, path):
+    """(shape, fortran_order, dtype) from an open `.npy` file's header."""
+    try:
+        version = np.lib.format.read_magic(submission)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported .npy format version {version}")
+        return read_header(submission, max_header_size=MAX_HEADER_BYTES)
+    except Exception as error:  # numpy's header parser raises many kinds on crafted input
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"submission {path} is not a valid .npy file: {reason}") from error
+
+
+def _check_dtype(dtype, path):
+    if dtype.hasobject:
+        raise UserError(f"submission {path} holds Python objects (it would need pickle): "
+                        "refused")
+    if dtype.fields is not None or not (np.issubdtype(dtype, np.floating)
+                                        or np.issubdtype(dtype, np.integer)):
+        raise UserError(f"Invalid data type: expected real numbers, found {dtype}")
+
+
+def load_submission(path, shape, shape_text):
+    """The array of shape `shape` stored in the `.npy` file at `path`, as float64.
+
+    `shape_text` is how the original printed the expected shape. Any real float or integer type,
+    byte order and memory order is accepted.
+    """
+    if not os.path.exists(path):
+        raise UserError(f"submission {path} does not exist")
     if not os.path.isfile(path):
         raise UserError(f"submission {path} is not a file")
-    try:
-        return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise UserError(f"submission {path} is not a readable .npy array: {error}") from error
+    with open(path, "rb") as submission:
+        size = os.fstat(submission.fileno()).st_size
+        if size == 0:
+            raise UserError(f"submission {path} is empty")
+        found_shape, fortran_order, dtype = _read_header(submission, path)
+        _check_dtype(dtype, path)
+        if tuple(found_shape) != tuple(shape):
+            raise UserError(f"Invalid shape: expected {shape_text}, found {tuple(found_shape)}")
+        expected_bytes = int(np.prod(shape)) * dtype.itemsize
+        data_bytes = size - submission.tell()
+        if data_bytes != expected_bytes:
+            problem = "truncated" if data_bytes < expected_bytes else "longer than its array"
+            raise UserError(f"submission {path} is {problem}: its header needs {expected_bytes} "
+                            f"bytes of data, the file holds {data_bytes}")
+        data = np.frombuffer(submission.read(expected_bytes), dtype=dtype)
+    return data.reshape(shape, order="F" if fortran_order else "C").astype(np.float64)
 
 
-def check_submission(x_adv, x_nat, epsilon, pixel_range, shape_text):
-    """Raises UserError unless `x_adv` is a valid attack on `x_nat`; returns it as float32.
+def _first(mask):
+    return tuple(int(i) for i in np.unravel_index(np.argmax(mask), mask.shape))
 
-    `shape_text` is how the original printed the expected shape.
-    """
-    if x_adv.shape != x_nat.shape:
-        raise UserError(f"Invalid shape: expected {shape_text}, found {x_adv.shape}")
-    if not (np.issubdtype(x_adv.dtype, np.floating) or np.issubdtype(x_adv.dtype, np.integer)):
-        raise UserError(f"Invalid data type: expected real numbers, found {x_adv.dtype}")
+
+def check_submission(x_adv, x_nat, epsilon, pixel_range):
+    """Raises UserError unless `x_adv` (float64) is a valid attack on `x_nat`; returns it as
+    float32, the type the model is scored on."""
     low, high = pixel_range
-    x_min, x_max = np.nanmin(x_adv), np.nanmax(x_adv)
-    if x_max > high + TOLERANCE or x_min < low - TOLERANCE:
-        raise UserError(f"Invalid pixel range. Expected [{low:g}, {high:g}], "
-                        f"found [{x_min}, {x_max}]")
-    not_finite = ~np.isfinite(x_adv)
-    if not_finite.any():
-        first = tuple(int(i) for i in np.unravel_index(np.argmax(not_finite), x_adv.shape))
+    outside = (x_adv < low - TOLERANCE) | (x_adv > high + TOLERANCE)
+    if outside.any():
+        first = _first(outside)
+        raise UserError(f"Invalid pixel range. Expected [{low:g}, {high:g}], found "
+                        f"[{np.nanmin(x_adv)}, {np.nanmax(x_adv)}]; the first is "
+                        f"{x_adv[first]} at index {first}")
+    not_a_number = np.isnan(x_adv)
+    if not_a_number.any():
+        first = _first(not_a_number)
         raise UserError(f"Invalid pixel value: {x_adv[first]} at index {first}")
-    distance = np.max(np.abs(x_adv.astype(np.float64) - x_nat))
-    if distance > epsilon + TOLERANCE:
-        raise UserError(f"maximum perturbation found: {distance}\n"
-                        f"maximum perturbation allowed: {epsilon}")
+    distance = np.abs(x_adv - x_nat)
+    too_far = distance > epsilon + TOLERANCE
+    if too_far.any():
+        first = _first(too_far)
+        raise UserError(f"maximum perturbation found: {np.max(distance)}, maximum perturbation "
+                        f"allowed: {epsilon}; the first is {x_adv[first]} at index {first}, "
+                        f"{distance[first]} from the test image")
     return x_adv.astype(np.float32)
+
+
+def load_and_check(path, x_nat, epsilon, pixel_range, shape_text):
+    """The submission at `path`, checked against the test images `x_nat`, as float32."""
+    x_adv = load_submission(path, x_nat.shape, shape_text)
+    return check_submission(x_adv, x_nat.astype(np.float64), epsilon, pixel_range)
 
 
 def score(model, x_adv, labels, batch_size):

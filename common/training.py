@@ -21,6 +21,7 @@ import tqdm
 
 from common import checkpoints, pgd
 from common.errors import UserError
+from common.files import written_in_place
 
 PREFETCH_BATCHES = 2
 # The random-start noise is stream 1 of the seed; the data order is stream 0 (the inputs).
@@ -140,7 +141,7 @@ def _resume(checkpoint, model_dir):
 
 
 def _write_config(config, model_dir):
-    with open(os.path.join(model_dir, "config.json"), "w") as config_file:
+    with written_in_place(os.path.join(model_dir, "config.json"), "w") as config_file:
         json.dump(config, config_file, indent=2)
 
 

@@ -1,8 +1,11 @@
 """Downloads a released MNIST challenge model, prints its SHA256 hash and unzips it into
-`models/` beside this script: `python fetch_model.py natural|adv_trained|secret`."""
+`models/` beside this script: `python fetch_model.py natural|adv_trained|secret`
+(`--sha256=HEX` refuses a zip of another digest)."""
 
 import os
 import sys
+
+from absl import flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from common import cli
@@ -14,7 +17,8 @@ PUBLISHED_SHA256 = {"secret": "14eea09c72092db5c2eb5e34cd105974f42569281d2f34826
 
 
 def main(argv):
-    fetch_model(argv, URLS, PUBLISHED_SHA256, os.path.dirname(os.path.abspath(__file__)))
+    fetch_model(argv, URLS, PUBLISHED_SHA256, os.path.dirname(os.path.abspath(__file__)),
+                flags.FLAGS.sha256)
 
 
 if __name__ == "__main__":

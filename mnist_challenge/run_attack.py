@@ -22,9 +22,8 @@ def main(argv):
     checkpoints.require_latest_weights(model, config["model_dir"], mnist_model.tf1_variables,
                                        "No checkpoint found")
     mnist = mnist_input.MNISTData(config["data_path"])
-    x_adv = submission.check_submission(
-        submission.load_submission(config["store_adv_path"]), mnist.test_images,
-        config["epsilon"], (0.0, 1.0), "(10000,784)")
+    x_adv = submission.load_and_check(config["store_adv_path"], mnist.test_images,
+                                      config["epsilon"], (0.0, 1.0), "(10000,784)")
     accuracy, predictions = submission.score(model, x_adv, mnist.test_labels,
                                              PREDICTION_BATCH_SIZE)
     submission.report_score(accuracy, predictions)

@@ -47,6 +47,16 @@ def writable_copy(folder, tmp_path):
     return str(target)
 
 
+class PicklePayload:
+    """What an attacker would hide in a pickled submission: unpickling it creates `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
 def run_script(script, *args, cwd=None, timeout=600):
     """Runs one of the challenge scripts as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd or REPO,

@@ -17,30 +17,65 @@ from common.errors import UserError
 MAX_TO_KEEP = 3
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 GLOBAL_STEP_KEY = "global_step/.ATTRIBUTES/VARIABLE_VALUE"
+# What reading a removed, truncated or corrupt checkpoint raises (IndexError: a short data file).
+READ_ERRORS = (tf.errors.OpError, IndexError)
+
+
+class CheckpointUnreadable(UserError):
+    """A checkpoint that cannot be read: removed by rotation, half-written or corrupt."""
+
+
+def is_complete(path):
+    """True where the checkpoint's index and every data shard it names are on disk."""
+    shards = [re.search(r"\.data-\d{5}-of-(\d{5})$", name)
+              for name in glob.glob(glob.escape(path) + ".data-*-of-*")]
+    shards = [shard for shard in shards if shard]
+    if not os.path.exists(path + ".index") or not shards:
+        return False
+    count = int(shards[0].group(1))
+    return all(os.path.exists(f"{path}.data-{shard:05d}-of-{count:05d}") for shard in range(count))
+
+
+def _readable(path):
+    try:
+        tf.train.load_checkpoint(path)
+    except (tf.errors.OpError, ValueError):
+        return False
+    return True
 
 
 def latest_checkpoint(model_dir):
-    """The newest checkpoint prefix in `model_dir`, or None.
+    """The newest complete checkpoint prefix in `model_dir`, or None.
 
-    Follows the `checkpoint` state file; where it is missing or names a path that is not there
-    (a zip made on another machine holds absolute paths), the highest `checkpoint-<step>` wins.
+    Follows the `checkpoint` state file, which TensorFlow rewrites atomically once a checkpoint is
+    whole. Where the file is missing or names a path that is not there (a zip made on another
+    machine holds absolute paths), the highest-numbered `*-<step>` that is complete and readable
+    wins, so a checkpoint half-written when a run was killed is never chosen.
     """
     path = tf.train.latest_checkpoint(model_dir)
-    if path and os.path.exists(path + ".index"):
+    if path and is_complete(path):
         return path
     steps = []
     for index_file in glob.glob(os.path.join(glob.escape(model_dir), "*-*.index")):
         match = re.search(r"-(\d+)\.index$", index_file)
         if match:
             steps.append((int(match.group(1)), index_file[: -len(".index")]))
-    return max(steps)[1] if steps else None
+    for _, path in sorted(steps, reverse=True):
+        if is_complete(path) and _readable(path):
+            return path
+    return None
+
+
+def _unreadable(path, error):
+    reason = str(error).strip().splitlines()[0]
+    return CheckpointUnreadable(f"cannot read checkpoint {path}: {reason}")
 
 
 def _reader(path):
     try:
         return tf.train.load_checkpoint(path)
     except (tf.errors.OpError, ValueError) as error:
-        raise UserError(f"cannot read checkpoint {path}: {error}") from error
+        raise _unreadable(path, error) from error
 
 
 def is_tf1_checkpoint(path):
@@ -64,7 +99,10 @@ def global_step_of(path):
     reader = _reader(path)
     for key in (GLOBAL_STEP_KEY, "global_step"):
         if reader.has_tensor(key):
-            return int(reader.get_tensor(key))
+            try:
+                return int(reader.get_tensor(key))
+            except READ_ERRORS as error:
+                raise _unreadable(path, error) from error
     return 0
 
 
@@ -79,7 +117,10 @@ def load_tf1_weights(path, variables_by_name):
             raise UserError(
                 f"TF1 checkpoint {path}: variable '{name}' has shape {tuple(shapes[name])}, "
                 f"the model's {variable.path} needs {tuple(variable.shape)}")
-        variable.assign(reader.get_tensor(name))
+        try:
+            variable.assign(reader.get_tensor(name))
+        except READ_ERRORS as error:
+            raise _unreadable(path, error) from error
 
 
 def load_weights(model, path, tf1_variables):
@@ -93,7 +134,9 @@ def load_weights(model, path, tf1_variables):
     try:
         status = tf.train.Checkpoint(model=model).read(path).expect_partial()
         status.assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as error:
+    except READ_ERRORS as error:
+        raise _unreadable(path, error) from error
+    except (AssertionError, ValueError) as error:
         raise UserError(f"checkpoint {path} does not fit this model: {error}") from error
 
 

@@ -71,30 +71,54 @@ def _say(text):
 
 def _evaluate_checkpoint(path, writer, load_checkpoint, run_evaluation):
     _say(f"\nCheckpoint {path}, evaluating ...   ({datetime.now()})\n")
+    step = checkpoints.global_step_of(path)
     load_checkpoint(path)
     results = run_evaluation()
-    _write_results(writer, checkpoints.global_step_of(path), results)
+    _write_results(writer, step, results)
     _print_results(results)
     return results
+
+
+def _evaluate_newest(model_dir, writer, load_checkpoint, run_evaluation, skip):
+    """Evaluates the newest checkpoint unless it is `skip`; returns its path (None if none).
+
+    A checkpoint that the trainer's rotation removes before it is loaded is passed over for the
+    next newest; one that stays the newest and cannot be read raises CheckpointUnreadable.
+    """
+    while True:
+        path = checkpoints.latest_checkpoint(model_dir)
+        if path is None or path == skip:
+            return path
+        try:
+            _evaluate_checkpoint(path, writer, load_checkpoint, run_evaluation)
+            return path
+        except checkpoints.CheckpointUnreadable:
+            if checkpoints.latest_checkpoint(model_dir) == path:
+                raise
+            _say(f"Checkpoint {path} was removed while being read, moving to the newest\n")
 
 
 def eval_loop(model_dir, load_checkpoint, run_evaluation, once=False):
     """Evaluates each new checkpoint of `model_dir` as it appears (with `once`, the newest only).
 
     `load_checkpoint(path)` loads the weights; `run_evaluation()` returns `evaluate`'s results.
+    The endless loop outlives checkpoints removed by rotation or unreadable: it says so and waits.
     """
     writer = tf.summary.create_file_writer(os.path.join(model_dir, "eval"))
     if once:
-        path = checkpoints.latest_checkpoint(model_dir)
-        if path is None:
+        if _evaluate_newest(model_dir, writer, load_checkpoint, run_evaluation, None) is None:
             raise UserError(f"No checkpoint found in {model_dir}")
-        return _evaluate_checkpoint(path, writer, load_checkpoint, run_evaluation)
+        return
     last_checkpoint = None
     waiting = False
     while True:
-        path = checkpoints.latest_checkpoint(model_dir)
-        if path is not None and path != last_checkpoint:
-            _evaluate_checkpoint(path, writer, load_checkpoint, run_evaluation)
+        try:
+            path = _evaluate_newest(model_dir, writer, load_checkpoint, run_evaluation,
+                                    last_checkpoint)
+        except checkpoints.CheckpointUnreadable as error:
+            _say(f"{error}; waiting for the next checkpoint\n")
+            path = checkpoints.latest_checkpoint(model_dir)
+        if path != last_checkpoint:
             last_checkpoint, waiting = path, False
             continue
         if waiting:

@@ -16,19 +16,21 @@ import tensorflow as tf
 from absl import flags
 
 from cifar10_challenge import cifar10_input, model as cifar_model
-from common import checkpoints, config as config_lib, evaluation
+from common import checkpoints, config as config_lib, precision, evaluation
 from common.pgd import LinfPGDAttack
 
 
 def main(argv):
     config = config_lib.load_config()
+    precision.set_precision(config)
     cifar = cifar10_input.CIFAR10Data(config["data_path"])
     device = tf.device("/cpu:0") if config["eval_on_cpu"] else contextlib.nullcontext()
     with device:
         model = cifar_model.create_model(config["filters"])
         attack = LinfPGDAttack(model, config["epsilon"], config["num_steps"],
                                config["step_size"], config["random_start"], config["loss_func"],
-                               pixel_range=(0.0, 255.0), seed=config["np_random_seed"])
+                               pixel_range=(0.0, 255.0), seed=config["np_random_seed"],
+                               jit_compile=config["jit_compile"])
         evaluation.eval_loop(
             config["model_dir"],
             lambda path: checkpoints.load_weights(model, path, cifar_model.tf1_variables),

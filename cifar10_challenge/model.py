@@ -76,7 +76,7 @@ def _residual_unit(x, in_filters, out_filters, stride, activate_before_residual,
 def create_model(filters=WIDE_FILTERS):
     """The original network as a Keras model mapping images in [0, 255] to logits."""
     images = keras.Input((32, 32, 3), name="x_input")
-    x = PerImageStandardization(name="input.standardization")(images)
+    x = PerImageStandardization(name="input.standardization", dtype="float32")(images)
     x = _conv(filters[0], 1, "input.init_conv")(x)
     in_filters = filters[0]
     for stage, (stride, out_filters) in enumerate(zip((1, 2, 2), filters[1:]), start=1):
@@ -86,8 +86,9 @@ def create_model(filters=WIDE_FILTERS):
             in_filters = out_filters
     x = _activation(x, "unit_last.BatchNorm")
     x = layers.GlobalAveragePooling2D()(x)
-    logits = layers.Dense(10, name="logit", kernel_initializer=keras.initializers.VarianceScaling(
-        1.0, mode="fan_in", distribution="uniform"))(x)
+    logits = layers.Dense(10, name="logit", dtype="float32",
+                          kernel_initializer=keras.initializers.VarianceScaling(
+                              1.0, mode="fan_in", distribution="uniform"))(x)
     return keras.Model(images, logits, name="cifar10_challenge_model")
 
 

@@ -10,7 +10,7 @@ from common import cli
 cli.quiet_tensorflow()
 
 from cifar10_challenge import cifar10_input, model as cifar_model
-from common import checkpoints, config as config_lib, submission
+from common import checkpoints, config as config_lib, precision, submission
 
 
 PREDICTION_BATCH_SIZE = 100
@@ -18,6 +18,7 @@ PREDICTION_BATCH_SIZE = 100
 
 def main(argv):
     config = config_lib.load_config()
+    precision.set_precision(config)
     model = cifar_model.create_model(config["filters"])
     checkpoints.require_latest_weights(model, config["model_dir"], cifar_model.tf1_variables,
                                        "No checkpoint found")

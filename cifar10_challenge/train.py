@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 
 from cifar10_challenge import cifar10_input, model as cifar_model
-from common import config as config_lib, training
+from common import config as config_lib, precision, training
 from common.momentum import TF1Momentum
 from common.pgd import LinfPGDAttack
 
@@ -39,6 +39,7 @@ def original_loss(weight_decay, global_batch_size, num_replicas):
 
 def main(argv):
     config = config_lib.load_config()
+    precision.set_precision(config)
     keras.utils.set_random_seed(config["tf_random_seed"])
     cifar = cifar10_input.CIFAR10Data(config["data_path"])
     batch_size = config["training_batch_size"]
@@ -47,13 +48,14 @@ def main(argv):
     strategy = training.make_strategy()
     with strategy.scope():
         model = cifar_model.create_model(config["filters"])
-        optimizer = TF1Momentum(learning_rate_schedule(config["step_size_schedule"]),
-                                config["momentum"])
+        optimizer = precision.training_optimizer(TF1Momentum(
+            learning_rate_schedule(config["step_size_schedule"]), config["momentum"]))
     attack = LinfPGDAttack(model, config["epsilon"], config["num_steps"], config["step_size"],
                            config["random_start"], config["loss_func"], pixel_range=(0.0, 255.0))
     loss = original_loss(config["weight_decay"], batch_size, strategy.num_replicas_in_sync)
     train_step = training.TrainStep(strategy, model, optimizer, attack, loss,
-                                    attack_training=config["attack_batch_norm"] == "train")
+                                    attack_training=config["attack_batch_norm"] == "train",
+                                    jit_compile=config["jit_compile"])
     training.train(config, train_step,
                    lambda step: cifar10_input.training_batch(cifar, step, batch_size, seed), seed,
                    to_images=lambda x: x / 255.0)

@@ -94,6 +94,8 @@ RULES = {
     "step_size_schedule": (list, _step_size_schedule),
     "filters": (list, _filters),
     "attack_batch_norm": (str, _one_of("train", "eval")),
+    "jit_compile": (bool, None),
+    "precision": (str, _one_of("float32", "mixed_float16", "mixed_bfloat16")),
 }
 
 

@@ -5,6 +5,7 @@ each new checkpoint, with its printed lines and its summaries in `model_dir/eval
 evaluates the newest checkpoint and returns.
 """
 
+import functools
 import os
 import sys
 import time
@@ -29,10 +30,19 @@ def _summed_xent_and_correct(model, x, labels):
     return xent, correct
 
 
+@functools.cache
+def scoring_function(model):
+    """The traced scoring of `model`, one per model: any batch size and every new checkpoint
+    reuse it."""
+    return tf.function(lambda x, y: _summed_xent_and_correct(model, x, y), input_signature=(
+        tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32),
+        tf.TensorSpec((None,), tf.int64)))
+
+
 def evaluate(model, attack, images, labels, num_examples, batch_size):
     """Accuracy and average cross-entropy of the model on the first `num_examples`, natural and
     under `attack`."""
-    score = tf.function(lambda x, y: _summed_xent_and_correct(model, x, y), reduce_retracing=True)
+    score = scoring_function(model)
     totals = np.zeros(4)
     for first, end in tqdm.tqdm(batch_bounds(num_examples, batch_size), desc="evaluating",
                                 unit="batch", leave=False):

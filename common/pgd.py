@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
+from common import precision
 from common.batching import batch_bounds
 
 LOSS_FUNCTIONS = ("xent", "cw")
@@ -26,12 +27,20 @@ def per_example_loss(logits, labels, loss_func):
 
 
 def input_gradient(model, x, labels, loss_func, training=False):
-    """Gradient of the loss summed over the batch with respect to the float32 input `x`."""
+    """Gradient of the loss summed over the batch with respect to the float32 input `x`.
+
+    Under a float16 policy the loss is scaled first, which keeps the sign of small gradients;
+    a gradient that overflows to NaN there is taken as 0 (no step on that pixel).
+    """
+    scale = precision.FLOAT16_ATTACK_LOSS_SCALE if precision.computes_in_float16() else 1.0
     with tf.GradientTape() as tape:
         tape.watch(x)
-        logits = model(x, training=training)
-        loss = tf.reduce_sum(per_example_loss(logits, labels, loss_func))
-    return tape.gradient(loss, x)
+        logits = tf.cast(model(x, training=training), tf.float32)
+        loss = tf.reduce_sum(per_example_loss(logits, labels, loss_func)) * scale
+    gradient = tape.gradient(loss, x)
+    if scale == 1.0:
+        return gradient
+    return tf.where(tf.math.is_nan(gradient), tf.zeros_like(gradient), gradient)
 
 
 def random_start(x_nat, noise, pixel_range):
@@ -67,11 +76,12 @@ class LinfPGDAttack:
     `k` steps of size `a` within `epsilon` of `x_nat`, from a random start when `random_start`.
     Beyond the original: `pixel_range` (MNIST [0, 1], CIFAR-10 [0, 255]); `restarts`, keeping per
     example the restart that is misclassified, or else has the highest loss; `seed` for the random
-    starts, so a run is reproducible; and `perturb(..., start=...)` to begin from a given point.
+    starts, so a run is reproducible; `jit_compile` to compile the k steps with XLA; and
+    `perturb(..., start=...)` to begin from a given point.
     """
 
     def __init__(self, model, epsilon, k, a, random_start, loss_func, pixel_range=(0.0, 1.0),
-                 restarts=1, seed=None):
+                 restarts=1, seed=None, jit_compile=False):
         if loss_func not in LOSS_FUNCTIONS:
             raise ValueError(f"unknown loss_func {loss_func!r}: use one of {LOSS_FUNCTIONS}")
         if restarts < 1:
@@ -89,7 +99,7 @@ class LinfPGDAttack:
         self._attack = tf.function(self._attack_batch, input_signature=(
             tf.TensorSpec((None,) + image_shape, tf.float32),
             tf.TensorSpec((None,), tf.int64),
-            tf.TensorSpec((None,) + image_shape, tf.float64)))
+            tf.TensorSpec((None,) + image_shape, tf.float64)), jit_compile=jit_compile)
         self._score = tf.function(self._score_batch, input_signature=(
             tf.TensorSpec((None,) + image_shape, tf.float32),
             tf.TensorSpec((None,), tf.int64)))

@@ -108,7 +108,7 @@ def load_and_check(path, x_nat, epsilon, pixel_range, shape_text):
 def score(model, x_adv, labels, batch_size):
     """Accuracy of the model on the submission and its predicted labels (int64, as `pred.npy`)."""
     predict = tf.function(lambda x: tf.argmax(model(x, training=False), axis=1),
-                          reduce_retracing=True)
+                          input_signature=[tf.TensorSpec((None,) + x_adv.shape[1:], tf.float32)])
     predictions = np.concatenate([predict(x_adv[first:end]).numpy()
                                   for first, end in batch_bounds(len(x_adv), batch_size)])
     return np.mean(predictions == labels), predictions

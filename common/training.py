@@ -12,6 +12,8 @@ is written at `max_num_training_steps`, and a progress bar shows the rate and th
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from datetime import datetime
 
@@ -28,9 +30,33 @@ PREFETCH_BATCHES = 2
 START_NOISE_STREAM = 1
 
 
+def cluster_size():
+    """The number of tasks `TF_CONFIG` names (0 where it names no cluster)."""
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise UserError(f"TF_CONFIG is not a JSON object with a cluster: {error}") from error
+    return sum(len(tasks) for tasks in cluster.values())
+
+
 def make_strategy():
-    """MirroredStrategy over all visible GPUs (one CPU device where there is none)."""
+    """MultiWorkerMirroredStrategy where `TF_CONFIG` names a cluster of several tasks, otherwise
+    MirroredStrategy over all visible GPUs (one CPU device where there is none)."""
+    if cluster_size() > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.MirroredStrategy()
+
+
+def is_chief(strategy):
+    """True for the task that writes checkpoints, summaries and the config copy: the only task,
+    the `chief` task, or worker 0 of a cluster without one."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return (resolver.task_type == "worker" and resolver.task_id == 0
+            and "chief" not in resolver.cluster_spec().as_dict())
 
 
 def start_noise(seed, step, shape, epsilon):
@@ -43,10 +69,12 @@ class TrainStep:
 
     `loss_fn(labels, logits, model)` returns what the replica minimises, scaled so that the
     sum over replicas is the loss of the global batch. `attack_training` selects the mode the
-    model runs in during the attack (training mode in the CIFAR-10 original).
+    model runs in during the attack (training mode in the CIFAR-10 original). `jit_compile`
+    compiles the replica step with XLA.
     """
 
-    def __init__(self, strategy, model, optimizer, attack, loss_fn, attack_training=False):
+    def __init__(self, strategy, model, optimizer, attack, loss_fn, attack_training=False,
+                 jit_compile=False):
         self.strategy = strategy
         self.model = model
         self.optimizer = optimizer
@@ -55,6 +83,8 @@ class TrainStep:
         self.attack_training = attack_training
         with strategy.scope():
             optimizer.build(model.trainable_variables)
+        self._replica_function = tf.function(self._replica_step, jit_compile=True) \
+            if jit_compile else self._replica_step
         self._step = tf.function(self._distributed_step)
 
     def _replica_step(self, x_nat, labels, noise, report):
@@ -71,7 +101,7 @@ class TrainStep:
             metrics["nat_correct"] = _num_correct(model(x_nat, training=True), labels)
         with tf.GradientTape() as tape:
             logits = model(x_adv, training=True)
-            loss = self.loss_fn(labels, logits, model)
+            loss = self.optimizer.scale_loss(self.loss_fn(labels, logits, model))
         gradients = tape.gradient(loss, model.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         metrics["adv_correct"] = _num_correct(logits, labels)
@@ -80,7 +110,8 @@ class TrainStep:
         return metrics, x_adv
 
     def _distributed_step(self, x_nat, labels, noise, report):
-        metrics, x_adv = self.strategy.run(self._replica_step, args=(x_nat, labels, noise, report))
+        metrics, x_adv = self.strategy.run(self._replica_function,
+                                           args=(x_nat, labels, noise, report))
         totals = {name: self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
                   for name, value in metrics.items()}
         return totals, self.strategy.experimental_local_results(x_adv)[0]
@@ -145,12 +176,12 @@ def _write_config(config, model_dir):
         json.dump(config, config_file, indent=2)
 
 
-def _report(step, metrics, batch_size, examples_per_second):
-    tqdm.tqdm.write(f"Step {step}:    ({datetime.now()})")
-    tqdm.tqdm.write(f"    training nat accuracy {metrics['nat_correct'] / batch_size * 100:.4}%")
-    tqdm.tqdm.write(f"    training adv accuracy {metrics['adv_correct'] / batch_size * 100:.4}%")
+def _report(write, step, metrics, batch_size, examples_per_second):
+    write(f"Step {step}:    ({datetime.now()})")
+    write(f"    training nat accuracy {metrics['nat_correct'] / batch_size * 100:.4}%")
+    write(f"    training adv accuracy {metrics['adv_correct'] / batch_size * 100:.4}%")
     if examples_per_second is not None:
-        tqdm.tqdm.write(f"    {examples_per_second} examples per second")
+        write(f"    {examples_per_second} examples per second")
 
 
 def _summarize(writer, step, metrics, batch_size, images):
@@ -166,23 +197,43 @@ def _summarize(writer, step, metrics, batch_size, images):
 
 def train(config, train_step, batch_for_step, seed, to_images):
     """The training loop: `train_step` a TrainStep, `batch_for_step(step) -> (x, y)` global
-    batches, `seed` for the random starts, `to_images(x)` for the image summary in [0, 1]."""
+    batches, `seed` for the random starts, `to_images(x)` for the image summary in [0, 1].
+
+    Every task of a multi-worker cluster runs it alike (all take part in saving, which may
+    all-reduce); only the chief writes into `model_dir`, the others into a private temporary
+    folder removed at the end, and all resume from the chief's newest checkpoint.
+    """
+    chief = is_chief(train_step.strategy)
+    model_dir = config["model_dir"]
+    write_dir = model_dir if chief else tempfile.mkdtemp(prefix="madry-worker-")
+    try:
+        _train(config, train_step, batch_for_step, seed, to_images, chief, write_dir)
+    finally:
+        if not chief:
+            shutil.rmtree(write_dir, ignore_errors=True)
+
+
+def _train(config, train_step, batch_for_step, seed, to_images, chief, write_dir):
     model_dir = config["model_dir"]
     batch_size = config["training_batch_size"]
     max_steps = config["max_num_training_steps"]
-    os.makedirs(model_dir, exist_ok=True)
+    os.makedirs(write_dir, exist_ok=True)
     global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
     checkpoint = checkpoints.training_checkpoint(train_step.model, train_step.optimizer,
                                                  global_step)
-    manager = checkpoints.checkpoint_manager(checkpoint, model_dir)
+    manager = checkpoints.checkpoint_manager(checkpoint, write_dir)
     first_step = _resume(checkpoint, model_dir)
+    report_line = tqdm.tqdm.write if chief else lambda line: None
     if first_step:
-        tqdm.tqdm.write(f"Resuming from {manager.latest_checkpoint} at step {first_step}")
-    _write_config(config, model_dir)
-    writer = tf.summary.create_file_writer(model_dir)
+        report_line(f"Resuming from {checkpoints.latest_checkpoint(model_dir)} at step "
+                    f"{first_step}")
+    if chief:
+        _write_config(config, model_dir)
+    writer = tf.summary.create_file_writer(model_dir) if chief else tf.summary.create_noop_writer()
     batches = _batches(batch_for_step, first_step, max_steps, seed, train_step.attack.epsilon)
     training_time = 0.0
-    progress = tqdm.tqdm(total=max_steps, initial=first_step, unit="step", smoothing=0.1)
+    progress = tqdm.tqdm(total=max_steps, initial=first_step, unit="step", smoothing=0.1,
+                         disable=not chief)
     for step in range(first_step, max_steps):
         x_batch, y_batch, noise = next(batches)
         if step % config["num_checkpoint_steps"] == 0 and (step > first_step or step == 0):
@@ -197,12 +248,12 @@ def train(config, train_step, batch_for_step, seed, to_images):
             if step > first_step:
                 rate = config["num_output_steps"] * batch_size / training_time
                 training_time = 0.0
-            _report(step, metrics, batch_size, rate)
+            _report(report_line, step, metrics, batch_size, rate)
         if step % config["num_summary_steps"] == 0:
             _summarize(writer, step, metrics, batch_size, to_images(images))
         global_step.assign(step + 1)
         progress.update(1)
     progress.close()
-    if manager.latest_checkpoint != os.path.join(model_dir, f"checkpoint-{max_steps}"):
+    if first_step < max_steps:
         manager.save(checkpoint_number=max_steps)
     writer.flush()

@@ -15,20 +15,21 @@ import contextlib
 import tensorflow as tf
 from absl import flags
 
-from common import checkpoints, config as config_lib, evaluation
+from common import checkpoints, config as config_lib, precision, evaluation
 from common.pgd import LinfPGDAttack
 from mnist_challenge import mnist_input, model as mnist_model
 
 
 def main(argv):
     config = config_lib.load_config()
+    precision.set_precision(config)
     mnist = mnist_input.MNISTData(config["data_path"])
     device = tf.device("/cpu:0") if config["eval_on_cpu"] else contextlib.nullcontext()
     with device:
         model = mnist_model.create_model()
         attack = LinfPGDAttack(model, config["epsilon"], config["k"], config["a"],
                                config["random_start"], config["loss_func"],
-                               seed=config["random_seed"])
+                               seed=config["random_seed"], jit_compile=config["jit_compile"])
         evaluation.eval_loop(
             config["model_dir"],
             lambda path: checkpoints.load_weights(model, path, mnist_model.tf1_variables),

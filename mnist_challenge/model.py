@@ -42,7 +42,7 @@ def create_model():
     x = layers.MaxPooling2D(2, padding="same", name="pool2")(x)
     x = layers.Flatten(name="flatten")(x)
     x = Dense(1024, activation="relu", name="fc1", **weights)(x)
-    logits = Dense(10, name="fc2", **weights)(x)
+    logits = Dense(10, name="fc2", dtype="float32", **weights)(x)
     return keras.Model(images, logits, name="mnist_challenge_model")
 
 

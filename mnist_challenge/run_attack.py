@@ -9,7 +9,7 @@ from common import cli
 
 cli.quiet_tensorflow()
 
-from common import checkpoints, config as config_lib, submission
+from common import checkpoints, config as config_lib, precision, submission
 from mnist_challenge import mnist_input, model as mnist_model
 
 
@@ -18,6 +18,7 @@ PREDICTION_BATCH_SIZE = 64
 
 def main(argv):
     config = config_lib.load_config()
+    precision.set_precision(config)
     model = mnist_model.create_model()
     checkpoints.require_latest_weights(model, config["model_dir"], mnist_model.tf1_variables,
                                        "No checkpoint found")

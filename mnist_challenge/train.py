@@ -12,7 +12,7 @@ cli.quiet_tensorflow()
 import keras
 import tensorflow as tf
 
-from common import config as config_lib, training
+from common import config as config_lib, precision, training
 from common.pgd import LinfPGDAttack
 from mnist_challenge import mnist_input, model as mnist_model
 
@@ -25,6 +25,7 @@ def summed_xent(labels, logits, model):
 
 def main(argv):
     config = config_lib.load_config()
+    precision.set_precision(config)
     keras.utils.set_random_seed(config["random_seed"])
     mnist = mnist_input.MNISTData(config["data_path"])
     batch_size = config["training_batch_size"]
@@ -37,10 +38,12 @@ def main(argv):
     strategy = training.make_strategy()
     with strategy.scope():
         model = mnist_model.create_model()
-        optimizer = keras.optimizers.Adam(learning_rate=1e-4, epsilon=1e-8)
+        optimizer = precision.training_optimizer(
+            keras.optimizers.Adam(learning_rate=1e-4, epsilon=1e-8))
     attack = LinfPGDAttack(model, config["epsilon"], config["k"], config["a"],
                            config["random_start"], config["loss_func"])
-    train_step = training.TrainStep(strategy, model, optimizer, attack, summed_xent)
+    train_step = training.TrainStep(strategy, model, optimizer, attack, summed_xent,
+                                    jit_compile=config["jit_compile"])
     training.train(config, train_step, batch_for_step, config["random_seed"],
                    to_images=lambda x: tf.reshape(x, (-1, 28, 28, 1)))
 

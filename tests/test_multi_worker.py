@@ -1,0 +1,101 @@
+"""Both train.py scripts as a 2-worker cluster on 127.0.0.1 (MultiWorkerMirroredStrategy, one CPU
+each) equal one process over 2 logical CPU devices with the same global batch and seed."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+from test_mnist_training import checkpoint_values
+
+STEPS = 4
+# The reference: train.py in one process whose strategy mirrors over two logical CPUs.
+TWO_DEVICES = """
+import runpy, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.path.insert(0, sys.argv[1])
+from common import training
+training.make_strategy = lambda: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for each in sockets:
+        each.bind(("127.0.0.1", 0))
+    ports = [each.getsockname()[1] for each in sockets]
+    for each in sockets:
+        each.close()
+    return ports
+
+
+def environment(tf_config=None):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("TF_CONFIG", None)
+    if tf_config is not None:
+        env["TF_CONFIG"] = json.dumps(tf_config)
+    return env
+
+
+def run_cluster(script, args):
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    processes = [subprocess.Popen(
+        [sys.executable, os.path.join(REPO, script), *args],
+        env=environment({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        results = [process.communicate(timeout=400) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    for process, (_, err) in zip(processes, results):
+        assert process.returncode == 0, err
+    return [out for out, _ in results]
+
+
+def written(model_dir):
+    """The files of a model folder, its TensorBoard event files counted."""
+    names = os.listdir(model_dir)
+    events = sum(name.startswith("events.") for name in names)
+    return sorted(name for name in names if not name.startswith("events.")) + [
+        f"events ({events} file{'s' if events != 1 else ''})"]
+
+
+@pytest.mark.parametrize("script, data, extra", [
+    ("mnist_challenge/train.py", "mnist", ("--epsilon=0.1", "--k=3", "--a=0.04",
+                                           "--training_batch_size=20")),
+    ("cifar10_challenge/train.py", "cifar10", ("--filters=[16,16,32,64]", "--num_steps=2",
+                                               "--attack_batch_norm=eval",
+                                               "--training_batch_size=8")),
+])
+def test_two_workers_equal_one_process_over_two_devices(tmp_path, script, data, extra):
+    from conftest import shared_path
+    common = (f"--data_path={shared_path('data', data)}", f"--max_num_training_steps={STEPS}",
+              "--num_checkpoint_steps=2", "--num_output_steps=2", "--num_summary_steps=2", *extra)
+    cluster_dir, single_dir = tmp_path / "cluster", tmp_path / "single"
+    chief_out, worker_out = run_cluster(script, (f"--model_dir={cluster_dir}", *common))
+    single = subprocess.run(
+        [sys.executable, "-c", TWO_DEVICES, REPO, os.path.join(REPO, script),
+         f"--model_dir={single_dir}", *common],
+        env=environment(), capture_output=True, text=True, timeout=400)
+    assert single.returncode == 0, single.stderr
+    assert "Step 2:" in chief_out and worker_out == ""
+    assert written(cluster_dir) == written(single_dir) == [
+        "checkpoint", "checkpoint-0.data-00000-of-00001", "checkpoint-0.index",
+        "checkpoint-2.data-00000-of-00001", "checkpoint-2.index",
+        f"checkpoint-{STEPS}.data-00000-of-00001", f"checkpoint-{STEPS}.index", "config.json",
+        "events (1 file)"]
+    expected = checkpoint_values(f"{single_dir}/checkpoint-{STEPS}")
+    found = checkpoint_values(f"{cluster_dir}/checkpoint-{STEPS}")
+    assert found.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_allclose(found[name], expected[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)

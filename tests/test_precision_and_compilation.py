@@ -1,0 +1,124 @@
+"""Mixed precision and XLA on CPU, on the TF1 fixture models, and traced functions reused."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cifar10_challenge import cifar10_input
+from cifar10_challenge import model as cifar_model
+from common import checkpoints, evaluation, pgd, precision, training
+from mnist_challenge import mnist_input
+from mnist_challenge import model as mnist_model
+from mnist_challenge.train import summed_xent
+
+SIMPLE_FILTERS = [16, 16, 32, 64]
+
+
+@pytest.fixture
+def policy():
+    """Sets a precision policy for the test; float32 again afterwards."""
+    yield lambda name: precision.set_precision({"precision": name})
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def fixture_model(challenge, folder):
+    if challenge == "mnist":
+        model, variables = mnist_model.create_model(), mnist_model.tf1_variables
+    else:
+        model, variables = cifar_model.create_model(SIMPLE_FILTERS), cifar_model.tf1_variables
+    checkpoints.load_latest_weights(model, folder, variables)
+    return model
+
+
+def attack_accuracy(challenge, folder, data_path, jit_compile=False, examples=200):
+    model = fixture_model(challenge, folder)
+    if challenge == "mnist":
+        data = mnist_input.MNISTData(data_path)
+        attack = pgd.LinfPGDAttack(model, 0.05, 10, 0.01, True, "xent", seed=0,
+                                   jit_compile=jit_compile)
+    else:
+        data = cifar10_input.CIFAR10Data(data_path)
+        attack = pgd.LinfPGDAttack(model, 4.0, 5, 1.0, True, "xent", pixel_range=(0.0, 255.0),
+                                   seed=0, jit_compile=jit_compile)
+    x, y = data.test_images[:examples].astype(np.float32), data.test_labels[:examples]
+    x_adv = attack.perturb(x, y).astype(np.float32)
+    return np.mean(np.argmax(model(x_adv).numpy(), axis=1) == y), x_adv, model
+
+
+@pytest.mark.parametrize("challenge", ["mnist", "cifar10"])
+@pytest.mark.parametrize("mode", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_attacks_within_a_point_of_float32(challenge, mode, policy, mnist_data,
+                                                           mnist_fixture, cifar_data,
+                                                           cifar_fixture):
+    folder, data = (mnist_fixture, mnist_data) if challenge == "mnist" else \
+        (cifar_fixture, cifar_data)
+    reference, _, _ = attack_accuracy(challenge, folder, data)
+    policy(mode)
+    accuracy, x_adv, model = attack_accuracy(challenge, folder, data)
+    assert model.get_layer(index=2).compute_dtype == mode.split("_")[1]
+    assert model.output.dtype == "float32" and x_adv.dtype == np.float32
+    assert 0 < reference < 1 and abs(accuracy - reference) <= 0.01, (accuracy, reference)
+
+
+def test_float16_training_scales_its_loss(policy, mnist_data):
+    policy("mixed_float16")
+    data = mnist_input.MNISTData(mnist_data)
+    model = mnist_model.create_model()
+    optimizer = precision.training_optimizer(keras.optimizers.Adam(1e-4, epsilon=1e-8))
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    attack = pgd.LinfPGDAttack(model, 0.3, 3, 0.1, True, "xent")
+    step = training.TrainStep(tf.distribute.get_strategy(), model, optimizer, attack, summed_xent)
+    before = model.get_layer("fc1").kernel.numpy()
+    initial_scale = float(optimizer.dynamic_scale.numpy())
+    x, y = data.train_images[:50], data.train_labels[:50]
+    for _ in range(10):
+        metrics, _ = step(x, y, np.zeros(x.shape), report=True)
+    after = model.get_layer("fc1").kernel.numpy()
+    assert after.dtype == np.float32 and np.all(np.isfinite(after))
+    assert float(optimizer.dynamic_scale.numpy()) < initial_scale
+    assert not np.array_equal(before, after) and 0 < metrics["nat_correct"].numpy() <= 50
+
+
+def test_xla_attack_gives_the_same_result(mnist_data, mnist_fixture):
+    accuracy, x_adv, _ = attack_accuracy("mnist", mnist_fixture, mnist_data, examples=100)
+    compiled_accuracy, compiled_x_adv, _ = attack_accuracy("mnist", mnist_fixture, mnist_data,
+                                                           jit_compile=True, examples=100)
+    assert compiled_accuracy == accuracy
+    assert np.mean(np.abs(compiled_x_adv - x_adv) < 1e-6) >= 0.99
+
+
+def test_xla_training_step_gives_the_same_weights(mnist_data):
+    data = mnist_input.MNISTData(mnist_data)
+    x, y = data.train_images[:20], data.train_labels[:20]
+    noise = np.random.default_rng(0).uniform(-0.3, 0.3, x.shape)
+    initial = mnist_model.create_model().get_weights()
+    weights = []
+    for jit_compile in (False, True):
+        model = mnist_model.create_model()
+        model.set_weights(initial)
+        attack = pgd.LinfPGDAttack(model, 0.3, 3, 0.1, True, "xent")
+        step = training.TrainStep(tf.distribute.get_strategy(), model,
+                                  keras.optimizers.Adam(1e-4, epsilon=1e-8), attack,
+                                  summed_xent, jit_compile=jit_compile)
+        step(x, y, noise, report=False)
+        weights.append(model.get_weights())
+    for compiled, plain in zip(weights[1], weights[0]):
+        np.testing.assert_allclose(compiled, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_new_batch_sizes_and_checkpoints_reuse_the_traced_functions(mnist_data, mnist_fixture):
+    data = mnist_input.MNISTData(mnist_data)
+    model = fixture_model("mnist", mnist_fixture)
+    attack = pgd.LinfPGDAttack(model, 0.3, 2, 0.1, True, "xent", seed=0)
+    for _ in range(2):
+        checkpoints.load_latest_weights(model, mnist_fixture, mnist_model.tf1_variables)
+        evaluation.evaluate(model, attack, data.test_images, data.test_labels, 10, 4)
+    attack.perturb(data.test_images[:7], data.test_labels[:7])
+    assert attack._attack.experimental_get_tracing_count() == 1
+    assert evaluation.scoring_function(model).experimental_get_tracing_count() == 1
+    optimizer = keras.optimizers.Adam(1e-4, epsilon=1e-8)
+    step = training.TrainStep(tf.distribute.get_strategy(), model, optimizer, attack, summed_xent)
+    for report in (True, False, True, False):
+        step(data.train_images[:10], data.train_labels[:10], np.zeros((10, 784)), report)
+    assert step._step.experimental_get_tracing_count() == 2

@@ -176,7 +176,8 @@ def test_a_killed_download_leaves_nothing_a_later_run_could_use(zip_server, tmp_
                                stderr=subprocess.DEVNULL, text=True)
     assert process.stdout.readline().strip() == "Downloading models"
     deadline = time.monotonic() + 60
-    while not any(name.endswith(".partial") for name in os.listdir(destination)):
+    while not destination.exists() or not any(name.endswith(".partial")
+                                              for name in os.listdir(destination)):
         assert time.monotonic() < deadline, "the download never started"
         time.sleep(0.1)
     process.send_signal(signal.SIGKILL)

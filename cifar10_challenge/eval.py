@@ -10,13 +10,10 @@ from common import cli
 
 cli.quiet_tensorflow()
 
-import contextlib
-
-import tensorflow as tf
 from absl import flags
 
 from cifar10_challenge import cifar10_input, model as cifar_model
-from common import checkpoints, config as config_lib, precision, evaluation
+from common import checkpoints, config as config_lib, devices, evaluation, precision
 from common.pgd import LinfPGDAttack
 
 
@@ -24,13 +21,13 @@ def main(argv):
     config = config_lib.load_config()
     precision.set_precision(config)
     cifar = cifar10_input.CIFAR10Data(config["data_path"])
-    device = tf.device("/cpu:0") if config["eval_on_cpu"] else contextlib.nullcontext()
-    with device:
+    strategy = devices.local_strategy(cpu_only=config["eval_on_cpu"])
+    with strategy.scope():
         model = cifar_model.create_model(config["filters"])
         attack = LinfPGDAttack(model, config["epsilon"], config["num_steps"],
                                config["step_size"], config["random_start"], config["loss_func"],
                                pixel_range=(0.0, 255.0), seed=config["np_random_seed"],
-                               jit_compile=config["jit_compile"])
+                               jit_compile=config["jit_compile"], strategy=strategy)
         evaluation.eval_loop(
             config["model_dir"],
             lambda path: checkpoints.load_weights(model, path, cifar_model.tf1_variables),

@@ -17,7 +17,7 @@ cli.quiet_tensorflow()
 from absl import flags
 
 from cifar10_challenge import cifar10_input, model as cifar_model
-from common import checkpoints, config as config_lib, precision
+from common import checkpoints, config as config_lib, devices, precision
 from common.pgd import LinfPGDAttack, attack_test_set, store_attack
 
 __all__ = ["LinfPGDAttack"]
@@ -29,13 +29,15 @@ PIXEL_RANGE = (0.0, 255.0)
 def main(argv):
     config = config_lib.load_config()
     precision.set_precision(config)
-    model = cifar_model.create_model(config["filters"])
+    strategy = devices.local_strategy()
+    with strategy.scope():
+        model = cifar_model.create_model(config["filters"])
     checkpoints.require_latest_weights(model, config["model_dir"], cifar_model.tf1_variables,
                                        "No model found")
     attack = LinfPGDAttack(model, config["epsilon"], config["num_steps"], config["step_size"],
                            config["random_start"], config["loss_func"], pixel_range=PIXEL_RANGE,
                            restarts=flags.FLAGS.restarts, seed=config["np_random_seed"],
-                           jit_compile=config["jit_compile"])
+                           jit_compile=config["jit_compile"], strategy=strategy)
     cifar = cifar10_input.CIFAR10Data(config["data_path"])
     x_adv = attack_test_set(attack, cifar.test_images.astype("float32"), cifar.test_labels,
                             config["num_eval_examples"], config["eval_batch_size"])

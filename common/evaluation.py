@@ -15,34 +15,33 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from common import checkpoints
+from common import checkpoints, devices
 from common.batching import batch_bounds
 from common.errors import UserError
 
 POLL_SECONDS = 10
 
 
-def _summed_xent_and_correct(model, x, labels):
+def _xent_and_correct(model, x, labels):
     logits = model(x, training=False)
-    xent = tf.reduce_sum(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
-    correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1), labels), tf.int64))
-    return xent, correct
+    xent = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    return xent, tf.equal(tf.argmax(logits, axis=1), labels)
 
 
 @functools.cache
-def scoring_function(model):
-    """The traced scoring of `model`, one per model: any batch size and every new checkpoint
-    reuse it."""
-    return tf.function(lambda x, y: _summed_xent_and_correct(model, x, y), input_signature=(
-        tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32),
-        tf.TensorSpec((None,), tf.int64)))
+def scoring_function(model, strategy):
+    """Per-example cross-entropy and correctness of `model`, spread over `strategy`'s replicas;
+    traced once per model, for any batch size and every new checkpoint."""
+    return devices.Spread(strategy, tf.function(
+        lambda x, y: _xent_and_correct(model, x, y), input_signature=(
+            tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32),
+            tf.TensorSpec((None,), tf.int64))))
 
 
 def evaluate(model, attack, images, labels, num_examples, batch_size):
     """Accuracy and average cross-entropy of the model on the first `num_examples`, natural and
     under `attack`."""
-    score = scoring_function(model)
+    score = scoring_function(model, attack.strategy)
     totals = np.zeros(4)
     for first, end in tqdm.tqdm(batch_bounds(num_examples, batch_size), desc="evaluating",
                                 unit="batch", leave=False):
@@ -50,7 +49,8 @@ def evaluate(model, attack, images, labels, num_examples, batch_size):
         x_adv = attack.perturb(x_batch, y_batch).astype(np.float32)
         xent_nat, correct_nat = score(x_batch, y_batch)
         xent_adv, correct_adv = score(x_adv, y_batch)
-        totals += [xent_nat, xent_adv, correct_nat, correct_adv]
+        totals += [np.sum(xent_nat, dtype=np.float64), np.sum(xent_adv, dtype=np.float64),
+                   np.sum(correct_nat), np.sum(correct_adv)]
     avg_xent_nat, avg_xent_adv, acc_nat, acc_adv = totals / num_examples
     return {"avg_xent_nat": avg_xent_nat, "avg_xent_adv": avg_xent_adv,
             "acc_nat": acc_nat, "acc_adv": acc_adv}

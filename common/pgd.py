@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from common import precision
+from common import devices, precision
 from common.batching import batch_bounds
 
 LOSS_FUNCTIONS = ("xent", "cw")
@@ -76,12 +76,13 @@ class LinfPGDAttack:
     `k` steps of size `a` within `epsilon` of `x_nat`, from a random start when `random_start`.
     Beyond the original: `pixel_range` (MNIST [0, 1], CIFAR-10 [0, 255]); `restarts`, keeping per
     example the restart that is misclassified, or else has the highest loss; `seed` for the random
-    starts, so a run is reproducible; `jit_compile` to compile the k steps with XLA; and
+    starts, so a run is reproducible; `jit_compile` to compile the k steps with XLA; `strategy`
+    to spread each batch over its replicas (a local MirroredStrategy: every GPU); and
     `perturb(..., start=...)` to begin from a given point.
     """
 
     def __init__(self, model, epsilon, k, a, random_start, loss_func, pixel_range=(0.0, 1.0),
-                 restarts=1, seed=None, jit_compile=False):
+                 restarts=1, seed=None, jit_compile=False, strategy=None):
         if loss_func not in LOSS_FUNCTIONS:
             raise ValueError(f"unknown loss_func {loss_func!r}: use one of {LOSS_FUNCTIONS}")
         if restarts < 1:
@@ -103,6 +104,9 @@ class LinfPGDAttack:
         self._score = tf.function(self._score_batch, input_signature=(
             tf.TensorSpec((None,) + image_shape, tf.float32),
             tf.TensorSpec((None,), tf.int64)))
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self._spread_attack = devices.Spread(self.strategy, self._attack)
+        self._spread_score = devices.Spread(self.strategy, self._score)
 
     def _attack_batch(self, x_nat, labels, x_start):
         return pgd_steps(self.model, x_nat, labels, x_start, self.epsilon, self.k, self.a,
@@ -128,13 +132,14 @@ class LinfPGDAttack:
         """
         x_nat = np.asarray(x_nat, dtype=np.float32)
         y = np.asarray(y, dtype=np.int64)
-        best = self._attack(x_nat, y, self.start_point(x_nat) if start is None else start).numpy()
+        start = self.start_point(x_nat) if start is None else np.asarray(start, np.float64)
+        best = self._spread_attack(x_nat, y, start)
         if self.restarts == 1:
             return best
-        best_loss, best_wrong = (t.numpy() for t in self._score(best.astype(np.float32), y))
+        best_loss, best_wrong = self._spread_score(best.astype(np.float32), y)
         for _ in range(self.restarts - 1):
-            x_adv = self._attack(x_nat, y, self.start_point(x_nat)).numpy()
-            loss, wrong = (t.numpy() for t in self._score(x_adv.astype(np.float32), y))
+            x_adv = self._spread_attack(x_nat, y, self.start_point(x_nat))
+            loss, wrong = self._spread_score(x_adv.astype(np.float32), y)
             better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
             best[better] = x_adv[better]
             best_loss = np.where(better, loss, best_loss)

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from common import devices
 from common.batching import batch_bounds
 from common.errors import UserError
 
@@ -105,11 +106,13 @@ def load_and_check(path, x_nat, epsilon, pixel_range, shape_text):
     return check_submission(x_adv, x_nat.astype(np.float64), epsilon, pixel_range)
 
 
-def score(model, x_adv, labels, batch_size):
-    """Accuracy of the model on the submission and its predicted labels (int64, as `pred.npy`)."""
-    predict = tf.function(lambda x: tf.argmax(model(x, training=False), axis=1),
-                          input_signature=[tf.TensorSpec((None,) + x_adv.shape[1:], tf.float32)])
-    predictions = np.concatenate([predict(x_adv[first:end]).numpy()
+def score(model, x_adv, labels, batch_size, strategy=None):
+    """Accuracy of the model on the submission and its predicted labels (int64, as `pred.npy`),
+    each batch spread over the replicas of `strategy` (a local MirroredStrategy: every GPU)."""
+    predict = devices.Spread(strategy or tf.distribute.get_strategy(), tf.function(
+        lambda x: tf.argmax(model(x, training=False), axis=1),
+        input_signature=[tf.TensorSpec((None,) + x_adv.shape[1:], tf.float32)]))
+    predictions = np.concatenate([predict(x_adv[first:end])
                                   for first, end in batch_bounds(len(x_adv), batch_size)])
     return np.mean(predictions == labels), predictions
 

@@ -10,12 +10,9 @@ from common import cli
 
 cli.quiet_tensorflow()
 
-import contextlib
-
-import tensorflow as tf
 from absl import flags
 
-from common import checkpoints, config as config_lib, precision, evaluation
+from common import checkpoints, config as config_lib, devices, evaluation, precision
 from common.pgd import LinfPGDAttack
 from mnist_challenge import mnist_input, model as mnist_model
 
@@ -24,12 +21,13 @@ def main(argv):
     config = config_lib.load_config()
     precision.set_precision(config)
     mnist = mnist_input.MNISTData(config["data_path"])
-    device = tf.device("/cpu:0") if config["eval_on_cpu"] else contextlib.nullcontext()
-    with device:
+    strategy = devices.local_strategy(cpu_only=config["eval_on_cpu"])
+    with strategy.scope():
         model = mnist_model.create_model()
         attack = LinfPGDAttack(model, config["epsilon"], config["k"], config["a"],
                                config["random_start"], config["loss_func"],
-                               seed=config["random_seed"], jit_compile=config["jit_compile"])
+                               seed=config["random_seed"], jit_compile=config["jit_compile"],
+                               strategy=strategy)
         evaluation.eval_loop(
             config["model_dir"],
             lambda path: checkpoints.load_weights(model, path, mnist_model.tf1_variables),

@@ -15,7 +15,7 @@ cli.quiet_tensorflow()
 
 from absl import flags
 
-from common import checkpoints, config as config_lib, precision
+from common import checkpoints, config as config_lib, devices, precision
 from common.pgd import LinfPGDAttack, attack_test_set, store_attack
 from mnist_challenge import mnist_input, model as mnist_model
 
@@ -25,13 +25,15 @@ __all__ = ["LinfPGDAttack"]
 def main(argv):
     config = config_lib.load_config()
     precision.set_precision(config)
-    model = mnist_model.create_model()
+    strategy = devices.local_strategy()
+    with strategy.scope():
+        model = mnist_model.create_model()
     checkpoints.require_latest_weights(model, config["model_dir"], mnist_model.tf1_variables,
                                        "No model found")
     attack = LinfPGDAttack(model, config["epsilon"], config["k"], config["a"],
                            config["random_start"], config["loss_func"],
                            restarts=flags.FLAGS.restarts, seed=config["random_seed"],
-                           jit_compile=config["jit_compile"])
+                           jit_compile=config["jit_compile"], strategy=strategy)
     mnist = mnist_input.MNISTData(config["data_path"])
     x_adv = attack_test_set(attack, mnist.test_images, mnist.test_labels,
                             config["num_eval_examples"], config["eval_batch_size"])

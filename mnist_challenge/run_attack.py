@@ -9,7 +9,7 @@ from common import cli
 
 cli.quiet_tensorflow()
 
-from common import checkpoints, config as config_lib, precision, submission
+from common import checkpoints, config as config_lib, devices, precision, submission
 from mnist_challenge import mnist_input, model as mnist_model
 
 
@@ -19,14 +19,16 @@ PREDICTION_BATCH_SIZE = 64
 def main(argv):
     config = config_lib.load_config()
     precision.set_precision(config)
-    model = mnist_model.create_model()
+    strategy = devices.local_strategy()
+    with strategy.scope():
+        model = mnist_model.create_model()
     checkpoints.require_latest_weights(model, config["model_dir"], mnist_model.tf1_variables,
                                        "No checkpoint found")
     mnist = mnist_input.MNISTData(config["data_path"])
     x_adv = submission.load_and_check(config["store_adv_path"], mnist.test_images,
                                       config["epsilon"], (0.0, 1.0), "(10000,784)")
     accuracy, predictions = submission.score(model, x_adv, mnist.test_labels,
-                                             PREDICTION_BATCH_SIZE)
+                                             PREDICTION_BATCH_SIZE, strategy)
     submission.report_score(accuracy, predictions)
 
 

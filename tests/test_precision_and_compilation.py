@@ -116,7 +116,8 @@ def test_new_batch_sizes_and_checkpoints_reuse_the_traced_functions(mnist_data, 
         evaluation.evaluate(model, attack, data.test_images, data.test_labels, 10, 4)
     attack.perturb(data.test_images[:7], data.test_labels[:7])
     assert attack._attack.experimental_get_tracing_count() == 1
-    assert evaluation.scoring_function(model).experimental_get_tracing_count() == 1
+    scoring = evaluation.scoring_function(model, attack.strategy)
+    assert scoring.function.experimental_get_tracing_count() == 1
     optimizer = keras.optimizers.Adam(1e-4, epsilon=1e-8)
     step = training.TrainStep(tf.distribute.get_strategy(), model, optimizer, attack, summed_xent)
     for report in (True, False, True, False):

@@ -1,5 +1,7 @@
 """Mixed precision and XLA on CPU, on the TF1 fixture models, and traced functions reused."""
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -31,17 +33,25 @@ def fixture_model(challenge, folder):
     return model
 
 
+@functools.cache
+def evaluation_set(challenge, data_path):
+    if challenge == "mnist":
+        data = mnist_input.MNISTData(data_path)
+    else:
+        data = cifar10_input.CIFAR10Data(data_path)
+    return data.test_images.astype(np.float32), data.test_labels
+
+
 def attack_accuracy(challenge, folder, data_path, jit_compile=False, examples=200):
     model = fixture_model(challenge, folder)
     if challenge == "mnist":
-        data = mnist_input.MNISTData(data_path)
         attack = pgd.LinfPGDAttack(model, 0.05, 10, 0.01, True, "xent", seed=0,
                                    jit_compile=jit_compile)
     else:
-        data = cifar10_input.CIFAR10Data(data_path)
         attack = pgd.LinfPGDAttack(model, 4.0, 5, 1.0, True, "xent", pixel_range=(0.0, 255.0),
                                    seed=0, jit_compile=jit_compile)
-    x, y = data.test_images[:examples].astype(np.float32), data.test_labels[:examples]
+    images, labels = evaluation_set(challenge, data_path)
+    x, y = images[:examples], labels[:examples]
     x_adv = attack.perturb(x, y).astype(np.float32)
     return np.mean(np.argmax(model(x_adv).numpy(), axis=1) == y), x_adv, model
 

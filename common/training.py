@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from common import checkpoints, pgd
+from common import checkpoints, devices, pgd
 from common.errors import UserError
 from common.files import written_in_place
 
@@ -44,7 +44,7 @@ def make_strategy():
     MirroredStrategy over all visible GPUs (one CPU device where there is none)."""
     if cluster_size() > 1:
         return tf.distribute.MultiWorkerMirroredStrategy()
-    return tf.distribute.MirroredStrategy()
+    return devices.local_strategy()
 
 
 def is_chief(strategy):

@@ -38,8 +38,8 @@ def is_complete(path):
 
 def _readable(path):
     try:
-        tf.train.load_checkpoint(path)
-    except (tf.errors.OpError, ValueError):
+        _reader(path)
+    except CheckpointUnreadable:
         return False
     return True
 

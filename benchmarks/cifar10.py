@@ -18,8 +18,8 @@ from benchmarks.flops import attack_flops_per_example, training_flops_per_exampl
 from benchmarks.peak import matmul_peak_gflops
 from benchmarks.timing import best_seconds, report, timed_training_step
 from cifar10_challenge import model as cifar_model
-from cifar10_challenge.train import original_loss
 from common import pgd, training
+from common.losses import xent_with_weight_decay
 from common.momentum import TF1Momentum
 
 EPSILON, STEPS, STEP_SIZE = 8.0, 10, 2.0
@@ -27,18 +27,19 @@ BATCHES = {"simple": 128, "wide": 8}
 
 
 def measure(name, filters, batch_size, rng, peak):
-    model = cifar_model.create_model(filters)
+    model = cifar_model.Model("eval", filters)
     x = rng.uniform(0, 255, (batch_size, 32, 32, 3)).astype(np.float32)
     y = rng.integers(0, 10, batch_size)
     attack = pgd.LinfPGDAttack(model, EPSILON, STEPS, STEP_SIZE, True, "xent",
                                pixel_range=(0.0, 255.0), seed=0)
     strategy = tf.distribute.get_strategy()
-    train_step = training.TrainStep(strategy, model, TF1Momentum(0.1, 0.9), attack,
-                                    original_loss(2e-4, batch_size, 1), attack_training=True)
-    noise = rng.uniform(-EPSILON, EPSILON, x.shape)
+    loss = xent_with_weight_decay(2e-4, batch_size, 1, cifar_model.decayed_kernels)
+    train_step = training.TrainStep(strategy, model, TF1Momentum(0.1, 0.9), attack.settings, loss,
+                                    attack_training=True)
+    start = pgd.start_point(x, attack.settings, rng)
     repeats = 3 if name == "simple" else 1
     attack_seconds = best_seconds(lambda: attack.perturb(x, y), repeats)
-    training_seconds = best_seconds(timed_training_step(train_step, x, y, noise), repeats)
+    training_seconds = best_seconds(timed_training_step(train_step, x, y, start), repeats)
     report(f"{name} attack ({STEPS} steps, batch {batch_size})", batch_size, attack_seconds,
            attack_flops_per_example(model, STEPS), peak)
     report(f"{name} training step (batch {batch_size})", batch_size, training_seconds,

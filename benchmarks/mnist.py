@@ -19,8 +19,8 @@ from benchmarks.flops import attack_flops_per_example, training_flops_per_exampl
 from benchmarks.peak import matmul_peak_gflops
 from benchmarks.timing import best_seconds, report, timed_training_step
 from common import pgd, training
+from common.losses import summed_xent
 from mnist_challenge import model as mnist_model
-from mnist_challenge.train import summed_xent
 
 EPSILON, STEPS, STEP_SIZE = 0.3, 40, 0.01
 ATTACK_BATCH, TRAINING_BATCH = 200, 50
@@ -28,19 +28,19 @@ ATTACK_BATCH, TRAINING_BATCH = 200, 50
 
 def main():
     rng = np.random.default_rng(0)
-    model = mnist_model.create_model()
+    model = mnist_model.Model()
     x = rng.uniform(0, 1, (ATTACK_BATCH, 784)).astype(np.float32)
     y = rng.integers(0, 10, ATTACK_BATCH)
     attack = pgd.LinfPGDAttack(model, EPSILON, STEPS, STEP_SIZE, True, "xent", seed=0)
     strategy = tf.distribute.get_strategy()
     optimizer = keras.optimizers.Adam(learning_rate=1e-4, epsilon=1e-8)
-    train_step = training.TrainStep(strategy, model, optimizer, attack, summed_xent)
-    noise = rng.uniform(-EPSILON, EPSILON, (TRAINING_BATCH, 784))
+    train_step = training.TrainStep(strategy, model, optimizer, attack.settings, summed_xent)
+    start = pgd.start_point(x[:TRAINING_BATCH], attack.settings, rng)
 
     peak_before = matmul_peak_gflops()
     attack_seconds = best_seconds(lambda: attack.perturb(x, y))
     training_seconds = best_seconds(
-        timed_training_step(train_step, x[:TRAINING_BATCH], y[:TRAINING_BATCH], noise))
+        timed_training_step(train_step, x[:TRAINING_BATCH], y[:TRAINING_BATCH], start))
     peak = max(peak_before, matmul_peak_gflops())
     print(f"fp32 matmul peak (2048x2048, best): {peak:.1f} GFLOP/s")
     report(f"attack ({STEPS} steps, batch {ATTACK_BATCH})", ATTACK_BATCH, attack_seconds,

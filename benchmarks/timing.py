@@ -22,11 +22,11 @@ def report(name, examples, seconds, flops_per_example, peak):
           f"{gflops / peak:6.1%} of peak")
 
 
-def timed_training_step(train_step, x, y, noise):
+def timed_training_step(train_step, x, y, x_start):
     """A callable running one training step to completion."""
 
     def run():
-        metrics, _ = train_step(x, y, noise, report=False)
+        metrics, _ = train_step(x, y, x_start, report=False)
         metrics["adv_correct"].numpy()
 
     return run

@@ -14,18 +14,20 @@ import tarfile
 
 import numpy as np
 
-from common import download
+from common import download, seeds
+from common.download import OfficialFile
 from common.errors import UserError
 from common.files import written_in_place
 
 TRAIN_FILES = [f"data_batch_{index}" for index in range(1, 6)]
 TEST_FILE = "test_batch"
 META_FILE = "batches.meta"
-ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+# The official archive, with its size and sha256 (as Keras' cifar10 loader checks it).
+ARCHIVE = OfficialFile("cifar-10-python.tar.gz",
+                       "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", 170498071,
+                       "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce")
 ARCHIVE_FOLDER = "cifar-10-batches-py"
 IMAGE_SIZE, PADDING = 32, 2
-# Random streams of the seed: the data order and the augmentation (training.py uses 1).
-DATA_ORDER_STREAM, AUGMENTATION_STREAM = 0, 2
 
 
 def _unpickle(path):
@@ -51,17 +53,12 @@ def _load_batch(path):
 
 
 def _fetch_missing(data_path):
-    """Downloads and unpacks the official archive when any file is missing."""
+    """Downloads the official archive and unpacks its files when any is missing."""
     needed = TRAIN_FILES + [TEST_FILE, META_FILE]
     if all(os.path.exists(os.path.join(data_path, name)) for name in needed):
         return
-    try:
-        archive = download.download(ARCHIVE_URL, data_path, os.path.basename(ARCHIVE_URL))
-    except Exception as error:
-        raise UserError(
-            f"CIFAR-10 data not found in {os.path.abspath(data_path)} and the download failed "
-            f"({error}); put these files there: {', '.join(needed)}") from error
-    with tarfile.open(archive) as tar:
+    with download.verified_downloads(data_path, [ARCHIVE], "CIFAR-10", needed) as paths, \
+            tarfile.open(paths[ARCHIVE.name]) as tar:
         for name in needed:
             member = tar.getmember(f"{ARCHIVE_FOLDER}/{name}")
             with tar.extractfile(member) as source, \
@@ -84,11 +81,14 @@ class CIFAR10Data:
 
 def pass_order(num_examples, seed, pass_index):
     """The shuffled order of one pass: a function of the seed and the pass alone."""
-    return np.random.default_rng([seed, DATA_ORDER_STREAM, pass_index]).permutation(num_examples)
+    return seeds.generator(seed, seeds.DATA_ORDER, pass_index).permutation(num_examples)
 
 
 def batch_indices(step, batch_size, num_examples, seed):
     """Indices of the training batch at `step`: passes of whole batches, the tail dropped."""
+    if batch_size > num_examples:
+        raise UserError(f"training_batch_size {batch_size} is larger than the {num_examples} "
+                        "training images")
     batches_per_pass = num_examples // batch_size
     pass_index, batch_in_pass = divmod(step, batches_per_pass)
     first = batch_in_pass * batch_size
@@ -110,6 +110,6 @@ def augment(images, rng):
 def training_batch(data, step, batch_size, seed):
     """The augmented training batch of `step` as float32 images in [0, 255] and labels."""
     indices = batch_indices(step, batch_size, len(data.train_labels), seed)
-    rng = np.random.default_rng([seed, AUGMENTATION_STREAM, step])
+    rng = seeds.generator(seed, seeds.AUGMENTATION, step)
     return augment(data.train_images[indices], rng).astype(np.float32), \
         data.train_labels[indices]

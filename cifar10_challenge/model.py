@@ -4,7 +4,8 @@ stage), with per-image standardization inside the model so that attack gradients
 Input [None, 32, 32, 3] in [0, 255]; `filters` [16, 160, 320, 640] (wide, 45,901,914 trainable
 parameters) or [16, 16, 32, 64] (the paper's "simple" network, 464,154). Layer names are the TF1
 variable scopes with '/' written '.', so the released checkpoints map by name.
-Running this file prints the Keras summary.
+`from model import Model; model = Model('train')` works as with the original (`mode` 'train' or
+'eval', the wide filters by default). Running this file prints the Keras summary.
 """
 
 import os
@@ -16,8 +17,9 @@ import keras
 import tensorflow as tf
 from keras import layers
 
+from common import devices
 from common.batch_norm import BatchNorm
-from common.layers import Conv2D
+from common.layers import layer_classes
 
 WIDE_FILTERS = (16, 160, 320, 640)
 SIMPLE_FILTERS = (16, 16, 32, 64)
@@ -46,7 +48,7 @@ class PerImageStandardization(layers.Layer):
         return tf.image.per_image_standardization(inputs)
 
 
-def _conv(filters, strides, name):
+def _conv(Conv2D, filters, strides, name):
     return Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=name,
                   kernel_initializer=keras.initializers.VarianceScaling(
                       2.0, mode="fan_out", distribution="untruncated_normal"))
@@ -57,39 +59,56 @@ def _activation(x, batch_norm_name):
     return layers.LeakyReLU(negative_slope=LEAKINESS)(x)
 
 
-def _residual_unit(x, in_filters, out_filters, stride, activate_before_residual, scope):
+def _residual_unit(Conv2D, x, in_filters, out_filters, stride, activate_before_residual, scope):
     if activate_before_residual:
         x = _activation(x, f"{scope}.shared_activation.BatchNorm")
         shortcut = x
     else:
         shortcut = x
         x = _activation(x, f"{scope}.residual_only_activation.BatchNorm")
-    x = _conv(out_filters, stride, f"{scope}.sub1.conv1")(x)
+    x = _conv(Conv2D, out_filters, stride, f"{scope}.sub1.conv1")(x)
     x = _activation(x, f"{scope}.sub2.BatchNorm")
-    x = _conv(out_filters, 1, f"{scope}.sub2.conv2")(x)
+    x = _conv(Conv2D, out_filters, 1, f"{scope}.sub2.conv2")(x)
     if in_filters != out_filters:
         shortcut = layers.AveragePooling2D(stride, stride, padding="valid")(shortcut)
         shortcut = PadChannels((out_filters - in_filters) // 2)(shortcut)
     return layers.Add()([x, shortcut])
 
 
-def create_model(filters=WIDE_FILTERS):
-    """The original network as a Keras model mapping images in [0, 255] to logits."""
-    images = keras.Input((32, 32, 3), name="x_input")
-    x = PerImageStandardization(name="input.standardization", dtype="float32")(images)
-    x = _conv(filters[0], 1, "input.init_conv")(x)
-    in_filters = filters[0]
-    for stage, (stride, out_filters) in enumerate(zip((1, 2, 2), filters[1:]), start=1):
-        for unit in range(UNITS_PER_STAGE):
-            x = _residual_unit(x, in_filters, out_filters, stride if unit == 0 else 1,
-                               stage == 1 and unit == 0, f"unit_{stage}_{unit}")
-            in_filters = out_filters
-    x = _activation(x, "unit_last.BatchNorm")
-    x = layers.GlobalAveragePooling2D()(x)
-    logits = layers.Dense(10, name="logit", dtype="float32",
-                          kernel_initializer=keras.initializers.VarianceScaling(
-                              1.0, mode="fan_in", distribution="uniform"))(x)
-    return keras.Model(images, logits, name="cifar10_challenge_model")
+class Model(keras.Model):
+    """The original network mapping images in [0, 255] to logits.
+
+    `mode` 'train' or 'eval' is the mode a call runs in when it does not pass `training` (the
+    original built one graph per mode). `on_cpu` picks the CPU-tuned convolutions
+    (common/layers.py); by default they are used where no GPU is visible.
+    """
+
+    def __init__(self, mode="eval", filters=WIDE_FILTERS, on_cpu=None):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        Conv2D, _ = layer_classes(devices.runs_on_cpu() if on_cpu is None else on_cpu)
+        images = keras.Input((32, 32, 3), name="x_input")
+        x = PerImageStandardization(name="input.standardization", dtype="float32")(images)
+        x = _conv(Conv2D, filters[0], 1, "input.init_conv")(x)
+        in_filters = filters[0]
+        for stage, (stride, out_filters) in enumerate(zip((1, 2, 2), filters[1:]), start=1):
+            for unit in range(UNITS_PER_STAGE):
+                x = _residual_unit(Conv2D, x, in_filters, out_filters,
+                                   stride if unit == 0 else 1, stage == 1 and unit == 0,
+                                   f"unit_{stage}_{unit}")
+                in_filters = out_filters
+        x = _activation(x, "unit_last.BatchNorm")
+        x = layers.GlobalAveragePooling2D()(x)
+        logits = layers.Dense(10, name="logit", dtype="float32",
+                              kernel_initializer=keras.initializers.VarianceScaling(
+                                  1.0, mode="fan_in", distribution="uniform"))(x)
+        super().__init__(images, logits, name="cifar10_challenge_model")
+        self.mode = mode
+
+    def call(self, inputs, training=None, mask=None):
+        if training is None:
+            training = self.mode == "train"
+        return super().call(inputs, training=training, mask=mask)
 
 
 def tf1_variables(model):
@@ -115,6 +134,7 @@ def decayed_kernels(model):
 
 
 if __name__ == "__main__":
-    from common import cli, config as config_lib
+    from cifar10_challenge.challenge import CIFAR10
+    from common import scripts
 
-    cli.run(lambda argv: create_model(config_lib.load_config()["filters"]).summary(), __file__)
+    scripts.summary(CIFAR10)

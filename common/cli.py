@@ -1,35 +1,44 @@
-"""Entry point for every script: absl flags, and one clear line instead of a traceback."""
+"""Entry point for every script: absl flags, and one clear `Error:` line instead of a traceback
+for bad flags, bad config values, missing or unwritable files."""
 
-import os
 import sys
 
-from absl import app, logging
+from absl import app, flags, logging
 
 from common import config as config_lib
 from common.errors import UserError
 
 
-def quiet_tensorflow():
-    """Hides TensorFlow's start-up chatter so the original's printed lines stand out."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def _fail(message):
+    sys.stdout.flush()
+    print(f"Error: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
-def run(main, script=None):
-    """Runs `main` under absl; a UserError becomes `Error: ...` on stderr and exit status 1.
+def _parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        _fail(error)
 
-    With `script` (a script's `__file__`), the flags of the `config.json` beside it are defined.
+
+def run(main, config_path=None):
+    """Runs `main(argv)` under absl; a bad flag, a UserError or an OSError (a file that cannot be
+    read or written) ends with `Error: ...` on stderr and exit status 1.
+
+    With `config_path` (a challenge's config.json), `--config` and one flag per key are defined.
     """
-    if script is not None:
-        config_lib.define_flags(os.path.join(os.path.dirname(os.path.abspath(script)),
-                                             "config.json"))
+    if config_path is not None:
+        config_lib.define_flags(config_path)
 
     def guarded_main(argv):
         try:
             main(argv)
         except UserError as error:
-            sys.stdout.flush()
-            print(f"Error: {error}", file=sys.stderr)
-            sys.exit(1)
+            _fail(error)
+        except OSError as error:
+            where = f": {error.filename}" if error.filename else ""
+            _fail(f"{error.strerror or error}{where}")
 
     logging.set_verbosity(logging.WARNING)
-    app.run(guarded_main)
+    app.run(guarded_main, flags_parser=_parse_flags)

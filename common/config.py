@@ -66,36 +66,51 @@ def _filters(widths):
     return None
 
 
-# key: (type, check or None). A config's keys are those of the challenge's own config.json.
+SEED = _between(0, 2**32 - 1)
+
+# key: (type, check or None, help). A config's keys are those of the challenge's own config.json.
 RULES = {
-    "model_dir": (str, _non_empty),
-    "data_path": (str, _non_empty),
-    "store_adv_path": (str, _non_empty),
-    "random_seed": (int, _at_least(0)),
-    "tf_random_seed": (int, _at_least(0)),
-    "np_random_seed": (int, _at_least(0)),
-    "max_num_training_steps": (int, _at_least(0)),
-    "num_output_steps": (int, _at_least(1)),
-    "num_summary_steps": (int, _at_least(1)),
-    "num_checkpoint_steps": (int, _at_least(1)),
-    "training_batch_size": (int, _at_least(1)),
-    "num_eval_examples": (int, _between(1, TEST_SET_SIZE)),
-    "eval_batch_size": (int, _at_least(1)),
-    "eval_on_cpu": (bool, None),
-    "epsilon": (float, _at_least(0)),
-    "k": (int, _at_least(0)),
-    "num_steps": (int, _at_least(0)),
-    "a": (float, _at_least(0)),
-    "step_size": (float, _at_least(0)),
-    "random_start": (bool, None),
-    "loss_func": (str, _one_of("xent", "cw")),
-    "weight_decay": (float, _at_least(0)),
-    "momentum": (float, _between(0, 1)),
-    "step_size_schedule": (list, _step_size_schedule),
-    "filters": (list, _filters),
-    "attack_batch_norm": (str, _one_of("train", "eval")),
-    "jit_compile": (bool, None),
-    "precision": (str, _one_of("float32", "mixed_float16", "mixed_bfloat16")),
+    "model_dir": (str, _non_empty, "Folder of the checkpoints and summaries; the other scripts "
+                  "read the model there (their own checkpoints or a released TF1 one)."),
+    "data_path": (str, _non_empty, "Folder of the dataset's official files; missing ones are "
+                  "downloaded there."),
+    "store_adv_path": (str, _non_empty, "The attack file (.npy) pgd_attack.py writes and "
+                       "run_attack.py checks and scores."),
+    "random_seed": (int, SEED, "Seeds the initial weights, the data order and the random "
+                    "starts."),
+    "tf_random_seed": (int, SEED, "Seeds the initial weights."),
+    "np_random_seed": (int, SEED, "Seeds the data order, the augmentation and the random "
+                       "starts."),
+    "max_num_training_steps": (int, _at_least(0), "Training steps."),
+    "num_output_steps": (int, _at_least(1), "Steps between printed training reports."),
+    "num_summary_steps": (int, _at_least(1), "Steps between TensorBoard summaries."),
+    "num_checkpoint_steps": (int, _at_least(1), "Steps between checkpoints (3 kept)."),
+    "training_batch_size": (int, _at_least(1), "Global training batch, split over the "
+                            "devices."),
+    "num_eval_examples": (int, _between(1, TEST_SET_SIZE), "Test examples that eval.py and "
+                          "pgd_attack.py attack (the first ones, in file order)."),
+    "eval_batch_size": (int, _at_least(1), "Batch size of eval.py and pgd_attack.py."),
+    "eval_on_cpu": (bool, None, "eval.py runs on the CPU, leaving the GPUs to training."),
+    "epsilon": (float, _at_least(0), "L-infinity radius of the attack, in pixel units."),
+    "k": (int, _at_least(0), "PGD steps."),
+    "num_steps": (int, _at_least(0), "PGD steps."),
+    "a": (float, _at_least(0), "PGD step size."),
+    "step_size": (float, _at_least(0), "PGD step size."),
+    "random_start": (bool, None, "PGD starts at a uniformly random point of the epsilon ball."),
+    "loss_func": (str, _one_of("xent", "cw"), "Attack loss: xent (cross-entropy) or cw (the "
+                  "CW margin loss, confidence 50)."),
+    "weight_decay": (float, _at_least(0), "Weight decay on the conv and dense kernels."),
+    "momentum": (float, _between(0, 1), "Momentum of TF1's MomentumOptimizer."),
+    "step_size_schedule": (list, _step_size_schedule, "Learning rates as [[0, rate], [step, "
+                           "rate], ...], each holding up to and including the next boundary."),
+    "filters": (list, _filters, "The four widths of the residual network: [16, 160, 320, 640] "
+                "(wide) or [16, 16, 32, 64] (simple)."),
+    "attack_batch_norm": (str, _one_of("train", "eval"), "Batch norm during the training "
+                          "attack: train (batch statistics, as the original) or eval (moving "
+                          "averages)."),
+    "jit_compile": (bool, None, "Compile the attack and the training step with XLA."),
+    "precision": (str, _one_of("float32", "mixed_float16", "mixed_bfloat16"),
+                  "float32, mixed_float16 or mixed_bfloat16."),
 }
 
 
@@ -109,7 +124,7 @@ def _is_number(value):
 
 def _typed(key, value):
     """Returns `value` as the key's type (an int is a fine float), or raises UserError."""
-    kind, _ = RULES[key]
+    kind = RULES[key][0]
     if kind is float and _is_number(value):
         return float(value)
     if kind is int and _is_int(value):
@@ -147,8 +162,8 @@ def define_flags(default_config_path, flag_values=FLAGS):
     flags.DEFINE_string("config", default_config_path, "Path of the JSON config file.",
                         flag_values=flag_values)
     for key, value in _read_json(default_config_path).items():
-        kind, _ = RULES[key]
-        help_text = f"Overrides the config's '{key}' (default there: {json.dumps(value)})."
+        kind, _, meaning = RULES[key]
+        help_text = f"{meaning} (config default: {json.dumps(value)})"
         if kind is bool:
             flags.DEFINE_boolean(key, None, help_text, flag_values=flag_values)
         elif kind is int:
@@ -191,7 +206,23 @@ def load_config(flag_values=FLAGS):
         if key not in defaults:
             raise UserError(f"unknown config key '{key}' in {path}")
     config = {**defaults, **values, **_overrides(defaults, flag_values)}
-    return validate(config)
+    return _check_paths(validate(config))
+
+
+def default_config(path):
+    """The config file at `path` as it is, checked (no flags)."""
+    return _check_paths(validate(_read_with_paths(path)))
+
+
+def _check_paths(config):
+    """Refuses a file where a folder belongs and a folder where a file belongs."""
+    for key in ("model_dir", "data_path"):
+        if os.path.exists(config[key]) and not os.path.isdir(config[key]):
+            raise UserError(f"config key '{key}' must name a folder, {config[key]} is a file")
+    if os.path.isdir(config["store_adv_path"]):
+        raise UserError(f"config key 'store_adv_path' must name a file, "
+                        f"{config['store_adv_path']} is a folder")
+    return config
 
 
 def validate(config):

@@ -1,14 +1,55 @@
-"""Spreading a batch over all local devices (every visible GPU, or the CPU) for the attack and
-scoring scripts: each device takes a consecutive slice, and the results are put back in order."""
+"""Which devices run the work: the local strategy of the attack and scoring scripts, the training
+strategy (one machine or a cluster named by `TF_CONFIG`), the chief task of a cluster, and
+`Spread`, which runs a function on one consecutive slice of a batch per local device."""
+
+import json
+import os
 
 import numpy as np
 import tensorflow as tf
+
+from common.errors import UserError
 
 
 def local_strategy(cpu_only=False):
     """MirroredStrategy over the local devices: all visible GPUs, or the CPU where there is none
     (or where `cpu_only`)."""
     return tf.distribute.MirroredStrategy(["/cpu:0"] if cpu_only else None)
+
+
+def cluster_size():
+    """The number of tasks `TF_CONFIG` names (0 where it names no cluster)."""
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+        return sum(len(tasks) for tasks in cluster.values())
+    except (json.JSONDecodeError, AttributeError, TypeError) as error:
+        raise UserError(f"TF_CONFIG is not a JSON object with a cluster: {error}") from error
+
+
+def training_strategy():
+    """MultiWorkerMirroredStrategy where `TF_CONFIG` names a cluster of several tasks, otherwise
+    the local strategy (all visible GPUs, or the CPU)."""
+    if cluster_size() > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return local_strategy()
+
+
+def is_chief(strategy):
+    """True for the task that writes checkpoints, summaries and the config copy: the only task,
+    the `chief` task, or worker 0 of a cluster without one."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    if not cluster or resolver.task_type == "chief":
+        return True
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in cluster
+
+
+def runs_on_cpu(strategy=None):
+    """True where the devices of `strategy` are all CPUs; without one, where no GPU is visible."""
+    if strategy is None:
+        return not tf.config.list_logical_devices("GPU")
+    return all(tf.DeviceSpec.from_string(device).device_type == "CPU"
+               for device in strategy.extended.worker_devices)
 
 
 class Spread:

@@ -1,11 +1,20 @@
 """Downloads: the datasets' official files and the released model zips.
 
-A download goes to a temporary file that takes its real name only when every byte has arrived,
-so an interrupted one leaves nothing that a later run could take for data or a model.
+The datasets' files go through TensorFlow Datasets' DownloadManager, which checks each against
+its published size and sha256. The model zips, whose digests are mostly unpublished, go through
+`download`, which prints nothing but a progress bar so that `fetch_model.py` prints the
+original's lines and the sha256 itself. Either way a download lands under a temporary name and
+takes its real one only when complete and checked, so an interrupted or wrong one leaves nothing
+that a later run could take for data or a model.
 """
 
+import contextlib
+import dataclasses
 import hashlib
+import logging
 import os
+import shutil
+import tempfile
 import urllib.request
 
 import tqdm
@@ -15,6 +24,9 @@ from common.files import written_in_place
 
 BLOCK_BYTES = 1 << 20
 TIMEOUT_SECONDS = 60
+# TFDS retries a failed request 10 times with exponential back-off: offline, that took 204 s
+# before the error. Two retries keep a flaky network covered and offline users waiting under 1 s.
+TFDS_RETRIES = 2
 
 
 def sha256_of(path):
@@ -46,13 +58,52 @@ def download(url, folder, file_name):
     return path
 
 
-def fetch_missing(folder, base_url, file_names, dataset):
-    """Downloads whichever of `file_names` are not yet in `folder` from `base_url`."""
-    missing = [name for name in file_names if not os.path.exists(os.path.join(folder, name))]
-    for name in missing:
+@dataclasses.dataclass(frozen=True)
+class OfficialFile:
+    """A dataset file as its publisher serves it: name, address, size and sha256."""
+
+    name: str
+    url: str
+    size: int
+    sha256: str
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _tfds_download(files, staging):
+    """{name: path} of `files` downloaded by TFDS's DownloadManager into `staging`, each checked
+    against its size and sha256 (a mismatch raises)."""
+    import tensorflow_datasets as tfds  # imported here: it takes seconds, and is rarely needed
+    from tensorflow_datasets.core.download import downloader
+    from tensorflow_datasets.core.download.checksums import UrlInfo
+
+    downloader.MAX_RETRIES = TFDS_RETRIES
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # one error line, not one per retry
+    manager = tfds.download.DownloadManager(
+        download_dir=staging, force_checksums_validation=True,
+        url_infos={file.url: UrlInfo(size=file.size, checksum=file.sha256, filename=file.name)
+                   for file in files})
+    paths = manager.download({file.name: file.url for file in files})
+    return {name: os.fspath(path) for name, path in paths.items()}
+
+
+@contextlib.contextmanager
+def verified_downloads(folder, files, dataset, needed):
+    """Downloads the OfficialFiles `files` into a hidden folder inside `folder` and yields
+    {name: path}; the hidden folder is removed afterwards, whatever happens, so a wrong or
+    partial download never stays. A failed download raises UserError naming `folder` and the
+    `needed` file names to put there by hand."""
+    os.makedirs(folder, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=folder, prefix=".download-")
+    try:
         try:
-            download(base_url + name, folder, name)
-        except Exception as error:
+            paths = _tfds_download(files, staging)
+        except Exception as error:  # TFDS and requests raise many kinds
             raise UserError(
                 f"{dataset} data not found in {os.path.abspath(folder)} and the download failed "
-                f"({error}); put these files there: {', '.join(missing)}") from error
+                f"({_first_line(error)}); put these files there: {', '.join(needed)}") from error
+        yield paths
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

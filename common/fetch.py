@@ -7,23 +7,25 @@ moved into place only when complete, so an interrupted fetch leaves no partial m
 """
 
 import os
+import re
 import shutil
 import stat
 import sys
 import tempfile
 import zipfile
 
-from absl import flags
-
 from common import download
 from common.errors import UserError
-
-flags.DEFINE_string("sha256", None, "expected SHA256 of the zip; a different one is refused")
 
 # Checkpoints hardly compress; an archive expanding to more than this many times its size, plus
 # a margin for small files, is refused as a zip bomb.
 MAX_EXPANSION = 20
 EXPANSION_MARGIN_BYTES = 10 << 20
+
+
+def is_sha256(text):
+    """True for None or 64 hexadecimal digits (an expected digest, the `--sha256` flag)."""
+    return text is None or re.fullmatch(r"[0-9a-fA-F]{64}", text) is not None
 
 
 def _check_entry(member, destination):

@@ -1,14 +1,16 @@
-"""Keras layers that compute the same values as Keras' own, faster in the attack's hot loop.
+"""Conv2D and Dense layers for models that run on CPUs: the values of Keras' own layers, with
+two input gradients computed by other, equal products that TensorFlow's CPU kernels run faster.
 
-The attack spends its time on input gradients, and TensorFlow's CPU kernels for two of them are
-slow for the shapes of these networks. Each layer below computes the same gradient by another
-product; the timings quoted were measured on the 2-core CPU development machine.
+On GPUs, cuDNN's and cuBLAS's own kernels are the ones to trust, so `layer_classes(on_cpu)` gives
+these layers only where the model runs on CPUs, and Keras' own elsewhere. Both have the same
+weights under the same names, so a checkpoint fits either. The timings behind the choices are in
+benchmarks/README.md.
 """
 
 import keras
 import tensorflow as tf
 
-# Below this many input channels, Conv2DBackpropInput beat the forward-convolution form.
+# Below this many input channels, Conv2DBackpropInput beat the forward-convolution form on CPU.
 _MIN_CHANNELS_FOR_CONVOLUTION_GRADIENT = 8
 
 
@@ -33,10 +35,9 @@ class Conv2D(keras.layers.Conv2D):
     """keras.layers.Conv2D whose input gradient runs as a forward convolution.
 
     For stride 1, 'same' padding and odd kernel sizes, the gradient with respect to the input is
-    the convolution of the output gradient with the flipped, channel-swapped kernel. With 8 or more
-    input channels, TensorFlow's Conv2DBackpropInput ran 1.5x to 5x slower than that convolution
-    (MNIST conv2, batch 200: 96 ms against 36 ms); with fewer it was faster (MNIST conv1: 15 ms
-    against 24 ms), so those layers, and other settings, keep Keras' own path.
+    the convolution of the output gradient with the flipped, channel-swapped kernel. On CPU that
+    convolution beat Conv2DBackpropInput from 8 input channels up and lost below, so layers with
+    fewer input channels, and other settings, keep Keras' own path.
     """
 
     def convolution_op(self, inputs, kernel):
@@ -63,11 +64,8 @@ def _matmul(inputs, kernel):
 
 
 class Dense(keras.layers.Dense):
-    """keras.layers.Dense whose input gradient is computed as (kernel @ gradient^T)^T.
-
-    TensorFlow computes gradient @ kernel^T, which on CPU ran 3x slower for MNIST fc1 (batch 200:
-    32 ms against 10 ms for the same product with the transposes moved outside).
-    """
+    """keras.layers.Dense whose input gradient is computed as (kernel @ gradient^T)^T, which
+    TensorFlow's CPU kernels ran faster than its own gradient @ kernel^T."""
 
     def call(self, inputs, training=None):
         outputs = _matmul(inputs, tf.convert_to_tensor(self.kernel))
@@ -76,3 +74,10 @@ class Dense(keras.layers.Dense):
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
+
+
+def layer_classes(on_cpu):
+    """(Conv2D, Dense) for a model: this module's on CPUs, Keras' own on GPUs."""
+    if on_cpu:
+        return Conv2D, Dense
+    return keras.layers.Conv2D, keras.layers.Dense

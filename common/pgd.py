@@ -1,19 +1,42 @@
 """L-infinity projected gradient descent (PGD), the attack of Madry et al., for any Keras model.
 
-All `k` steps run inside one `tf.function`. As in the original's numpy loop, the iterate is kept
-in float64 and the model sees it cast to float32: a float32 iterate drifts from the original on a
+All steps run inside one `tf.function`. As in the original's numpy loop, the iterate is kept in
+float64 and the model sees it cast to float32: a float32 iterate drifts from the original on a
 few percent of pixels over 40 steps.
 """
+
+import dataclasses
 
 import numpy as np
 import tensorflow as tf
 import tqdm
 
-from common import devices, precision
+from common import devices, precision, seeds
 from common.batching import batch_bounds
+from common.files import written_in_place
 
 LOSS_FUNCTIONS = ("xent", "cw")
 CW_CONFIDENCE = 50.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSettings:
+    """What defines a PGD attack: the same for the attack scripts and for training."""
+
+    epsilon: float
+    num_steps: int
+    step_size: float
+    random_start: bool
+    loss_func: str = "xent"
+    pixel_range: tuple = (0.0, 1.0)
+
+    def __post_init__(self):
+        if self.loss_func not in LOSS_FUNCTIONS:
+            raise ValueError(f"unknown loss_func {self.loss_func!r}: use one of {LOSS_FUNCTIONS}")
+        for name, kind in (("epsilon", float), ("num_steps", int), ("step_size", float),
+                           ("random_start", bool)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        object.__setattr__(self, "pixel_range", tuple(float(bound) for bound in self.pixel_range))
 
 
 def per_example_loss(logits, labels, loss_func):
@@ -43,30 +66,37 @@ def input_gradient(model, x, labels, loss_func, training=False):
     return tf.where(tf.math.is_nan(gradient), tf.zeros_like(gradient), gradient)
 
 
-def random_start(x_nat, noise, pixel_range):
-    """The original's random start: `x_nat + U(-eps, eps)` noise, clipped to the pixel range."""
-    return tf.clip_by_value(tf.cast(x_nat, tf.float64) + noise, *pixel_range)
+def start_point(x_nat, settings, rng):
+    """Where PGD starts, in float64: `x_nat` itself, or with a random start the original's
+    `x_nat + U(-epsilon, epsilon)` noise (float64, drawn from `rng`) clipped to the pixel range."""
+    x_nat = np.asarray(x_nat, dtype=np.float32).astype(np.float64)
+    if not settings.random_start:
+        return x_nat
+    noise = rng.uniform(-settings.epsilon, settings.epsilon, x_nat.shape)
+    return np.clip(x_nat + noise, *settings.pixel_range)
 
 
-def pgd_steps(model, x_nat, labels, x_start, epsilon, num_steps, step_size, pixel_range,
-              loss_func, training=False):
-    """`num_steps` signed-gradient steps from `x_start` (float64), kept within `epsilon` of `x_nat`.
+def pgd_steps(model, x_nat, labels, x_start, settings, training=False):
+    """`settings.num_steps` signed-gradient steps from `x_start` (float64), kept within epsilon
+    of `x_nat` and within the pixel range.
 
     The arithmetic is the original numpy loop's: the iterate is float64, while the step
-    `a * sign(grad)` and the bounds `x_nat +- epsilon` are float32, as numpy computes a float32
-    array with a Python float. Clipping to the epsilon ball and then to the pixel range equals
-    one clip to the intersection of the two, computed once here.
+    `step_size * sign(grad)` and the bounds `x_nat +- epsilon` are float32, as numpy computes a
+    float32 array with a Python float. Clipping to the epsilon ball and then to the pixel range
+    equals one clip to the intersection of the two, computed once here.
 
     With `training`, batch norm updates its averages and, over several replicas, synchronizes
     its statistics, which TensorFlow cannot do inside a graph loop: the steps are then unrolled.
     """
+    low, high = settings.pixel_range
     x_nat = tf.cast(x_nat, tf.float32)
-    lower = tf.maximum(tf.cast(x_nat - epsilon, tf.float64), pixel_range[0])
-    upper = tf.minimum(tf.cast(x_nat + epsilon, tf.float64), pixel_range[1])
+    lower = tf.maximum(tf.cast(x_nat - settings.epsilon, tf.float64), low)
+    upper = tf.minimum(tf.cast(x_nat + settings.epsilon, tf.float64), high)
     x = x_start
-    for _ in range(num_steps) if training else tf.range(num_steps):
-        grad = input_gradient(model, tf.cast(x, tf.float32), labels, loss_func, training)
-        x = tf.clip_by_value(x + tf.cast(step_size * tf.sign(grad), tf.float64), lower, upper)
+    for _ in range(settings.num_steps) if training else tf.range(settings.num_steps):
+        grad = input_gradient(model, tf.cast(x, tf.float32), labels, settings.loss_func, training)
+        step = tf.cast(settings.step_size * tf.sign(grad), tf.float64)
+        x = tf.clip_by_value(x + step, lower, upper)
     return x
 
 
@@ -76,26 +106,22 @@ class LinfPGDAttack:
     `k` steps of size `a` within `epsilon` of `x_nat`, from a random start when `random_start`.
     Beyond the original: `pixel_range` (MNIST [0, 1], CIFAR-10 [0, 255]); `restarts`, keeping per
     example the restart that is misclassified, or else has the highest loss; `seed` for the random
-    starts, so a run is reproducible; `jit_compile` to compile the k steps with XLA; `strategy`
-    to spread each batch over its replicas (a local MirroredStrategy: every GPU); and
-    `perturb(..., start=...)` to begin from a given point.
+    starts, so a run is reproducible; `jit_compile` to compile the steps with XLA; `strategy` to
+    spread each batch over its replicas (a local MirroredStrategy: every GPU); and
+    `perturb(..., start=...)` to begin from a given point. `LinfPGDAttack.from_settings` builds
+    one from an `AttackSettings`.
     """
 
     def __init__(self, model, epsilon, k, a, random_start, loss_func, pixel_range=(0.0, 1.0),
                  restarts=1, seed=None, jit_compile=False, strategy=None):
-        if loss_func not in LOSS_FUNCTIONS:
-            raise ValueError(f"unknown loss_func {loss_func!r}: use one of {LOSS_FUNCTIONS}")
+        settings = AttackSettings(epsilon, k, a, random_start, loss_func, pixel_range)
         if restarts < 1:
             raise ValueError(f"restarts must be at least 1, got {restarts}")
         self.model = model
-        self.epsilon = float(epsilon)
-        self.k = int(k)
-        self.a = float(a)
-        self.rand = bool(random_start)
-        self.loss_func = loss_func
-        self.pixel_range = tuple(float(bound) for bound in pixel_range)
+        self.settings = settings
         self.restarts = int(restarts)
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng() if seed is None else \
+            seeds.generator(seed, seeds.ATTACK_STARTS)
         image_shape = tuple(model.input_shape[1:])
         self._attack = tf.function(self._attack_batch, input_signature=(
             tf.TensorSpec((None,) + image_shape, tf.float32),
@@ -108,28 +134,39 @@ class LinfPGDAttack:
         self._spread_attack = devices.Spread(self.strategy, self._attack)
         self._spread_score = devices.Spread(self.strategy, self._score)
 
+    @classmethod
+    def from_settings(cls, model, settings, **options):
+        """The attack of `settings` (an AttackSettings); `options` as the constructor's."""
+        return cls(model, settings.epsilon, settings.num_steps, settings.step_size,
+                   settings.random_start, settings.loss_func, settings.pixel_range, **options)
+
+    # The original's attribute names.
+    epsilon = property(lambda self: self.settings.epsilon)
+    k = property(lambda self: self.settings.num_steps)
+    a = property(lambda self: self.settings.step_size)
+    rand = property(lambda self: self.settings.random_start)
+    loss_func = property(lambda self: self.settings.loss_func)
+
     def _attack_batch(self, x_nat, labels, x_start):
-        return pgd_steps(self.model, x_nat, labels, x_start, self.epsilon, self.k, self.a,
-                         self.pixel_range, self.loss_func)
+        return pgd_steps(self.model, x_nat, labels, x_start, self.settings)
 
     def _score_batch(self, x, labels):
         logits = self.model(x, training=False)
         misclassified = tf.not_equal(tf.argmax(logits, axis=1), labels)
-        return per_example_loss(logits, labels, self.loss_func), misclassified
+        return per_example_loss(logits, labels, self.settings.loss_func), misclassified
 
     def start_point(self, x_nat):
-        """A fresh start: `x_nat` itself, or a random point of the epsilon ball in float64."""
-        x_nat = np.asarray(x_nat, dtype=np.float32)
-        if not self.rand:
-            return x_nat.astype(np.float64)
-        noise = self.rng.uniform(-self.epsilon, self.epsilon, x_nat.shape)
-        return np.clip(x_nat + noise, *self.pixel_range)
+        """A fresh start for `x_nat`, drawn from this attack's seeded generator."""
+        return start_point(x_nat, self.settings, self.rng)
 
-    def perturb(self, x_nat, y, start=None):
+    def perturb(self, x_nat, y, *session, start=None):
         """Adversarial examples for `(x_nat, y)` within epsilon of `x_nat` (float64 numpy array).
 
         With `start`, the first restart begins there instead of at a drawn start point.
         """
+        if session:
+            raise TypeError("perturb(x_nat, y) takes no session: TensorFlow 2 runs the attack "
+                            "itself; pass a start point as perturb(x_nat, y, start=...)")
         x_nat = np.asarray(x_nat, dtype=np.float32)
         y = np.asarray(y, dtype=np.int64)
         start = self.start_point(x_nat) if start is None else np.asarray(start, np.float64)
@@ -159,6 +196,8 @@ def attack_test_set(attack, images, labels, num_examples, batch_size):
 
 
 def store_attack(x_adv, path):
+    """Saves the attack as `path`, written whole or not at all, with the original's lines."""
     print("Storing examples")
-    np.save(path, x_adv)
+    with written_in_place(path) as target:
+        np.save(target, x_adv)
     print(f"Examples stored in {path}")

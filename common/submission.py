@@ -15,6 +15,7 @@ import tensorflow as tf
 from common import devices
 from common.batching import batch_bounds
 from common.errors import UserError
+from common.files import written_in_place
 
 TOLERANCE = 1e-4
 # numpy's own bound on a header's length; a longer one is refused unparsed.
@@ -44,6 +45,11 @@ def _check_dtype(dtype, path):
         raise UserError(f"Invalid data type: expected real numbers, found {dtype}")
 
 
+def _check_shape(found, expected, shape_text):
+    if tuple(found) != tuple(expected):
+        raise UserError(f"Invalid shape: expected {shape_text}, found {tuple(found)}")
+
+
 def load_submission(path, shape, shape_text):
     """The array of shape `shape` stored in the `.npy` file at `path`, as float64.
 
@@ -60,8 +66,7 @@ def load_submission(path, shape, shape_text):
             raise UserError(f"submission {path} is empty")
         found_shape, fortran_order, dtype = _read_header(submission, path)
         _check_dtype(dtype, path)
-        if tuple(found_shape) != tuple(shape):
-            raise UserError(f"Invalid shape: expected {shape_text}, found {tuple(found_shape)}")
+        _check_shape(found_shape, shape, shape_text)
         expected_bytes = int(np.prod(shape)) * dtype.itemsize
         data_bytes = size - submission.tell()
         if data_bytes != expected_bytes:
@@ -106,6 +111,16 @@ def load_and_check(path, x_nat, epsilon, pixel_range, shape_text):
     return check_submission(x_adv, x_nat.astype(np.float64), epsilon, pixel_range)
 
 
+def check_array(x_adv, x_nat, epsilon, pixel_range, shape_text):
+    """An attack given as an array (the original `run_attack` function's argument), checked as
+    a submitted file is, as float32."""
+    x_adv = np.asarray(x_adv)
+    _check_dtype(x_adv.dtype, "array")
+    _check_shape(x_adv.shape, x_nat.shape, shape_text)
+    return check_submission(x_adv.astype(np.float64), x_nat.astype(np.float64), epsilon,
+                            pixel_range)
+
+
 def score(model, x_adv, labels, batch_size, strategy=None):
     """Accuracy of the model on the submission and its predicted labels (int64, as `pred.npy`),
     each batch spread over the replicas of `strategy` (a local MirroredStrategy: every GPU)."""
@@ -120,5 +135,6 @@ def score(model, x_adv, labels, batch_size, strategy=None):
 def report_score(accuracy, predictions):
     """The original's last lines: the accuracy, and the predictions in ./pred.npy."""
     print(f"Accuracy: {100.0 * accuracy:.2f}%")
-    np.save("pred.npy", predictions)
+    with written_in_place("pred.npy") as target:
+        np.save(target, predictions)
     print("Output saved at pred.npy")

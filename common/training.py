@@ -17,68 +17,31 @@ import tempfile
 import time
 from datetime import datetime
 
-import numpy as np
 import tensorflow as tf
 import tqdm
 
-from common import checkpoints, devices, pgd
+from common import checkpoints, devices, pgd, seeds
 from common.errors import UserError
 from common.files import written_in_place
 
 PREFETCH_BATCHES = 2
-# The random-start noise is stream 1 of the seed; the data order is stream 0 (the inputs).
-START_NOISE_STREAM = 1
-
-
-def cluster_size():
-    """The number of tasks `TF_CONFIG` names (0 where it names no cluster)."""
-    try:
-        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
-    except (json.JSONDecodeError, AttributeError) as error:
-        raise UserError(f"TF_CONFIG is not a JSON object with a cluster: {error}") from error
-    return sum(len(tasks) for tasks in cluster.values())
-
-
-def make_strategy():
-    """MultiWorkerMirroredStrategy where `TF_CONFIG` names a cluster of several tasks, otherwise
-    MirroredStrategy over all visible GPUs (one CPU device where there is none)."""
-    if cluster_size() > 1:
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    return devices.local_strategy()
-
-
-def is_chief(strategy):
-    """True for the task that writes checkpoints, summaries and the config copy: the only task,
-    the `chief` task, or worker 0 of a cluster without one."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return True
-    if resolver.task_type == "chief":
-        return True
-    return (resolver.task_type == "worker" and resolver.task_id == 0
-            and "chief" not in resolver.cluster_spec().as_dict())
-
-
-def start_noise(seed, step, shape, epsilon):
-    """The random-start noise of a training step, drawn on the host in float64 as the original."""
-    return np.random.default_rng([seed, START_NOISE_STREAM, step]).uniform(-epsilon, epsilon, shape)
 
 
 class TrainStep:
     """One distributed training step: attack in each replica, metrics, optimizer update.
 
     `loss_fn(labels, logits, model)` returns what the replica minimises, scaled so that the
-    sum over replicas is the loss of the global batch. `attack_training` selects the mode the
-    model runs in during the attack (training mode in the CIFAR-10 original). `jit_compile`
-    compiles the replica step with XLA.
+    sum over replicas is the loss of the global batch. `settings` (a pgd.AttackSettings) is the
+    attack; `attack_training` selects the mode the model runs in during it (training mode in the
+    CIFAR-10 original). `jit_compile` compiles the replica step with XLA.
     """
 
-    def __init__(self, strategy, model, optimizer, attack, loss_fn, attack_training=False,
+    def __init__(self, strategy, model, optimizer, settings, loss_fn, attack_training=False,
                  jit_compile=False):
         self.strategy = strategy
         self.model = model
         self.optimizer = optimizer
-        self.attack = attack
+        self.settings = settings
         self.loss_fn = loss_fn
         self.attack_training = attack_training
         with strategy.scope():
@@ -87,14 +50,9 @@ class TrainStep:
             if jit_compile else self._replica_step
         self._step = tf.function(self._distributed_step)
 
-    def _replica_step(self, x_nat, labels, noise, report):
-        attack, model = self.attack, self.model
-        if attack.rand:
-            x_start = pgd.random_start(x_nat, noise, attack.pixel_range)
-        else:
-            x_start = tf.cast(x_nat, tf.float64)
-        x_adv = tf.cast(pgd.pgd_steps(model, x_nat, labels, x_start, attack.epsilon, attack.k,
-                                      attack.a, attack.pixel_range, attack.loss_func,
+    def _replica_step(self, x_nat, labels, x_start, report):
+        model = self.model
+        x_adv = tf.cast(pgd.pgd_steps(model, x_nat, labels, x_start, self.settings,
                                       self.attack_training), tf.float32)
         metrics = {}
         if report:
@@ -109,9 +67,9 @@ class TrainStep:
             tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
         return metrics, x_adv
 
-    def _distributed_step(self, x_nat, labels, noise, report):
+    def _distributed_step(self, x_nat, labels, x_start, report):
         metrics, x_adv = self.strategy.run(self._replica_function,
-                                           args=(x_nat, labels, noise, report))
+                                           args=(x_nat, labels, x_start, report))
         totals = {name: self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
                   for name, value in metrics.items()}
         return totals, self.strategy.experimental_local_results(x_adv)[0]
@@ -130,10 +88,11 @@ class TrainStep:
 
         return self.strategy.experimental_distribute_values_from_function(replica_slice)
 
-    def __call__(self, x_nat, labels, noise, report=True):
-        """Runs the step on a global batch; returns summed metrics and some adversarial images."""
+    def __call__(self, x_nat, labels, x_start, report=True):
+        """Runs the step on a global batch from its start points (float64, see pgd.start_point);
+        returns summed metrics and some adversarial images."""
         batch = (tf.convert_to_tensor(x_nat), tf.convert_to_tensor(labels),
-                 tf.convert_to_tensor(noise))
+                 tf.convert_to_tensor(x_start, tf.float64))
         return self._step(*self._split(batch), report)
 
 
@@ -141,17 +100,22 @@ def _num_correct(logits, labels):
     return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1), labels), tf.int64))
 
 
-def _batches(batch_for_step, first_step, last_step, seed, epsilon):
-    """Prefetched (x, y, noise) global batches from `first_step` up to `last_step`."""
-    x, y = batch_for_step(first_step)
+def training_start(x_nat, settings, seed, step):
+    """The start points of a training step's attack, from the training-starts stream."""
+    return pgd.start_point(x_nat, settings, seeds.generator(seed, seeds.TRAINING_STARTS, step))
+
+
+def _batches(batch_for_step, first_step, last_step, seed, settings, example_shape):
+    """Prefetched (x, y, start) global batches from `first_step` up to `last_step`."""
 
     def generate():
         for step in range(first_step, last_step):
             x_batch, y_batch = batch_for_step(step)
-            yield x_batch, y_batch, start_noise(seed, step, x_batch.shape, epsilon)
+            yield x_batch, y_batch, training_start(x_batch, settings, seed, step)
 
-    signature = (tf.TensorSpec(x.shape, tf.float32), tf.TensorSpec(y.shape, tf.int64),
-                 tf.TensorSpec(x.shape, tf.float64))
+    shape = (None, *example_shape)
+    signature = (tf.TensorSpec(shape, tf.float32), tf.TensorSpec((None,), tf.int64),
+                 tf.TensorSpec(shape, tf.float64))
     dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
     return iter(dataset.prefetch(PREFETCH_BATCHES))
 
@@ -203,7 +167,7 @@ def train(config, train_step, batch_for_step, seed, to_images):
     all-reduce); only the chief writes into `model_dir`, the others into a private temporary
     folder removed at the end, and all resume from the chief's newest checkpoint.
     """
-    chief = is_chief(train_step.strategy)
+    chief = devices.is_chief(train_step.strategy)
     model_dir = config["model_dir"]
     write_dir = model_dir if chief else tempfile.mkdtemp(prefix="madry-worker-")
     try:
@@ -230,17 +194,18 @@ def _train(config, train_step, batch_for_step, seed, to_images, chief, write_dir
     if chief:
         _write_config(config, model_dir)
     writer = tf.summary.create_file_writer(model_dir) if chief else tf.summary.create_noop_writer()
-    batches = _batches(batch_for_step, first_step, max_steps, seed, train_step.attack.epsilon)
+    batches = _batches(batch_for_step, first_step, max_steps, seed, train_step.settings,
+                       train_step.model.input_shape[1:])
     training_time = 0.0
     progress = tqdm.tqdm(total=max_steps, initial=first_step, unit="step", smoothing=0.1,
                          disable=not chief)
     for step in range(first_step, max_steps):
-        x_batch, y_batch, noise = next(batches)
+        x_batch, y_batch, x_start = next(batches)
         if step % config["num_checkpoint_steps"] == 0 and (step > first_step or step == 0):
             manager.save(checkpoint_number=step)
         report = step % config["num_output_steps"] == 0
         start = time.perf_counter()
-        metrics, images = train_step(x_batch, y_batch, noise, report)
+        metrics, images = train_step(x_batch, y_batch, x_start, report)
         metrics = {name: value.numpy() for name, value in metrics.items()}
         training_time += time.perf_counter() - start
         if report:

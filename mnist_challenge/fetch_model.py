@@ -5,21 +5,9 @@
 import os
 import sys
 
-from absl import flags
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import cli
-from common.fetch import fetch_model
-
-MODELS_URL = "https://github.com/MadryLab/mnist_challenge_models/raw/master/"
-URLS = {name: MODELS_URL + name + ".zip" for name in ("natural", "adv_trained", "secret")}
-PUBLISHED_SHA256 = {"secret": "14eea09c72092db5c2eb5e34cd105974f42569281d2f34826316e356d057f96d"}
-
-
-def main(argv):
-    fetch_model(argv, URLS, PUBLISHED_SHA256, os.path.dirname(os.path.abspath(__file__)),
-                flags.FLAGS.sha256)
-
+from common import scripts
+from mnist_challenge.challenge import MNIST
 
 if __name__ == "__main__":
-    cli.run(main)
+    scripts.fetch_model(MNIST)

@@ -10,7 +10,8 @@ import os
 
 import numpy as np
 
-from common import download
+from common import download, seeds
+from common.download import OfficialFile
 from common.errors import UserError
 
 FILES = {
@@ -20,9 +21,31 @@ FILES = {
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
 SOURCE_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+# The official files' sizes and sha256 digests (as TensorFlow Datasets registers them).
+OFFICIAL_FILES = [OfficialFile(name, SOURCE_URL + name, size, sha256) for name, size, sha256 in [
+    (FILES["train_images"], 9912422,
+     "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+    (FILES["train_labels"], 28881,
+     "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+    (FILES["test_images"], 1648877,
+     "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+    (FILES["test_labels"], 4542,
+     "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+]]
 VALIDATION_SIZE = 5000
-DATA_ORDER_STREAM = 0
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
+
+
+def fetch_missing(data_path):
+    """Downloads whichever official files are not in `data_path` yet, checked, into it."""
+    missing = [file for file in OFFICIAL_FILES
+               if not os.path.exists(os.path.join(data_path, file.name))]
+    if not missing:
+        return
+    names = [file.name for file in missing]
+    with download.verified_downloads(data_path, missing, "MNIST", names) as paths:
+        for name, path in paths.items():
+            os.replace(path, os.path.join(data_path, name))
 
 
 def _read_idx(path, magic, dims):
@@ -56,7 +79,7 @@ class MNISTData:
     """The training split (55,000) and the test set (10,000) of MNIST."""
 
     def __init__(self, data_path):
-        download.fetch_missing(data_path, SOURCE_URL, FILES.values(), "MNIST")
+        fetch_missing(data_path)
         path = {key: os.path.join(data_path, name) for key, name in FILES.items()}
         self.train_images = _images(path["train_images"])[VALIDATION_SIZE:]
         self.train_labels = _labels(path["train_labels"])[VALIDATION_SIZE:]
@@ -69,7 +92,7 @@ class MNISTData:
 
 def epoch_order(num_examples, seed, epoch):
     """The shuffled order of one epoch: a function of the seed and the epoch alone."""
-    return np.random.default_rng([seed, DATA_ORDER_STREAM, epoch]).permutation(num_examples)
+    return seeds.generator(seed, seeds.DATA_ORDER, epoch).permutation(num_examples)
 
 
 def batch_indices(step, batch_size, num_examples, seed):

@@ -2,7 +2,8 @@
 
 It is the convolutional network of the TensorFlow "Deep MNIST" tutorial: input [None, 784] in
 [0, 1], weights drawn from a normal truncated at 2 sigma (stddev 0.1), biases 0.1.
-Running this file prints the Keras summary (3,274,634 parameters).
+`from model import Model; model = Model()` works as with the original (a Keras model mapping
+flat images to logits). Running this file prints the Keras summary (3,274,634 parameters).
 """
 
 import os
@@ -13,7 +14,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import keras
 from keras import layers
 
-from common.layers import Conv2D, Dense
+from common import devices
+from common.layers import layer_classes
 
 # The released TF1 checkpoints hold unnamed variables, in the order the original created them.
 TF1_VARIABLES = {
@@ -28,22 +30,26 @@ TF1_VARIABLES = {
 }
 
 
-def create_model():
-    """The original network as a Keras model mapping flat images to logits."""
-    weights = {
-        "kernel_initializer": keras.initializers.TruncatedNormal(stddev=0.1),
-        "bias_initializer": keras.initializers.Constant(0.1),
-    }
-    images = keras.Input((784,), name="x_input")
-    x = layers.Reshape((28, 28, 1), name="x_image")(images)
-    x = Conv2D(32, 5, padding="same", activation="relu", name="conv1", **weights)(x)
-    x = layers.MaxPooling2D(2, padding="same", name="pool1")(x)
-    x = Conv2D(64, 5, padding="same", activation="relu", name="conv2", **weights)(x)
-    x = layers.MaxPooling2D(2, padding="same", name="pool2")(x)
-    x = layers.Flatten(name="flatten")(x)
-    x = Dense(1024, activation="relu", name="fc1", **weights)(x)
-    logits = Dense(10, name="fc2", dtype="float32", **weights)(x)
-    return keras.Model(images, logits, name="mnist_challenge_model")
+class Model(keras.Model):
+    """The original network. `on_cpu` picks the CPU-tuned layers (common/layers.py); by default
+    they are used where no GPU is visible."""
+
+    def __init__(self, on_cpu=None):
+        Conv2D, Dense = layer_classes(devices.runs_on_cpu() if on_cpu is None else on_cpu)
+        weights = {
+            "kernel_initializer": keras.initializers.TruncatedNormal(stddev=0.1),
+            "bias_initializer": keras.initializers.Constant(0.1),
+        }
+        images = keras.Input((784,), name="x_input")
+        x = layers.Reshape((28, 28, 1), name="x_image")(images)
+        x = Conv2D(32, 5, padding="same", activation="relu", name="conv1", **weights)(x)
+        x = layers.MaxPooling2D(2, padding="same", name="pool1")(x)
+        x = Conv2D(64, 5, padding="same", activation="relu", name="conv2", **weights)(x)
+        x = layers.MaxPooling2D(2, padding="same", name="pool2")(x)
+        x = layers.Flatten(name="flatten")(x)
+        x = Dense(1024, activation="relu", name="fc1", **weights)(x)
+        logits = Dense(10, name="fc2", dtype="float32", **weights)(x)
+        super().__init__(images, logits, name="mnist_challenge_model")
 
 
 def tf1_variables(model):
@@ -53,4 +59,7 @@ def tf1_variables(model):
 
 
 if __name__ == "__main__":
-    create_model().summary()
+    from common import scripts
+    from mnist_challenge.challenge import MNIST
+
+    scripts.summary(MNIST)

@@ -14,14 +14,14 @@ from common.errors import UserError
 
 @pytest.fixture(scope="module")
 def expected():
-    from conftest import shared_path
+    from helpers import shared_path
     return np.load(shared_path("fixtures", "tf1_checkpoints", "cifar10_simple", "expected.npz"))
 
 
 @pytest.fixture(scope="module")
 def model():
-    from conftest import shared_path
-    model = cifar_model.create_model(cifar_model.SIMPLE_FILTERS)
+    from helpers import shared_path
+    model = cifar_model.Model("eval", cifar_model.SIMPLE_FILTERS)
     folder = shared_path("fixtures", "tf1_checkpoints", "cifar10_simple")
     checkpoints.load_weights(model, checkpoints.latest_checkpoint(folder),
                              cifar_model.tf1_variables)
@@ -31,7 +31,7 @@ def model():
 @pytest.mark.parametrize("filters, count", [(cifar_model.WIDE_FILTERS, 45_901_914),
                                             (cifar_model.SIMPLE_FILTERS, 464_154)])
 def test_trainable_parameter_counts(filters, count):
-    model = cifar_model.create_model(filters)
+    model = cifar_model.Model("eval", filters)
     assert sum(int(np.prod(v.shape)) for v in model.trainable_variables) == count
 
 
@@ -39,7 +39,7 @@ def test_every_tf1_variable_is_mapped(cifar_fixture):
     reader = tf.train.load_checkpoint(os.path.join(cifar_fixture, "checkpoint-30"))
     names = {name for name in reader.get_variable_to_shape_map()
              if not name.endswith("/Momentum") and name != "global_step"}
-    model = cifar_model.create_model(cifar_model.SIMPLE_FILTERS)
+    model = cifar_model.Model("eval", cifar_model.SIMPLE_FILTERS)
     assert set(cifar_model.tf1_variables(model)) == names
 
 
@@ -70,7 +70,7 @@ def test_attack_matches_the_original_run(model, expected):
 
 
 def test_a_checkpoint_of_other_widths_is_a_clear_error(cifar_fixture):
-    wide = cifar_model.create_model(cifar_model.WIDE_FILTERS)
+    wide = cifar_model.Model("eval", cifar_model.WIDE_FILTERS)
     with pytest.raises(UserError, match="unit_1_0/sub1/conv1/DW' has shape .*16, 16.* needs "):
         checkpoints.load_weights(wide, os.path.join(cifar_fixture, "checkpoint-30"),
                                  cifar_model.tf1_variables)

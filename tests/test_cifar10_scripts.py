@@ -4,9 +4,11 @@ import os
 
 import numpy as np
 import pytest
-from conftest import REPO, run_script, writable_copy
+from helpers import REPO, run_script, writable_copy
 
 from cifar10_challenge import cifar10_input
+
+pytestmark = pytest.mark.slow
 
 SIMPLE = "--filters=[16,16,32,64]"
 

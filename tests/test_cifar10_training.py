@@ -5,21 +5,26 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_script
+from helpers import run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cifar10_challenge import cifar10_input
 from cifar10_challenge import model as cifar_model
-from cifar10_challenge.train import learning_rate_schedule, original_loss
-from common import pgd, training
+from common import losses, pgd, training
 from common.batch_norm import BatchNorm
 from common.momentum import TF1Momentum
+from common.schedules import piecewise_constant
 
 SCHEDULE = [[0, 0.1], [40000, 0.01], [60000, 0.001]]
 
 
+def original_loss(weight_decay, global_batch_size, num_replicas):
+    return losses.xent_with_weight_decay(weight_decay, global_batch_size, num_replicas,
+                                         cifar_model.decayed_kernels)
+
+
 def test_learning_rate_keeps_the_old_value_at_a_boundary():
-    schedule = learning_rate_schedule(SCHEDULE)
+    schedule = piecewise_constant(SCHEDULE)
     rates = {step: float(schedule(step)) for step in (0, 40000, 40001, 60000, 60001, 79999)}
     assert rates == pytest.approx({0: 0.1, 40000: 0.1, 40001: 0.01, 60000: 0.01,
                                    60001: 0.001, 79999: 0.001})
@@ -27,7 +32,7 @@ def test_learning_rate_keeps_the_old_value_at_a_boundary():
 
 def test_weight_decay_covers_only_the_kernels():
     keras.utils.set_random_seed(0)
-    model = cifar_model.create_model(cifar_model.SIMPLE_FILTERS)
+    model = cifar_model.Model("eval", cifar_model.SIMPLE_FILTERS)
     names = {variable.path for variable in cifar_model.decayed_kernels(model)}
     assert len(names) == 1 + 3 * 5 * 2 + 1
     assert all(name.endswith("/kernel") for name in names)
@@ -83,16 +88,18 @@ def test_synchronized_batch_norm_uses_the_global_batch(two_replicas):
 
 def one_step(strategy, batch, initial_weights):
     with strategy.scope():
-        model = cifar_model.create_model(cifar_model.SIMPLE_FILTERS)
+        model = cifar_model.Model("eval", cifar_model.SIMPLE_FILTERS)
         model.set_weights(initial_weights)
         optimizer = TF1Momentum(0.1, momentum=0.9)
     attack = pgd.LinfPGDAttack(model, 8.0, 2, 2.0, True, "xent", pixel_range=(0.0, 255.0))
     loss = original_loss(2e-4, len(batch[0]), strategy.num_replicas_in_sync)
-    step = training.TrainStep(strategy, model, optimizer, attack, loss, attack_training=False)
+    step = training.TrainStep(strategy, model, optimizer, attack.settings, loss,
+                              attack_training=False)
     metrics, _ = step(*batch, report=True)
     return model.get_weights(), {name: value.numpy() for name, value in metrics.items()}
 
 
+@pytest.mark.slow
 def test_two_replicas_take_the_same_step_as_one_device(cifar_data, two_replicas):
     """Synchronized batch norm in the training forward passes (moving averages included) and
     weight decay once per step. The attack runs in evaluation mode here: in training mode its
@@ -100,9 +107,10 @@ def test_two_replicas_take_the_same_step_as_one_device(cifar_data, two_replicas)
     round-off of zero (1 pixel after 1 step) spreads over the batch in later steps."""
     cifar = cifar10_input.CIFAR10Data(cifar_data)
     x, y = cifar10_input.training_batch(cifar, 0, 16, seed=4)
-    batch = (x, y, training.start_noise(4, 0, x.shape, 8.0))
+    settings = pgd.AttackSettings(8.0, 2, 2.0, True, "xent", (0.0, 255.0))
+    batch = (x, y, training.training_start(x, settings, 4, 0))
     keras.utils.set_random_seed(5)
-    initial = cifar_model.create_model(cifar_model.SIMPLE_FILTERS).get_weights()
+    initial = cifar_model.Model("eval", cifar_model.SIMPLE_FILTERS).get_weights()
     weights_two, metrics_two = one_step(two_replicas, batch, initial)
     weights_one, metrics_one = one_step(tf.distribute.OneDeviceStrategy("/cpu:0"), batch,
                                         initial)
@@ -115,6 +123,7 @@ def test_two_replicas_take_the_same_step_as_one_device(cifar_data, two_replicas)
     assert moved == len(initial), "weights and batch-norm moving averages all changed"
 
 
+@pytest.mark.slow
 def test_a_short_real_run_lowers_the_loss(tmp_path, cifar_data):
     model_dir = tmp_path / "run"
     result = run_script("cifar10_challenge/train.py", f"--model_dir={model_dir}",

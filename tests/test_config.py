@@ -4,7 +4,7 @@ import json
 
 import pytest
 from absl import flags
-from conftest import REPO, run_script
+from helpers import REPO, run_script
 
 from common import config as config_lib
 from common.errors import UserError
@@ -78,6 +78,7 @@ def test_unreadable_config_is_refused(flag_values, tmp_path):
         flag_values(f"--config={tmp_path / 'missing.json'}")
 
 
+@pytest.mark.slow
 def test_scripts_refuse_a_bad_value_in_one_line_before_any_work(tmp_path):
     result = run_script("mnist_challenge/train.py", "--epsilon=-1", f"--model_dir={tmp_path}/m")
     assert result.returncode == 1
@@ -87,6 +88,7 @@ def test_scripts_refuse_a_bad_value_in_one_line_before_any_work(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow
 def test_scripts_refuse_an_unknown_flag(tmp_path):
     result = run_script("mnist_challenge/eval.py", "--learning_rate=3")
     assert result.returncode != 0

@@ -19,7 +19,7 @@ def test_each_replica_takes_a_consecutive_slice(two_replicas):
 
 def fixture_model(folder, strategy):
     with strategy.scope():
-        model = mnist_model.create_model()
+        model = mnist_model.Model()
     checkpoints.load_latest_weights(model, folder, mnist_model.tf1_variables)
     return model
 

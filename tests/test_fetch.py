@@ -1,65 +1,18 @@
 """fetch_model against zips built here and served on 127.0.0.1: the original's lines, digests,
 unsafe archives refused whole, and interrupted or killed downloads leaving nothing behind."""
 
-import http.server
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 
 import pytest
-from absl import flags
-from conftest import REPO
+from helpers import REPO, assert_one_error_line, script_environment
 
 from common import download, fetch
 from common.errors import UserError
-from mnist_challenge import fetch_model as mnist_fetch_model
-
-SLOW_BODY_BYTES = 1 << 20
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves the folder `served`; `/cut/NAME` sends half of NAME then closes, `/slow/NAME`
-    sends a little of a large body then stalls."""
-
-    def do_GET(self):
-        if self.path.startswith("/cut/"):
-            body = (self.server.served / self.path[len("/cut/"):]).read_bytes()
-            self._send_part(len(body), body[: len(body) // 2])
-        elif self.path.startswith("/slow/"):
-            self._send_part(SLOW_BODY_BYTES, b"PK" * 1000)
-            time.sleep(30)
-        else:
-            super().do_GET()
-
-    def _send_part(self, length, part):
-        self.send_response(200)
-        self.send_header("Content-Length", str(length))
-        self.end_headers()
-        self.wfile.write(part)
-        self.wfile.flush()
-
-    def translate_path(self, path):
-        return str(self.server.served / path.lstrip("/"))
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def zip_server(tmp_path):
-    """Serves tmp_path/served over HTTP on 127.0.0.1; yields (folder, base URL)."""
-    served = tmp_path / "served"
-    served.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.served = served
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield served, f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
 
 
 def _model_zip(served, mnist_fixture, name="natural.zip"):
@@ -81,9 +34,9 @@ def _leftovers(destination):
     return sorted(name for name in os.listdir(destination) if name != "natural.zip")
 
 
-def test_downloads_prints_the_original_lines_and_unzips(zip_server, tmp_path, mnist_fixture,
+def test_downloads_prints_the_original_lines_and_unzips(file_server, tmp_path, mnist_fixture,
                                                         capsys):
-    served, url = zip_server
+    served, url = file_server
     digest = download.sha256_of(_model_zip(served, mnist_fixture))
     destination = tmp_path / "challenge"
     _fetch(url + "natural.zip", destination, expected=digest.upper())
@@ -100,26 +53,45 @@ def test_downloads_prints_the_original_lines_and_unzips(zip_server, tmp_path, mn
     ({"natural": "00"}, None, "the published one is 00; removed it"),
     ({}, "ab", "the one given by --sha256 is ab; removed it"),
 ])
-def test_a_digest_mismatch_is_refused_and_removed(zip_server, tmp_path, mnist_fixture, digests,
+def test_a_digest_mismatch_is_refused_and_removed(file_server, tmp_path, mnist_fixture, digests,
                                                   expected, message):
-    served, url = zip_server
+    served, url = file_server
     _model_zip(served, mnist_fixture)
     with pytest.raises(UserError, match=message):
         _fetch(url + "natural.zip", tmp_path, digests, expected)
     assert os.listdir(tmp_path) == ["served"]
 
 
-def test_the_sha256_flag_reaches_the_check(zip_server, tmp_path, mnist_fixture, monkeypatch):
-    served, url = zip_server
+# fetch_model.py of the MNIST challenge, with the released models' address replaced.
+FETCH_FROM = ("import dataclasses, sys; sys.path.insert(0, sys.argv[1]); "
+              "from common import scripts; from mnist_challenge.challenge import MNIST; "
+              "url, folder = sys.argv[2:4]; sys.argv = ['fetch_model.py', *sys.argv[4:]]; "
+              "scripts.fetch_model(dataclasses.replace(MNIST, folder=folder, "
+              "model_urls={'natural': url}))")
+
+
+def fetch_script(url, destination, *args):
+    return subprocess.run([sys.executable, "-c", FETCH_FROM, REPO, url, str(destination), *args],
+                          capture_output=True, text=True, timeout=300,
+                          env=script_environment())
+
+
+@pytest.mark.slow
+def test_the_sha256_flag_reaches_the_check(file_server, tmp_path, mnist_fixture):
+    served, url = file_server
     _model_zip(served, mnist_fixture)
-    monkeypatch.setattr(mnist_fetch_model, "URLS", {"natural": url + "natural.zip"})
-    monkeypatch.setattr(mnist_fetch_model, "__file__", str(tmp_path / "fetch_model.py"))
-    flags.FLAGS(["fetch_model.py", "--sha256=feed"])
-    try:
-        with pytest.raises(UserError, match="the one given by --sha256 is feed"):
-            mnist_fetch_model.main(["fetch_model.py", "natural"])
-    finally:
-        flags.FLAGS.unparse_flags()
+    destination = tmp_path / "challenge"
+    other = "f" * 64
+    result = fetch_script(url + "natural.zip", destination, "natural", f"--sha256={other}")
+    assert_one_error_line(result, f"the one given by --sha256 is {other}; removed it")
+    assert _leftovers(destination) == []
+    result = fetch_script(url + "natural.zip", destination, "natural", "--sha256=feed")
+    assert_one_error_line(result, "--sha256 must be 64 hexadecimal digits")
+    digest = download.sha256_of(served / "natural.zip")
+    result = fetch_script(url + "natural.zip", destination, "natural", f"--sha256={digest}")
+    assert result.returncode == 0, result.stderr
+    assert f"SHA256 hash: {digest}" in result.stdout
+    assert _leftovers(destination) == ["models"]
 
 
 def _symlink_entry(archive):
@@ -136,8 +108,8 @@ def _symlink_entry(archive):
     (lambda archive: archive.writestr("models/natural/bomb", b"\0" * (60 << 20)),
      "refusing the archive: its"),
 ])
-def test_unsafe_archives_are_refused_whole(zip_server, tmp_path, add_entries, message):
-    served, url = zip_server
+def test_unsafe_archives_are_refused_whole(file_server, tmp_path, add_entries, message):
+    served, url = file_server
     with zipfile.ZipFile(served / "natural.zip", "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("models/natural/checkpoint-1.index", "first, a harmless entry")
         add_entries(archive)
@@ -148,16 +120,16 @@ def test_unsafe_archives_are_refused_whole(zip_server, tmp_path, add_entries, me
     assert not (tmp_path / "escaped.txt").exists()
 
 
-def test_a_file_that_is_not_a_zip_is_refused(zip_server, tmp_path):
-    served, url = zip_server
+def test_a_file_that_is_not_a_zip_is_refused(file_server, tmp_path):
+    served, url = file_server
     (served / "natural.zip").write_text("<html>rate limited</html>")
     with pytest.raises(UserError, match="is not a valid zip file of a model"):
         _fetch(url + "natural.zip", tmp_path / "challenge")
     assert _leftovers(tmp_path / "challenge") == []
 
 
-def test_a_download_cut_short_leaves_nothing(zip_server, tmp_path, mnist_fixture):
-    served, url = zip_server
+def test_a_download_cut_short_leaves_nothing(file_server, tmp_path, mnist_fixture):
+    served, url = file_server
     _model_zip(served, mnist_fixture)
     destination = tmp_path / "challenge"
     with pytest.raises(UserError, match="cannot download .*natural.zip"):
@@ -165,8 +137,9 @@ def test_a_download_cut_short_leaves_nothing(zip_server, tmp_path, mnist_fixture
     assert os.listdir(destination) == []
 
 
-def test_a_killed_download_leaves_nothing_a_later_run_could_use(zip_server, tmp_path):
-    _, url = zip_server
+@pytest.mark.slow
+def test_a_killed_download_leaves_nothing_a_later_run_could_use(file_server, tmp_path):
+    _, url = file_server
     destination = tmp_path / "challenge"
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from common import fetch; "
             "fetch.fetch_model(['fetch_model.py', 'natural'], {'natural': sys.argv[2]}, {}, "

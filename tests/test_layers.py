@@ -1,11 +1,15 @@
-"""common.layers' Conv2D and Dense compute what Keras' own layers compute, gradients included."""
+"""common.layers' Conv2D and Dense compute what Keras' own layers compute, gradients included,
+and a model gets them only where it runs on CPUs."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from common.layers import Conv2D, Dense
+from cifar10_challenge import model as cifar_model
+from common import devices
+from common.layers import Conv2D, Dense, layer_classes
+from mnist_challenge import model as mnist_model
 
 
 def _values_and_gradients(layer, x):
@@ -39,3 +43,40 @@ def test_dense_values_and_gradients_equal_keras():
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(5, 7)).astype(np.float32))
     _assert_same_as_keras(Dense(3, activation="relu"), keras.layers.Dense(3, activation="relu"), x)
+
+
+def _logits_and_input_gradient(model, x, y):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        logits = model(x, training=False)
+        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+    return logits.numpy(), tape.gradient(loss, x).numpy()
+
+
+@pytest.mark.parametrize("build, shape", [
+    (lambda on_cpu: mnist_model.Model(on_cpu), (16, 784)),
+    (lambda on_cpu: cifar_model.Model("eval", cifar_model.SIMPLE_FILTERS, on_cpu), (8, 32, 32, 3)),
+])
+def test_both_layer_paths_give_the_same_logits_and_input_gradients(build, shape):
+    """The CPU-tuned layers (used where the model runs on CPUs) and Keras' own (GPUs)."""
+    keras.utils.set_random_seed(1)
+    tuned, plain = build(True), build(False)
+    plain.set_weights(tuned.get_weights())
+    assert any(type(layer) is Conv2D for layer in tuned.layers)
+    assert not any(type(layer) in (Conv2D, Dense) for layer in plain.layers)
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.uniform(0, 1 if len(shape) == 2 else 255, shape).astype(np.float32))
+    y = tf.constant(rng.integers(0, 10, shape[0]))
+    (tuned_logits, tuned_gradient), (logits, gradient) = (
+        _logits_and_input_gradient(model, x, y) for model in (tuned, plain))
+    np.testing.assert_allclose(tuned_logits, logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tuned_gradient, gradient, rtol=0,
+                               atol=1e-5 * np.abs(gradient).max())
+
+
+def test_the_devices_decide_which_layers_a_model_gets(two_replicas):
+    assert devices.runs_on_cpu(two_replicas)
+    assert devices.runs_on_cpu(tf.distribute.OneDeviceStrategy("/cpu:0"))
+    assert devices.runs_on_cpu() == (not tf.config.list_logical_devices("GPU"))
+    assert layer_classes(True) == (Conv2D, Dense)
+    assert layer_classes(False) == (keras.layers.Conv2D, keras.layers.Dense)

@@ -40,16 +40,6 @@ def test_batches_cover_each_epoch_once_and_cross_epoch_ends():
                               mnist_input.epoch_order(num_examples, seed, 1))
 
 
-def test_missing_files_and_no_network_name_the_folder_and_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(mnist_input, "SOURCE_URL", "http://127.0.0.1:9/")
-    with pytest.raises(UserError) as error:
-        mnist_input.MNISTData(str(tmp_path))
-    message = str(error.value)
-    assert str(tmp_path) in message and "download failed" in message
-    for name in mnist_input.FILES.values():
-        assert name in message
-
-
 def test_truncated_file_is_named(mnist_data, tmp_path):
     for name in mnist_input.FILES.values():
         shutil.copy(os.path.join(mnist_data, name), tmp_path)

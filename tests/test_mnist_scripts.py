@@ -4,7 +4,9 @@ import os
 
 import numpy as np
 import pytest
-from conftest import REPO, PicklePayload, run_script, writable_copy
+from helpers import REPO, PicklePayload, run_script, writable_copy
+
+pytestmark = pytest.mark.slow
 
 EPSILON = 0.3
 

@@ -8,12 +8,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_script
+from helpers import run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from common import pgd, training
+from common.losses import summed_xent
 from mnist_challenge import model as mnist_model
-from mnist_challenge.train import summed_xent
 
 SMALL_ATTACK = ("--epsilon=0.1", "--k=3", "--a=0.04")
 
@@ -31,6 +31,7 @@ def train(model_dir, mnist_data, *args):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_a_short_real_run_raises_adversarial_accuracy(tmp_path, mnist_data):
     model_dir = str(tmp_path / "run")
     out = train(model_dir, mnist_data, "--max_num_training_steps=150", "--num_output_steps=50",
@@ -63,6 +64,7 @@ def checkpoint_values(path):
             if not name.startswith(("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"))}
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_same_sequence(tmp_path, mnist_data):
     cadence = ("--num_checkpoint_steps=2", "--num_output_steps=2")
     whole, parts = tmp_path / "whole", tmp_path / "parts"
@@ -80,6 +82,7 @@ def test_a_resumed_run_continues_the_same_sequence(tmp_path, mnist_data):
     assert "Step " not in rerun
 
 
+@pytest.mark.slow
 def test_training_refuses_a_tf1_checkpoint_folder(tmp_path, mnist_data, mnist_fixture):
     result = run_script("mnist_challenge/train.py", f"--model_dir={mnist_fixture}",
                         f"--data_path={mnist_data}", "--max_num_training_steps=1")
@@ -89,11 +92,11 @@ def test_training_refuses_a_tf1_checkpoint_folder(tmp_path, mnist_data, mnist_fi
 
 def one_step(strategy, batch, initial_weights):
     with strategy.scope():
-        model = mnist_model.create_model()
+        model = mnist_model.Model()
         model.set_weights(initial_weights)
         optimizer = keras.optimizers.Adam(learning_rate=1e-4, epsilon=1e-8)
     attack = pgd.LinfPGDAttack(model, 0.3, 10, 0.01, True, "xent")
-    step = training.TrainStep(strategy, model, optimizer, attack, summed_xent)
+    step = training.TrainStep(strategy, model, optimizer, attack.settings, summed_xent)
     metrics, _ = step(*batch, report=True)
     return model.get_weights(), {name: value.numpy() for name, value in metrics.items()}
 
@@ -103,9 +106,10 @@ def test_two_replicas_take_the_same_step_as_one_device(mnist_data, two_replicas)
     mnist = mnist_input.MNISTData(mnist_data)
     indices = mnist_input.batch_indices(0, 50, len(mnist.train_labels), seed=1)
     batch = (mnist.train_images[indices], mnist.train_labels[indices],
-             training.start_noise(1, 0, (50, 784), 0.3))
+             training.training_start(mnist.train_images[indices],
+                                     pgd.AttackSettings(0.3, 10, 0.01, True), 1, 0))
     keras.utils.set_random_seed(3)
-    initial = mnist_model.create_model().get_weights()
+    initial = mnist_model.Model().get_weights()
     assert two_replicas.num_replicas_in_sync == 2
     weights_two, metrics_two = one_step(two_replicas, batch, initial)
     weights_one, metrics_one = one_step(tf.distribute.OneDeviceStrategy("/cpu:0"), batch,
@@ -122,9 +126,9 @@ def test_an_uneven_split_is_refused(two_replicas):
     from common.errors import UserError
     two = two_replicas
     with two.scope():
-        model = mnist_model.create_model()
+        model = mnist_model.Model()
         optimizer = keras.optimizers.Adam()
     step = training.TrainStep(two, model, optimizer,
-                              pgd.LinfPGDAttack(model, 0.3, 1, 0.01, True, "xent"), summed_xent)
+                              pgd.AttackSettings(0.3, 1, 0.01, True), summed_xent)
     with pytest.raises(UserError, match="training_batch_size 5 does not split over 2 replicas"):
         step(np.zeros((5, 784), np.float32), np.zeros(5, np.int64), np.zeros((5, 784)))

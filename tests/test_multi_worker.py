@@ -8,14 +8,12 @@ spreads any flipped sign over the whole batch.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, shared_path
-from test_mnist_training import checkpoint_values
+from helpers import REPO, checkpoint_values, free_port, script_environment, shared_path
 
 # The reference: train.py in one process whose strategy mirrors over two logical CPUs.
 TWO_DEVICES = """
@@ -24,45 +22,45 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 sys.path.insert(0, sys.argv[1])
-from common import training
-training.make_strategy = lambda: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+from common import devices
+devices.training_strategy = lambda: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 sys.argv = sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for each in sockets:
-        each.bind(("127.0.0.1", 0))
-    ports = [each.getsockname()[1] for each in sockets]
-    for each in sockets:
-        each.close()
-    return ports
+# What a worker prints when the port it was given was taken in the meantime.
+PORT_TAKEN = ("Address already in use", "Could not start gRPC server")
+ATTEMPTS = 3
+
+pytestmark = pytest.mark.slow
 
 
-def environment(tf_config=None):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("TF_CONFIG", None)
-    if tf_config is not None:
-        env["TF_CONFIG"] = json.dumps(tf_config)
-    return env
-
-
-def run_cluster(script, args):
-    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+def run_workers(script, args):
+    """Runs the 2-worker cluster once; returns (returncode, stdout, stderr) of each worker."""
+    workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     processes = [subprocess.Popen(
         [sys.executable, os.path.join(REPO, script), *args],
-        env=environment({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}),
+        env=script_environment(TF_CONFIG=json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
-        results = [process.communicate(timeout=400) for process in processes]
+        return [(process, *process.communicate(timeout=400)) for process in processes]
     finally:
         for process in processes:
             process.kill()
-    for process, (_, err) in zip(processes, results):
+
+
+def run_cluster(script, args):
+    """The workers' outputs; ports are picked free, and picked again where one was taken
+    between the pick and the worker's start."""
+    for _ in range(ATTEMPTS):
+        results = run_workers(script, args)
+        if not any(taken in err for _, _, err in results for taken in PORT_TAKEN):
+            break
+    for process, _, err in results:
         assert process.returncode == 0, err
-    return [out for out, _ in results]
+    return [out for _, out, _ in results]
 
 
 def written(model_dir):
@@ -88,7 +86,7 @@ def test_two_workers_equal_one_process_over_two_devices(tmp_path, script, data, 
     single = subprocess.run(
         [sys.executable, "-c", TWO_DEVICES, REPO, os.path.join(REPO, script),
          f"--model_dir={single_dir}", *common],
-        env=environment(), capture_output=True, text=True, timeout=400)
+        env=script_environment(), capture_output=True, text=True, timeout=400)
     assert single.returncode == 0, single.stderr
     assert "Step 0:" in chief_out and worker_out == ""
     checkpoint_files = sorted(f"checkpoint-{step}.{suffix}" for step in {*range(0, steps, 2), steps}

@@ -1,4 +1,5 @@
-"""The PGD engine: the epsilon ball, the pixel range, the losses, restarts and reproducibility."""
+"""The PGD engine: the epsilon ball, the pixel range, the losses, the random start, restarts,
+reproducibility, and the unrolled loop of training mode against the graph loop."""
 
 import keras
 import numpy as np
@@ -15,9 +16,38 @@ def tiny_model(input_size=12, classes=3):
     return keras.Model(inputs, keras.layers.Dense(classes)(hidden))
 
 
-def test_unknown_loss_is_rejected():
+def test_unknown_loss_and_zero_restarts_are_rejected():
     with pytest.raises(ValueError, match="unknown loss_func 'hinge'"):
         pgd.LinfPGDAttack(tiny_model(), 0.3, 5, 0.1, True, "hinge")
+    with pytest.raises(ValueError, match="restarts must be at least 1, got 0"):
+        pgd.LinfPGDAttack(tiny_model(), 0.3, 5, 0.1, True, "xent", restarts=0)
+
+
+def test_an_original_style_session_argument_is_a_clear_error():
+    attack = pgd.LinfPGDAttack(tiny_model(), 0.3, 1, 0.1, True, "xent")
+    with pytest.raises(TypeError, match=r"takes no session.*perturb\(x_nat, y, start=\.\.\.\)"):
+        attack.perturb(np.zeros((2, 12), np.float32), np.zeros(2), object())
+
+
+def test_settings_keep_the_original_attribute_names():
+    attack = pgd.LinfPGDAttack(tiny_model(), 8, 7, 2, 1, "cw", pixel_range=(0, 255))
+    assert (attack.epsilon, attack.k, attack.a, attack.rand, attack.loss_func) == \
+        (8.0, 7, 2.0, True, "cw")
+    assert attack.settings == pgd.AttackSettings(8.0, 7, 2.0, True, "cw", (0.0, 255.0))
+    again = pgd.LinfPGDAttack.from_settings(tiny_model(), attack.settings)
+    assert again.settings == attack.settings
+
+
+def test_random_start_is_uniform_in_the_ball_and_clipped():
+    settings = pgd.AttackSettings(0.3, 1, 0.1, True, "xent", (0.0, 1.0))
+    x_nat = np.full((2000, 12), 0.9, np.float32)
+    start = pgd.start_point(x_nat, settings, np.random.default_rng(0))
+    assert start.dtype == np.float64
+    noise = np.random.default_rng(0).uniform(-0.3, 0.3, x_nat.shape)
+    np.testing.assert_array_equal(start, np.minimum(np.float64(np.float32(0.9)) + noise, 1.0))
+    assert abs(np.mean(start == 1.0) - 0.2 / 0.6) < 0.02
+    fixed = pgd.start_point(x_nat, pgd.AttackSettings(0.3, 1, 0.1, False), None)
+    np.testing.assert_array_equal(fixed, x_nat.astype(np.float64))
 
 
 def test_cw_loss_is_the_original_margin():
@@ -79,3 +109,19 @@ def test_restarts_keep_the_strongest_start_per_example():
     kept_first = ~wrong_one & ~wrong_many
     assert np.all(loss_many[kept_first] >= loss_one[kept_first])
     assert wrong_many.sum() > wrong_one.sum() or np.any(loss_many > loss_one)
+
+
+def test_the_unrolled_loop_of_training_mode_equals_the_graph_loop():
+    """Training mode unrolls the steps in Python (batch norm cannot update inside a graph loop);
+    on a model without batch norm both loops take the same steps."""
+    rng = np.random.default_rng(5)
+    model = tiny_model()
+    x_nat = rng.uniform(0, 1, (40, 12)).astype(np.float32)
+    y = rng.integers(0, 3, 40)
+    settings = pgd.AttackSettings(0.2, 6, 0.03, True, "xent")
+    start = pgd.start_point(x_nat, settings, np.random.default_rng(1))
+    results = [tf.function(lambda x, labels, x0, training=training: pgd.pgd_steps(
+        model, x, labels, x0, settings, training=training))(x_nat, y, start).numpy()
+        for training in (False, True)]
+    np.testing.assert_array_equal(results[0], results[1])
+    assert np.abs(results[0] - start).max() > 0.05

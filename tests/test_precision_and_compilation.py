@@ -10,11 +10,12 @@ import tensorflow as tf
 from cifar10_challenge import cifar10_input
 from cifar10_challenge import model as cifar_model
 from common import checkpoints, evaluation, pgd, precision, training
+from common.losses import summed_xent
 from mnist_challenge import mnist_input
 from mnist_challenge import model as mnist_model
-from mnist_challenge.train import summed_xent
 
 SIMPLE_FILTERS = [16, 16, 32, 64]
+LEARNING_RATE = 1e-4
 
 
 @pytest.fixture
@@ -26,9 +27,9 @@ def policy():
 
 def fixture_model(challenge, folder):
     if challenge == "mnist":
-        model, variables = mnist_model.create_model(), mnist_model.tf1_variables
+        model, variables = mnist_model.Model(), mnist_model.tf1_variables
     else:
-        model, variables = cifar_model.create_model(SIMPLE_FILTERS), cifar_model.tf1_variables
+        model, variables = cifar_model.Model("eval", SIMPLE_FILTERS), cifar_model.tf1_variables
     checkpoints.load_latest_weights(model, folder, variables)
     return model
 
@@ -74,16 +75,17 @@ def test_mixed_precision_attacks_within_a_point_of_float32(challenge, mode, poli
 def test_float16_training_scales_its_loss(policy, mnist_data):
     policy("mixed_float16")
     data = mnist_input.MNISTData(mnist_data)
-    model = mnist_model.create_model()
+    model = mnist_model.Model()
     optimizer = precision.training_optimizer(keras.optimizers.Adam(1e-4, epsilon=1e-8))
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     attack = pgd.LinfPGDAttack(model, 0.3, 3, 0.1, True, "xent")
-    step = training.TrainStep(tf.distribute.get_strategy(), model, optimizer, attack, summed_xent)
+    step = training.TrainStep(tf.distribute.get_strategy(), model, optimizer, attack.settings,
+                              summed_xent)
     before = model.get_layer("fc1").kernel.numpy()
     initial_scale = float(optimizer.dynamic_scale.numpy())
     x, y = data.train_images[:50], data.train_labels[:50]
     for _ in range(10):
-        metrics, _ = step(x, y, np.zeros(x.shape), report=True)
+        metrics, _ = step(x, y, x.astype(np.float64), report=True)
     after = model.get_layer("fc1").kernel.numpy()
     assert after.dtype == np.float32 and np.all(np.isfinite(after))
     assert float(optimizer.dynamic_scale.numpy()) < initial_scale
@@ -99,22 +101,30 @@ def test_xla_attack_gives_the_same_result(mnist_data, mnist_fixture):
 
 
 def test_xla_training_step_gives_the_same_weights(mnist_data):
+    """Adam's first step moves each weight by the learning rate times the sign of its gradient,
+    so where a gradient is within round-off of zero the two compilations can move it in
+    opposite directions: 2 learning rates apart, on few weights."""
     data = mnist_input.MNISTData(mnist_data)
     x, y = data.train_images[:20], data.train_labels[:20]
-    noise = np.random.default_rng(0).uniform(-0.3, 0.3, x.shape)
-    initial = mnist_model.create_model().get_weights()
+    start = pgd.start_point(x, pgd.AttackSettings(0.3, 3, 0.1, True), np.random.default_rng(0))
+    keras.utils.set_random_seed(0)
+    initial = mnist_model.Model().get_weights()
     weights = []
     for jit_compile in (False, True):
-        model = mnist_model.create_model()
+        model = mnist_model.Model()
         model.set_weights(initial)
         attack = pgd.LinfPGDAttack(model, 0.3, 3, 0.1, True, "xent")
         step = training.TrainStep(tf.distribute.get_strategy(), model,
-                                  keras.optimizers.Adam(1e-4, epsilon=1e-8), attack,
-                                  summed_xent, jit_compile=jit_compile)
-        step(x, y, noise, report=False)
+                                  keras.optimizers.Adam(LEARNING_RATE, epsilon=1e-8),
+                                  attack.settings, summed_xent, jit_compile=jit_compile)
+        step(x, y, start, report=False)
         weights.append(model.get_weights())
+    equal = total = 0
     for compiled, plain in zip(weights[1], weights[0]):
-        np.testing.assert_allclose(compiled, plain, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(compiled, plain, rtol=0, atol=2 * LEARNING_RATE * 1.01)
+        equal += np.sum(np.isclose(compiled, plain, rtol=1e-4, atol=1e-6))
+        total += plain.size
+    assert equal / total > 0.99, equal / total  # measured: 99.4%
 
 
 def test_new_batch_sizes_and_checkpoints_reuse_the_traced_functions(mnist_data, mnist_fixture):
@@ -129,7 +139,9 @@ def test_new_batch_sizes_and_checkpoints_reuse_the_traced_functions(mnist_data, 
     scoring = evaluation.scoring_function(model, attack.strategy)
     assert scoring.function.experimental_get_tracing_count() == 1
     optimizer = keras.optimizers.Adam(1e-4, epsilon=1e-8)
-    step = training.TrainStep(tf.distribute.get_strategy(), model, optimizer, attack, summed_xent)
+    step = training.TrainStep(tf.distribute.get_strategy(), model, optimizer, attack.settings,
+                              summed_xent)
     for report in (True, False, True, False):
-        step(data.train_images[:10], data.train_labels[:10], np.zeros((10, 784)), report)
+        step(data.train_images[:10], data.train_labels[:10],
+             data.train_images[:10].astype(np.float64), report)
     assert step._step.experimental_get_tracing_count() == 2

@@ -5,7 +5,7 @@ import io
 
 import numpy as np
 import pytest
-from conftest import PicklePayload
+from helpers import PicklePayload
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -1,0 +1,40 @@
+"""The CIFAR-10 challenge, described once for the shared scripts in common/scripts.py."""
+
+import os
+
+from cifar10_challenge import cifar10_input, model
+from common import losses, schedules
+from common.challenge import Challenge
+from common.momentum import TF1Momentum
+
+MODELS_URL = "https://github.com/MadryProj/cifar10_challenge_models/raw/master/"
+
+
+def loss(config, num_replicas):
+    """Mean cross-entropy plus weight decay on the kernels named DW, as the original."""
+    return losses.xent_with_weight_decay(config["weight_decay"], config["training_batch_size"],
+                                         num_replicas, model.decayed_kernels)
+
+
+CIFAR10 = Challenge(
+    name="CIFAR-10",
+    folder=os.path.dirname(os.path.abspath(__file__)),
+    pixel_range=(0.0, 255.0),
+    image_shape=(32, 32, 3),
+    create_model=lambda config, on_cpu: model.Model("eval", config["filters"], on_cpu),
+    tf1_variables=model.tf1_variables,
+    load_data=cifar10_input.CIFAR10Data,
+    test_set=lambda data: (data.test_images.astype("float32"), data.test_labels),
+    training_batch=cifar10_input.training_batch,
+    attack_keys=("num_steps", "step_size"),
+    seed_keys=("tf_random_seed", "np_random_seed"),
+    loss=loss,
+    optimizer=lambda config: TF1Momentum(
+        schedules.piecewise_constant(config["step_size_schedule"]), config["momentum"]),
+    attack_training=lambda config: config["attack_batch_norm"] == "train",
+    submission_shape_text="(10000, 32, 32, 3)",
+    prediction_batch_size=100,
+    model_urls={name: f"{MODELS_URL}{name}.zip" for name in ("natural", "adv_trained", "secret")},
+    published_sha256={
+        "secret": "555be6e892372599380c9da5d5f9802f9cbd098be8a47d24d96937a002305fd4"},
+)

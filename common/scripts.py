@@ -1,0 +1,177 @@
+"""The scripts of a challenge, written once. Each challenge's `train.py`, `eval.py`,
+`pgd_attack.py`, `run_attack.py`, `fetch_model.py` and `model.py` hands its `Challenge` to the
+function of the same role here, which reads the config beside that script, flags included."""
+
+import keras
+import numpy as np
+from absl import flags
+
+from common import (
+    checkpoints,
+    cli,
+    devices,
+    evaluation,
+    fetch,
+    pgd,
+    precision,
+    submission,
+    training,
+)
+from common import config as config_lib
+
+FLAGS = flags.FLAGS
+
+
+def _config():
+    config = config_lib.load_config()
+    precision.set_precision(config)
+    return config
+
+
+def _model(challenge, config, strategy):
+    """The challenge's model under `strategy`, with the CPU-tuned layers where it runs on CPUs."""
+    with strategy.scope():
+        return challenge.create_model(config, devices.runs_on_cpu(strategy))
+
+
+def _restored_model(challenge, config, strategy, missing_message):
+    """The model with the newest weights of `model_dir`; UserError(missing_message) if none."""
+    model = _model(challenge, config, strategy)
+    checkpoints.require_latest_weights(model, config["model_dir"], challenge.tf1_variables,
+                                       missing_message)
+    return model
+
+
+def _test_set(challenge, config):
+    return challenge.test_set(challenge.load_data(config["data_path"]))
+
+
+def train(challenge):
+    """train.py: PGD adversarial training, resuming from the newest checkpoint of `model_dir`."""
+
+    def main(argv):
+        config = _config()
+        keras.utils.set_random_seed(challenge.weights_seed(config))
+        data = challenge.load_data(config["data_path"])
+        strategy = devices.training_strategy()
+        model = _model(challenge, config, strategy)
+        with strategy.scope():
+            optimizer = precision.training_optimizer(challenge.optimizer(config))
+        train_step = training.TrainStep(
+            strategy, model, optimizer, challenge.attack_settings(config),
+            challenge.loss(config, strategy.num_replicas_in_sync),
+            attack_training=challenge.attack_training(config), jit_compile=config["jit_compile"])
+        batch_size, seed = config["training_batch_size"], challenge.data_seed(config)
+        training.train(config, train_step,
+                       lambda step: challenge.training_batch(data, step, batch_size, seed), seed,
+                       challenge.summary_images)
+
+    cli.run(main, challenge.config_path)
+
+
+def evaluate(challenge):
+    """eval.py: evaluates each new checkpoint of `model_dir` (`--once`: the newest, then exits)."""
+    flags.DEFINE_boolean("once", False, "Evaluate the newest checkpoint and exit.")
+
+    def main(argv):
+        config = _config()
+        images, labels = _test_set(challenge, config)
+        strategy = devices.local_strategy(cpu_only=config["eval_on_cpu"])
+        model = _model(challenge, config, strategy)
+        with strategy.scope():
+            attack = pgd.LinfPGDAttack.from_settings(
+                model, challenge.attack_settings(config), seed=challenge.data_seed(config),
+                jit_compile=config["jit_compile"], strategy=strategy)
+            evaluation.eval_loop(
+                config["model_dir"],
+                lambda path: checkpoints.load_weights(model, path, challenge.tf1_variables),
+                lambda: evaluation.evaluate(model, attack, images, labels,
+                                            config["num_eval_examples"],
+                                            config["eval_batch_size"]),
+                once=FLAGS.once)
+
+    cli.run(main, challenge.config_path)
+
+
+def attack(challenge):
+    """pgd_attack.py: attacks the first `num_eval_examples` test images, stores them."""
+    flags.DEFINE_integer("restarts", 1, "Random restarts per example; the strongest one is kept.",
+                         lower_bound=1)
+
+    def main(argv):
+        config = _config()
+        strategy = devices.local_strategy()
+        model = _restored_model(challenge, config, strategy, "No model found")
+        attack = pgd.LinfPGDAttack.from_settings(
+            model, challenge.attack_settings(config), restarts=FLAGS.restarts,
+            seed=challenge.data_seed(config), jit_compile=config["jit_compile"],
+            strategy=strategy)
+        images, labels = _test_set(challenge, config)
+        x_adv = pgd.attack_test_set(attack, images, labels, config["num_eval_examples"],
+                                    config["eval_batch_size"])
+        pgd.store_attack(x_adv, config["store_adv_path"])
+
+    cli.run(main, challenge.config_path)
+
+
+def _score(challenge, config, model, strategy, x_adv_of):
+    """Checks the attack (`x_adv_of(test_images)` loads and checks it), prints the accuracy and
+    saves `pred.npy`; returns the accuracy."""
+    images, labels = _test_set(challenge, config)
+    x_adv = x_adv_of(images)
+    accuracy, predictions = submission.score(model, x_adv, labels,
+                                             challenge.prediction_batch_size, strategy)
+    submission.report_score(accuracy, predictions)
+    return accuracy
+
+
+def score(challenge):
+    """run_attack.py: checks the submission at `store_adv_path` and scores the model on it."""
+
+    def main(argv):
+        config = _config()
+        strategy = devices.local_strategy()
+        model = _restored_model(challenge, config, strategy, "No checkpoint found")
+        _score(challenge, config, model, strategy, lambda images: submission.load_and_check(
+            config["store_adv_path"], images, config["epsilon"], challenge.pixel_range,
+            challenge.submission_shape_text))
+
+    cli.run(main, challenge.config_path)
+
+
+def run_attack_function(challenge):
+    """The original run_attack.py's `run_attack(checkpoint, x_adv, epsilon)` for `challenge`."""
+
+    def run_attack(checkpoint, x_adv, epsilon):
+        """Checks the array `x_adv` against the test set (from the `data_path` of the
+        challenge's config.json), scores the model of `checkpoint` on it, prints the accuracy
+        and saves `pred.npy`. Returns the accuracy; raises UserError for an invalid attack."""
+        return _run_attack(challenge, checkpoint, x_adv, epsilon)
+
+    return run_attack
+
+
+def _run_attack(challenge, checkpoint, x_adv, epsilon):
+    config = config_lib.default_config(challenge.config_path)
+    strategy = devices.local_strategy()
+    model = _model(challenge, config, strategy)
+    checkpoints.load_weights(model, checkpoint, challenge.tf1_variables)
+    return _score(challenge, config, model, strategy, lambda images: submission.check_array(
+        np.asarray(x_adv), images, epsilon, challenge.pixel_range,
+        challenge.submission_shape_text))
+
+
+def fetch_model(challenge):
+    """fetch_model.py NAME: downloads, checks and unzips a released model."""
+    flags.DEFINE_string("sha256", None, "Expected SHA256 of the zip; a different one is refused.")
+    flags.register_validator("sha256", fetch.is_sha256,
+                             "--sha256 must be 64 hexadecimal digits")
+    cli.run(lambda argv: fetch.fetch_model(argv, challenge.model_urls,
+                                           challenge.published_sha256, challenge.folder,
+                                           FLAGS.sha256))
+
+
+def summary(challenge):
+    """model.py: prints the Keras summary of the config's model."""
+    cli.run(lambda argv: _model(challenge, _config(), devices.local_strategy()).summary(),
+            challenge.config_path)

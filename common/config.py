@@ -187,7 +187,7 @@ def _overrides(keys, flag_values):
                 value = json.loads(value)
             except json.JSONDecodeError as error:
                 raise UserError(f"--{key} must be a JSON list, got {value!r}") from error
-        if key in PATH_KEYS:
+        if key in PATH_KEYS and value:
             value = os.path.abspath(value)
         values[key] = value
     return values

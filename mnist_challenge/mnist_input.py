@@ -36,7 +36,7 @@ VALIDATION_SIZE = 5000
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 
 
-def fetch_missing(data_path):
+def _fetch_missing(data_path):
     """Downloads whichever official files are not in `data_path` yet, checked, into it."""
     missing = [file for file in OFFICIAL_FILES
                if not os.path.exists(os.path.join(data_path, file.name))]
@@ -79,7 +79,7 @@ class MNISTData:
     """The training split (55,000) and the test set (10,000) of MNIST."""
 
     def __init__(self, data_path):
-        fetch_missing(data_path)
+        _fetch_missing(data_path)
         path = {key: os.path.join(data_path, name) for key, name in FILES.items()}
         self.train_images = _images(path["train_images"])[VALIDATION_SIZE:]
         self.train_labels = _labels(path["train_labels"])[VALIDATION_SIZE:]

@@ -64,12 +64,13 @@ def error_lines(result):
     return [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
 
 
-def assert_one_error_line(result, message):
+def assert_one_error_line(result, message, context=None):
     """The script failed with exit status 1 and one `Error:` line containing `message`."""
-    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    report = (context, result.returncode, result.stderr[-2000:])
+    assert result.returncode == 1, report
+    assert "Traceback" not in result.stderr, report
     errors = error_lines(result)
-    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert len(errors) == 1 and message in errors[0], report
 
 
 def checkpoint_values(path):

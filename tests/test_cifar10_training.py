@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import run_script
+from helpers import checkpoint_values, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cifar10_challenge import cifar10_input
@@ -139,3 +139,30 @@ def test_a_short_real_run_lowers_the_loss(tmp_path, cifar_data):
     assert len(xent) == 8
     assert np.mean(xent[-3:]) < xent[0] - 0.05, xent
     assert tf.train.latest_checkpoint(str(model_dir)).endswith("checkpoint-40")
+
+
+def cifar_train(model_dir, cifar_data, steps):
+    result = run_script("cifar10_challenge/train.py", f"--model_dir={model_dir}",
+                        f"--data_path={cifar_data}", "--filters=[16,16,32,64]",
+                        f"--max_num_training_steps={steps}", "--training_batch_size=8",
+                        "--num_steps=2", "--num_output_steps=2", "--num_summary_steps=2",
+                        "--num_checkpoint_steps=2")
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, cifar_data):
+    """Weights, Momentum slots, batch-norm moving averages (the attack runs in training mode and
+    moves them) and the global step, bit for bit."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    cifar_train(whole, cifar_data, 4)
+    cifar_train(parts, cifar_data, 3)
+    out = cifar_train(parts, cifar_data, 4)
+    assert f"Resuming from {parts}/checkpoint-3 at step 3" in out
+    expected, resumed = (checkpoint_values(f"{folder}/checkpoint-4") for folder in (whole, parts))
+    assert expected.keys() == resumed.keys()
+    assert any("moving_mean" in name for name in expected)
+    assert any(name.startswith("optimizer/_variables/") for name in expected)  # velocities
+    for name in expected:
+        np.testing.assert_array_equal(resumed[name], expected[name], err_msg=name)

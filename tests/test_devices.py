@@ -1,10 +1,14 @@
 """The attack and scoring scripts spread each batch over the local devices (two logical CPUs
-here) and give what one device gives."""
+here) and give what one device gives; the chief of a cluster; TF_CONFIG read or refused."""
+
+import json
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from common import checkpoints, devices, evaluation, pgd, submission
+from common.errors import UserError
 from mnist_challenge import mnist_input
 from mnist_challenge import model as mnist_model
 
@@ -42,3 +46,59 @@ def test_attack_and_scores_over_two_devices_equal_one(two_replicas, mnist_data, 
     assert one_accuracy == two_accuracy and one_eval["acc_nat"] == two_eval["acc_nat"]
     assert abs(one_eval["acc_adv"] - two_eval["acc_adv"]) <= 0.04
     np.testing.assert_allclose(one_eval["avg_xent_nat"], two_eval["avg_xent_nat"], rtol=1e-5)
+
+
+class _Resolver:
+    """What `is_chief` reads of a strategy's cluster resolver."""
+
+    def __init__(self, cluster, task_type, task_id):
+        self.task_type, self.task_id = task_type, task_id
+        self._cluster = cluster
+
+    def cluster_spec(self):
+        return tf.train.ClusterSpec(self._cluster)
+
+
+class _Strategy:
+    def __init__(self, resolver):
+        self.cluster_resolver = resolver
+
+
+WORKERS = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+WITH_CHIEF = {"chief": ["127.0.0.1:3"], **WORKERS}
+
+
+@pytest.mark.parametrize("cluster, task_type, task_id, chief", [
+    (WORKERS, "worker", 0, True),
+    (WORKERS, "worker", 1, False),
+    (WITH_CHIEF, "chief", 0, True),
+    (WITH_CHIEF, "worker", 0, False),
+    (WITH_CHIEF, "worker", 1, False),
+    ({}, None, None, True),
+])
+def test_the_chief_is_the_chief_task_or_else_worker_0(cluster, task_type, task_id, chief):
+    assert devices.is_chief(_Strategy(_Resolver(cluster, task_type, task_id))) is chief
+
+
+def test_a_strategy_without_a_cluster_is_its_own_chief(two_replicas):
+    assert devices.is_chief(two_replicas) and devices.is_chief(tf.distribute.get_strategy())
+
+
+@pytest.mark.parametrize("tf_config, size", [
+    (None, 0), ("", 0), ('{"task": {"type": "worker", "index": 0}}', 0),
+    (json.dumps({"cluster": WITH_CHIEF}), 3),
+])
+def test_cluster_size_reads_tf_config(monkeypatch, tf_config, size):
+    if tf_config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", tf_config)
+    assert devices.cluster_size() == size
+
+
+@pytest.mark.parametrize("tf_config", ["{not json", "[1, 2]", '{"cluster": ["a", "b"]}',
+                                       '{"cluster": {"worker": 3}}'])
+def test_a_malformed_tf_config_is_one_clear_error(monkeypatch, tf_config):
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+    with pytest.raises(UserError, match="TF_CONFIG is not a JSON object with a cluster"):
+        devices.training_strategy()

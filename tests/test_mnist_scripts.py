@@ -1,10 +1,17 @@
 """The MNIST scripts as a user runs them: attack, score, evaluate, fetch (on the TF1 fixture)."""
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from helpers import REPO, PicklePayload, run_script, writable_copy
+from helpers import REPO, PicklePayload, run_script, script_environment, writable_copy
+
+from common import checkpoints
+from mnist_challenge import mnist_input
+from mnist_challenge import model as mnist_model
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +56,14 @@ def test_pgd_attack_without_a_model_says_so(tmp_path, mnist_data):
     assert result.stderr.strip().splitlines()[-1] == "Error: No model found"
 
 
+def independent_predictions(model_dir, x):
+    """The fixture model's predictions, computed here: Keras' own layers, one plain call."""
+    model = mnist_model.Model(on_cpu=False)
+    checkpoints.load_weights(model, f"{model_dir}/checkpoint-300", mnist_model.tf1_variables)
+    return np.argmax(model.predict(x, batch_size=1000, verbose=0), axis=1)
+
+
 def test_run_attack_scores_a_valid_submission(model_dir, mnist_data, tmp_path):
-    from mnist_challenge import mnist_input
     test_images = mnist_input.MNISTData(mnist_data).test_images
     signs = np.random.default_rng(0).choice([-1.0, 1.0], test_images.shape)
     submission = np.clip(test_images + EPSILON * signs, 0, 1).astype(np.float64)
@@ -64,7 +77,63 @@ def test_run_attack_scores_a_valid_submission(model_dir, mnist_data, tmp_path):
     predictions = np.load(tmp_path / "pred.npy")
     assert predictions.shape == (10000,) and predictions.dtype == np.int64
     labels = mnist_input.MNISTData(mnist_data).test_labels
-    assert accuracy_line == f"Accuracy: {100 * np.mean(predictions == labels):.2f}%"
+    expected = independent_predictions(model_dir, submission.astype(np.float32))
+    np.testing.assert_array_equal(predictions, expected)
+    assert accuracy_line == f"Accuracy: {100 * np.mean(expected == labels):.2f}%"
+    assert 0.05 < np.mean(expected == labels) < 0.9
+
+
+def test_the_original_run_attack_function_and_imports_from_inside_the_folder(model_dir,
+                                                                             mnist_data, tmp_path):
+    """`from model import Model`, `from pgd_attack import LinfPGDAttack` and
+    `from run_attack import run_attack` work as in the original, with the challenge folder on
+    the path; `run_attack` scores an array and refuses an invalid one."""
+    config = json.load(open(os.path.join(REPO, "mnist_challenge", "config.json")))
+    config.update(data_path=mnist_data)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code = (
+        "import sys, numpy as np\n"
+        "from model import Model\n"
+        "from pgd_attack import LinfPGDAttack\n"
+        "import run_attack, mnist_challenge.challenge as challenge, dataclasses\n"
+        "mnist = dataclasses.replace(challenge.MNIST, folder=sys.argv[2])\n"
+        "import inspect; print(inspect.signature(run_attack.run_attack))\n"
+        "run = run_attack.scripts.run_attack_function(mnist)\n"
+        "model = Model()\n"
+        "attack = LinfPGDAttack(model, 0.3, 1, 0.01, True, 'xent')\n"
+        "x = np.load(sys.argv[1])\n"
+        "print('returned', run(sys.argv[3], x, 0.3))\n"
+        "run(sys.argv[3], x + 0.5, 0.3)\n")
+    test_images = mnist_input.MNISTData(mnist_data).test_images
+    np.save(tmp_path / "x.npy", test_images)
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.npy"), str(tmp_path),
+                             f"{model_dir}/checkpoint-300"],
+                            cwd=tmp_path, capture_output=True, text=True,
+                            env=script_environment(PYTHONPATH=f"{REPO}/mnist_challenge"))
+    lines = result.stdout.splitlines()
+    expected = np.mean(independent_predictions(model_dir, test_images)
+                       == mnist_input.MNISTData(mnist_data).test_labels)
+    assert lines[:4] == ["(checkpoint, x_adv, epsilon)", f"Accuracy: {100 * expected:.2f}%",
+                         "Output saved at pred.npy", f"returned {expected}"], result.stderr[-2000:]
+    assert "UserError: Invalid pixel range. Expected [0, 1]" in result.stderr
+
+
+def test_pgd_attack_restarts_only_strengthen_the_attack(model_dir, mnist_data, tmp_path):
+    """The first restart is the single run's start (the same seeded stream), and each example
+    keeps its strongest restart, so what one start breaks, three break too."""
+    stored = {}
+    for restarts in (1, 3):
+        stored[restarts] = tmp_path / f"attack{restarts}.npy"
+        result = run_script("mnist_challenge/pgd_attack.py",
+                            *_args(model_dir, mnist_data, "--num_eval_examples=200",
+                                   "--k=3", "--a=0.01", "--epsilon=0.05", f"--restarts={restarts}",
+                                   f"--store_adv_path={stored[restarts]}"))
+        assert result.returncode == 0, result.stderr
+    labels = mnist_input.MNISTData(mnist_data).test_labels[:200]
+    wrong = {restarts: independent_predictions(model_dir, np.load(path)) != labels
+             for restarts, path in stored.items()}
+    assert np.all(wrong[3] >= wrong[1])
+    assert wrong[3].sum() > wrong[1].sum()
 
 
 def _save(mutate):
@@ -94,7 +163,6 @@ def _pickled_payload(path, images):
     (_pickled_payload, "holds Python objects (it would need pickle): refused"),
 ])
 def test_run_attack_refuses_bad_submissions(model_dir, mnist_data, tmp_path, write, message):
-    from mnist_challenge import mnist_input
     write(tmp_path / "attack.npy", mnist_input.MNISTData(mnist_data).test_images)
     result = run_script("mnist_challenge/run_attack.py",
                         *_args(model_dir, mnist_data, f"--store_adv_path={tmp_path}/attack.npy"),

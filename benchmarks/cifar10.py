@@ -18,6 +18,7 @@ from benchmarks.flops import attack_flops_per_example, training_flops_per_exampl
 from benchmarks.peak import matmul_peak_gflops
 from benchmarks.timing import best_seconds, report, timed_training_step
 from cifar10_challenge import model as cifar_model
+from cifar10_challenge.challenge import CIFAR10
 from common import pgd, training
 from common.losses import xent_with_weight_decay
 from common.momentum import TF1Momentum
@@ -28,10 +29,10 @@ BATCHES = {"simple": 128, "wide": 8}
 
 def measure(name, filters, batch_size, rng, peak):
     model = cifar_model.Model("eval", filters)
-    x = rng.uniform(0, 255, (batch_size, 32, 32, 3)).astype(np.float32)
+    x = rng.uniform(*CIFAR10.pixel_range, (batch_size, 32, 32, 3)).astype(np.float32)
     y = rng.integers(0, 10, batch_size)
     attack = pgd.LinfPGDAttack(model, EPSILON, STEPS, STEP_SIZE, True, "xent",
-                               pixel_range=(0.0, 255.0), seed=0)
+                               pixel_range=CIFAR10.pixel_range, seed=0)
     strategy = tf.distribute.get_strategy()
     loss = xent_with_weight_decay(2e-4, batch_size, 1, cifar_model.decayed_kernels)
     train_step = training.TrainStep(strategy, model, TF1Momentum(0.1, 0.9), attack.settings, loss,

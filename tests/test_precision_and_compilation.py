@@ -57,7 +57,7 @@ def attack_accuracy(challenge, folder, data_path, jit_compile=False, examples=20
     return np.mean(np.argmax(model(x_adv).numpy(), axis=1) == y), x_adv, model
 
 
-@pytest.mark.parametrize("challenge", ["mnist", "cifar10"])
+@pytest.mark.parametrize("challenge", ["mnist", pytest.param("cifar10", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("mode", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_attacks_within_a_point_of_float32(challenge, mode, policy, mnist_data,
                                                            mnist_fixture, cifar_data,

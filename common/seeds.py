@@ -11,6 +11,7 @@ DATA_ORDER = 0
 TRAINING_STARTS = 1
 AUGMENTATION = 2
 ATTACK_STARTS = 3
+APGD_STARTS = 4
 
 
 def generator(seed, stream, *index):

@@ -1,0 +1,237 @@
+"""Auto-PGD (Croce & Hein, ICML 2020, Algorithm 1) in the L-infinity norm, with the parameters of
+their reference implementation (fra31/auto-attack, `autopgd_base.py`).
+
+From a random point of the epsilon ball, 100 steps of PGD with momentum: the step size starts at
+2 epsilon and is halved at checkpoints where the loss rose in at most 75% of the steps since the
+last one, or where it was not halved at the last checkpoint and the best loss has not improved
+since; after a halving the attack continues from its best point. A point counts as broken as soon
+as any iterate is misclassified. All the iterations run in one `tf.function` with fixed shapes.
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from common import devices, seeds
+
+LOSSES = ("ce", "dlr", "dlr-targeted")
+FIRST_CHECKPOINT = 0.22  # p1
+CHECKPOINT_DECREASE = 0.03  # the interval shrinks by this much at each checkpoint...
+MIN_CHECKPOINT_INTERVAL = 0.06  # ...down to this
+MOMENTUM = 0.75
+RHO = 0.75  # the fraction of rising steps below which the step size is halved
+DENOMINATOR_FLOOR = 1e-12
+
+
+def checkpoint_intervals(num_iterations):
+    """{iteration index: steps since the previous checkpoint} of the step-size checkpoints.
+
+    For 100 iterations: checks after 22, 41, 57, 70, 80, 87, 93 and 99 iterations.
+    """
+    interval = max(int(FIRST_CHECKPOINT * num_iterations), 1)
+    decrease = max(int(CHECKPOINT_DECREASE * num_iterations), 1)
+    smallest = max(int(MIN_CHECKPOINT_INTERVAL * num_iterations), 1)
+    intervals, iteration = {}, interval - 1
+    while iteration < num_iterations:
+        intervals[iteration] = interval
+        interval = max(interval - decrease, smallest)
+        iteration += interval
+    return intervals
+
+
+def _take(logits, labels):
+    return tf.gather(logits, labels, axis=1, batch_dims=1)
+
+
+def dlr_loss(logits, labels):
+    """The Difference of Logits Ratio: -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3), pi the
+    logits sorted in decreasing order; invariant to shifting and scaling the logits."""
+    ranked = tf.sort(logits, axis=1, direction="DESCENDING")
+    top_is_label = tf.equal(tf.argmax(logits, axis=1), labels)
+    best_other = tf.where(top_is_label, ranked[:, 1], ranked[:, 0])
+    return -(_take(logits, labels) - best_other) / (
+        ranked[:, 0] - ranked[:, 2] + DENOMINATOR_FLOOR)
+
+
+def targeted_dlr_loss(logits, labels, targets):
+    """The targeted DLR: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)."""
+    ranked = tf.sort(logits, axis=1, direction="DESCENDING")
+    return -(_take(logits, labels) - _take(logits, targets)) / (
+        ranked[:, 0] - 0.5 * (ranked[:, 2] + ranked[:, 3]) + DENOMINATOR_FLOOR)
+
+
+def per_example_loss(logits, labels, targets, loss):
+    if loss == "ce":
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    if loss == "dlr":
+        return dlr_loss(logits, labels)
+    return targeted_dlr_loss(logits, labels, targets)
+
+
+def random_start(x_nat, noise, epsilon, pixel_range):
+    """The reference's start: `x + epsilon * t / max|t|` per example, t ~ U[-1, 1]^d, clipped."""
+    scale = tf.reduce_max(tf.abs(tf.reshape(noise, (tf.shape(noise)[0], -1))), axis=1)
+    scale = tf.reshape(scale, (-1,) + (1,) * (len(x_nat.shape) - 1))
+    return tf.clip_by_value(x_nat + epsilon * noise / scale, *pixel_range)
+
+
+@dataclasses.dataclass(frozen=True)
+class APGDSettings:
+    epsilon: float
+    pixel_range: tuple = (0.0, 1.0)
+    num_iterations: int = 100
+    loss: str = "ce"
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown APGD loss {self.loss!r}: use one of {LOSSES}")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be at least 1, got {self.num_iterations}")
+
+
+def halve_step(rising, interval, halved_at_last, best_at_last, best):
+    """Which examples halve their step size at a checkpoint `interval` steps after the last one:
+    those whose loss rose in at most RHO of those steps, and those not halved at the last
+    checkpoint whose best loss has not improved since."""
+    oscillating = rising <= interval * RHO
+    stuck = tf.logical_and(tf.logical_not(halved_at_last), best_at_last >= best)
+    return tf.logical_or(oscillating, stuck)
+
+
+def _per_example(mask, like):
+    """`mask` (one value per example) shaped to broadcast against `like`."""
+    return tf.reshape(mask, (-1,) + (1,) * (len(like.shape) - 1))
+
+
+def apgd_steps(model, x_nat, labels, targets, noise, settings):
+    """One run of APGD from the random start given by `noise` (U[-1, 1], the shape of `x_nat`).
+
+    Returns the last misclassified iterate of each example (its start where none was), whether
+    the example stayed correctly classified throughout, and its final step size.
+    """
+    low, high = settings.pixel_range
+    lower = tf.maximum(x_nat - settings.epsilon, low)
+    upper = tf.minimum(x_nat + settings.epsilon, high)
+    intervals = checkpoint_intervals(settings.num_iterations)
+    interval_at = tf.constant([intervals.get(i, 0) for i in range(settings.num_iterations)],
+                              tf.float32)
+
+    def loss_and_gradient(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            logits = tf.cast(model(x, training=False), tf.float32)
+            loss = per_example_loss(logits, labels, targets, settings.loss)
+            total = tf.reduce_sum(loss)
+        return loss, tape.gradient(total, x), logits
+
+    def correct(logits):
+        return tf.equal(tf.argmax(logits, axis=1), labels)
+
+    x_adv = random_start(x_nat, noise, settings.epsilon, settings.pixel_range)
+    loss, gradient, logits = loss_and_gradient(x_adv)
+    robust = correct(logits)
+    x_broken = x_adv
+    x_best, gradient_best, loss_best = x_adv, gradient, loss
+    step_size = tf.fill(tf.shape(loss), tf.constant(2.0 * settings.epsilon, tf.float32))
+    x_previous = x_adv
+    # The reference compares the first step's loss with a zero-initialised entry.
+    previous_loss = tf.zeros_like(loss)
+    rising = tf.zeros_like(loss)
+    loss_best_at_checkpoint = loss_best
+    halved_at_checkpoint = tf.ones_like(robust)
+    for iteration in tf.range(settings.num_iterations):
+        momentum = tf.where(iteration > 0, MOMENTUM, 1.0)
+        step = _per_example(step_size, x_adv) * tf.sign(gradient)
+        z = tf.clip_by_value(x_adv + step, lower, upper)
+        moved = x_adv - x_previous
+        x_previous = x_adv
+        x_adv = tf.clip_by_value(x_adv + (z - x_adv) * momentum + moved * (1 - momentum),
+                                 lower, upper)
+        loss, gradient, logits = loss_and_gradient(x_adv)
+        misclassified = tf.logical_not(correct(logits))
+        robust = tf.logical_and(robust, tf.logical_not(misclassified))
+        x_broken = tf.where(_per_example(misclassified, x_adv), x_adv, x_broken)
+        improved = loss > loss_best
+        x_best = tf.where(_per_example(improved, x_adv), x_adv, x_best)
+        gradient_best = tf.where(_per_example(improved, x_adv), gradient, gradient_best)
+        loss_best = tf.where(improved, loss, loss_best)
+        rising += tf.cast(loss > previous_loss, tf.float32)
+        previous_loss = loss
+        interval = interval_at[iteration]
+        if interval > 0:
+            halve = halve_step(rising, interval, halved_at_checkpoint, loss_best_at_checkpoint,
+                               loss_best)
+            halved_at_checkpoint = halve
+            loss_best_at_checkpoint = loss_best
+            step_size = tf.where(halve, step_size / 2, step_size)
+            x_adv = tf.where(_per_example(halve, x_adv), x_best, x_adv)
+            gradient = tf.where(_per_example(halve, x_adv), gradient_best, gradient)
+            rising = tf.zeros_like(rising)
+    return x_broken, robust, step_size
+
+
+class APGD:
+    """APGD on a Keras model. `attack(x, y, targets, run)` is one run; `untargeted(x, y)` and
+    `targeted(x, y)` are APGD-CE (or APGD-DLR) and APGD-T as AutoAttack runs them, returning the
+    adversarial examples (the clean image where the attack failed) and which examples stayed
+    robust. The random starts are drawn on the host from `seed`, one stream per run, so a run is
+    reproducible; each batch is spread over the replicas of `strategy`."""
+
+    def __init__(self, model, settings, seed=0, strategy=None, jit_compile=False):
+        self.model = model
+        self.settings = settings
+        self.seed = seed
+        image_shape = tuple(model.input_shape[1:])
+        self._run = tf.function(
+            lambda x, y, targets, noise: apgd_steps(model, x, y, targets, noise, settings),
+            input_signature=(tf.TensorSpec((None,) + image_shape, tf.float32),
+                             tf.TensorSpec((None,), tf.int64), tf.TensorSpec((None,), tf.int64),
+                             tf.TensorSpec((None,) + image_shape, tf.float32)),
+            jit_compile=jit_compile)
+        self._spread = devices.Spread(strategy or tf.distribute.get_strategy(), self._run)
+        self._logits = devices.Spread(strategy or tf.distribute.get_strategy(), tf.function(
+            lambda x: tf.cast(model(x, training=False), tf.float32),
+            input_signature=(tf.TensorSpec((None,) + image_shape, tf.float32),)))
+
+    def noise(self, shape, run):
+        """U[-1, 1] noise of the random start of `run` (a restart or target index)."""
+        return seeds.generator(self.seed, seeds.APGD_STARTS, run).uniform(
+            -1, 1, shape).astype(np.float32)
+
+    def attack(self, x, y, targets=None, run=0):
+        """(adversarial examples, robust) of one run; `targets` for the targeted DLR loss."""
+        x = np.asarray(x, np.float32)
+        y = np.asarray(y, np.int64)
+        targets = y if targets is None else np.asarray(targets, np.int64)
+        x_adv, robust, _ = self._spread(x, y, targets, self.noise(x.shape, run))
+        return x_adv, robust
+
+    def _kept_where_broken(self, x, y, runs):
+        """Runs `runs` ((targets, run) pairs) one after another on the examples still robust;
+        an example takes the adversarial example of the run that breaks it."""
+        x_adv, robust = np.array(x, np.float32), np.ones(len(x), bool)
+        for targets, run in runs:
+            todo = np.flatnonzero(robust)
+            if not len(todo):
+                break
+            adv, still_robust = self.attack(x[todo], y[todo], targets[todo], run)
+            broken = todo[~still_robust]
+            x_adv[broken] = adv[~still_robust]
+            robust[broken] = False
+        return x_adv, robust
+
+    def untargeted(self, x, y):
+        """One run of the untargeted loss (APGD-CE, APGD-DLR)."""
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
+        return self._kept_where_broken(x, y, [(y, 0)])
+
+    def targeted(self, x, y, num_targets=9):
+        """APGD-T: the targeted DLR run towards the class of the 2nd, then the 3rd... then the
+        (num_targets + 1)-th highest clean logit, each on the examples still robust."""
+        if self.settings.loss != "dlr-targeted":
+            raise ValueError("APGD-T needs the loss 'dlr-targeted'")
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
+        ranked = np.argsort(-self._logits(x), axis=1, kind="stable")
+        return self._kept_where_broken(
+            x, y, [(ranked[:, rank], rank) for rank in range(1, num_targets + 1)])

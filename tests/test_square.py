@@ -1,0 +1,46 @@
+"""Square: the square sizes, the margin, and on a linear model, where the smallest L-infinity
+perturbation that breaks an example is known in closed form, it breaks the examples whose
+smallest perturbation is well inside the ball and never those whose smallest lies outside."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from common import square
+
+
+def test_square_sizes_follow_the_reference_schedule():
+    settings = square.SquareSettings(0.3)
+    assert [square.square_fraction(query, 0.8) for query in (0, 10, 11, 50, 51, 8001)] == \
+        [0.8, 0.8, 0.4, 0.4, 0.2, 0.8 / 512]
+    sizes = square.square_sizes(settings, 28, 28)
+    assert len(sizes) == 5000 and sizes[0] == 25 and sizes[11] == round(np.sqrt(0.4 * 784))
+    assert sizes[-1] == 2 and min(sizes) >= 1
+
+
+def test_margin():
+    logits = tf.constant([[1.0, 4.0, 2.0], [5.0, 0.0, -1.0]])
+    np.testing.assert_allclose(square.margin(logits, tf.constant([1, 1], tf.int64)).numpy(),
+                               [2.0, -5.0])
+
+
+def test_on_a_linear_model_it_finds_what_the_closed_form_allows():
+    """Logits (0, w.x + b), true class 0: broken once w.x + b > 0, so an example needs at least
+    -(w.x + b) / |w|_1 in the L-infinity norm (away from the pixel bounds). With
+    b = -sum(w) / 2 and x = 1/2 - t sign(w), that is t."""
+    rng = np.random.default_rng(0)
+    weights = rng.choice([-1.0, 1.0], 64) * rng.uniform(0.5, 1.5, 64)
+    inputs = keras.Input((8, 8, 1))
+    dense = keras.layers.Dense(2)
+    model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
+    dense.kernel.assign(np.stack([np.zeros(64), weights], axis=1).astype(np.float32))
+    dense.bias.assign(np.array([0.0, -weights.sum() / 2], np.float32))
+    needed = np.linspace(0.05, 0.15, 16)
+    x = (0.5 - needed[:, None] * np.sign(weights)).reshape(16, 8, 8, 1).astype(np.float32)
+    epsilon = 0.1
+    attack = square.Square(model, square.SquareSettings(epsilon, (0.0, 1.0)), (8, 8, 1), seed=1)
+    x_adv, robust = attack.attack(x, np.zeros(16, np.int64))
+    assert np.all(np.abs(x_adv - x) <= epsilon * (1 + 1e-6))
+    np.testing.assert_array_equal(robust[needed > epsilon], True)
+    np.testing.assert_array_equal(robust[needed < 0.7 * epsilon], False)
+    np.testing.assert_array_equal(np.argmax(model(x_adv).numpy(), axis=1)[~robust], 1)

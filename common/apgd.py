@@ -82,6 +82,9 @@ class APGDSettings:
     pixel_range: tuple = (0.0, 1.0)
     num_iterations: int = 100
     loss: str = "ce"
+    # Gradients averaged over this many passes (expectation over transformation), for models
+    # whose outputs are random (AutoAttack's 'rand' version uses 20).
+    eot_iterations: int = 1
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -118,12 +121,15 @@ def apgd_steps(model, x_nat, labels, targets, noise, settings):
                               tf.float32)
 
     def loss_and_gradient(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            logits = tf.cast(model(x, training=False), tf.float32)
-            loss = per_example_loss(logits, labels, targets, settings.loss)
-            total = tf.reduce_sum(loss)
-        return loss, tape.gradient(total, x), logits
+        gradient = tf.zeros_like(x)
+        for _ in range(settings.eot_iterations):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                logits = tf.cast(model(x, training=False), tf.float32)
+                loss = per_example_loss(logits, labels, targets, settings.loss)
+                total = tf.reduce_sum(loss)
+            gradient += tape.gradient(total, x)
+        return loss, gradient / settings.eot_iterations, logits
 
     def correct(logits):
         return tf.equal(tf.argmax(logits, axis=1), labels)
@@ -189,10 +195,9 @@ class APGD:
                              tf.TensorSpec((None,), tf.int64), tf.TensorSpec((None,), tf.int64),
                              tf.TensorSpec((None,) + image_shape, tf.float32)),
             jit_compile=jit_compile)
-        self._spread = devices.Spread(strategy or tf.distribute.get_strategy(), self._run)
-        self._logits = devices.Spread(strategy or tf.distribute.get_strategy(), tf.function(
-            lambda x: tf.cast(model(x, training=False), tf.float32),
-            input_signature=(tf.TensorSpec((None,) + image_shape, tf.float32),)))
+        strategy = strategy or tf.distribute.get_strategy()
+        self._spread = devices.Spread(strategy, self._run)
+        self._logits = devices.spread_logits(model, strategy)
 
     def noise(self, shape, run):
         """U[-1, 1] noise of the random start of `run` (a restart or target index)."""
@@ -221,10 +226,10 @@ class APGD:
             robust[broken] = False
         return x_adv, robust
 
-    def untargeted(self, x, y):
-        """One run of the untargeted loss (APGD-CE, APGD-DLR)."""
+    def untargeted(self, x, y, restarts=1):
+        """APGD-CE or APGD-DLR: `restarts` runs, each on the examples still robust."""
         x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
-        return self._kept_where_broken(x, y, [(y, 0)])
+        return self._kept_where_broken(x, y, [(y, run) for run in range(restarts)])
 
     def targeted(self, x, y, num_targets=9):
         """APGD-T: the targeted DLR run towards the class of the 2nd, then the 3rd... then the

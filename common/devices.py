@@ -82,3 +82,10 @@ class Spread:
             lambda result: np.concatenate([part.numpy() for part in
                                            strategy.experimental_local_results(result)]),
             results)
+
+
+def spread_logits(model, strategy):
+    """The model's float32 logits in evaluation mode, each batch spread over `strategy`."""
+    return Spread(strategy, tf.function(
+        lambda x: tf.cast(model(x, training=False), tf.float32),
+        input_signature=(tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32),)))

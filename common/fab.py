@@ -1,6 +1,8 @@
-"""FAB-T, the targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020) in the L-infinity
-norm, with the parameters AutoAttack runs it with (100 iterations, alpha_max 0.1, eta 1.05,
-beta 0.9, no random start, the 9 classes of the next highest clean logits as targets).
+"""FAB, the Fast Adaptive Boundary attack (Croce & Hein, ICML 2020) in the L-infinity norm, with
+the parameters AutoAttack runs it with (100 iterations, alpha_max 0.1, eta 1.05, beta 0.9): FAB-T
+towards the classes of the 9 next highest clean logits in turn, from the clean image; untargeted
+FAB towards the nearest class boundary at each iteration, from the clean image and then, for
+further restarts, from random points at half epsilon.
 
 FAB looks for the smallest perturbation that misclassifies: at each iteration it linearizes the
 difference of the true class's and the target's logits, projects both the current point and
@@ -15,7 +17,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from common import devices
+from common import devices, seeds
 
 SMALLEST_NORM = 1e-8
 
@@ -64,20 +66,45 @@ def project_linf(points, weights, biases, pixel_range):
     return direction * tf.minimum(delta, room)
 
 
-def fab_steps(model, x_nat, labels, targets, settings):
-    """One FAB-T run from `x_nat` towards `targets`; returns the closest misclassified point
-    found (`x_nat` where none was) and its L-infinity distance (infinity where none was)."""
+def _nearest_boundary(model, x, labels):
+    """The difference of logits (other class minus true class) and its gradient, for the class
+    whose linearized boundary is nearest in the L-infinity norm."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        logits = tf.cast(model(x, training=False), tf.float32)
+        differences = logits - tf.gather(logits, labels, axis=1, batch_dims=1)[:, None]
+    jacobian = tape.batch_jacobian(differences, x)
+    gradient_norms = tf.reduce_sum(tf.abs(tf.reshape(jacobian, (tf.shape(x)[0],
+                                                                 tf.shape(logits)[1], -1))), -1)
+    distances = tf.abs(differences) / (gradient_norms + 1e-12)
+    distances = tf.where(tf.one_hot(labels, tf.shape(logits)[1]) > 0, np.inf, distances)
+    nearest = tf.argmin(distances, axis=1)
+    return (tf.gather(differences, nearest, axis=1, batch_dims=1),
+            tf.gather(jacobian, nearest, axis=1, batch_dims=1))
+
+
+def _towards_target(model, x, labels, targets):
+    """The difference of logits (true class minus target) and its gradient."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        logits = tf.cast(model(x, training=False), tf.float32)
+        difference = (tf.gather(logits, labels, axis=1, batch_dims=1)
+                      - tf.gather(logits, targets, axis=1, batch_dims=1))
+        total = tf.reduce_sum(difference)
+    return difference, tape.gradient(total, x)
+
+
+def fab_steps(model, x_nat, labels, targets, noise, settings, targeted=True, random_start=False):
+    """One FAB run from `x_nat` (towards `targets`, or untargeted), from a random point at half
+    epsilon given by `noise` (U[-1, 1]) where `random_start`; returns the closest misclassified
+    point found (`x_nat` where none was) and its L-infinity distance (infinity where none)."""
     batch = tf.shape(x_nat)[0]
     flat_shape = (batch, -1)
 
     def difference_and_gradient(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            logits = tf.cast(model(x, training=False), tf.float32)
-            difference = (tf.gather(logits, labels, axis=1, batch_dims=1)
-                          - tf.gather(logits, targets, axis=1, batch_dims=1))
-            total = tf.reduce_sum(difference)
-        return difference, tape.gradient(total, x)
+        if targeted:
+            return _towards_target(model, x, labels, targets)
+        return _nearest_boundary(model, x, labels)
 
     def misclassified(x):
         logits = model(x, training=False)
@@ -85,6 +112,10 @@ def fab_steps(model, x_nat, labels, targets, settings):
 
     x_original = tf.reshape(x_nat, flat_shape)
     x = x_original
+    if random_start:
+        noise = tf.reshape(noise, flat_shape)
+        scale = tf.reduce_max(tf.abs(noise), axis=1, keepdims=True)
+        x = tf.clip_by_value(x + 0.5 * settings.epsilon * noise / scale, *settings.pixel_range)
     best = x_original
     best_distance = tf.fill((batch,), np.inf)
     for _ in tf.range(settings.num_iterations):
@@ -110,34 +141,55 @@ def fab_steps(model, x_nat, labels, targets, settings):
 
 
 class FAB:
-    """FAB-T on a Keras model: `targeted(x, y)` runs towards the class of the 2nd, then the
-    3rd... highest clean logit on the examples still robust, and returns the adversarial
-    examples (the clean image where the attack failed) and which examples stayed robust, an
-    example being broken by a misclassified point within epsilon."""
+    """FAB on a Keras model: `targeted(x, y)` (FAB-T) and `untargeted(x, y, restarts)` return
+    the adversarial examples (the clean image where the attack failed) and which examples stayed
+    robust, an example being broken by a misclassified point within epsilon. Runs follow each
+    other on the examples still robust; random starts come from `seed`, one stream per run."""
 
-    def __init__(self, model, settings, strategy=None):
+    def __init__(self, model, settings, seed=0, strategy=None):
         self.settings = settings
+        self.seed = seed
         strategy = strategy or tf.distribute.get_strategy()
         image_shape = tuple(model.input_shape[1:])
         images = tf.TensorSpec((None,) + image_shape, tf.float32)
         labels = tf.TensorSpec((None,), tf.int64)
-        self._run = devices.Spread(strategy, tf.function(
-            lambda x, y, targets: fab_steps(model, x, y, targets, settings),
-            input_signature=(images, labels, labels)))
-        self._logits = devices.Spread(strategy, tf.function(
-            lambda x: tf.cast(model(x, training=False), tf.float32), input_signature=(images,)))
 
-    def targeted(self, x, y, num_targets=9):
-        x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
-        ranked = np.argsort(-self._logits(x), axis=1, kind="stable")
+        def runner(targeted, random_start):
+            return devices.Spread(strategy, tf.function(
+                lambda x, y, targets, noise: fab_steps(model, x, y, targets, noise, settings,
+                                                       targeted, random_start),
+                input_signature=(images, labels, labels, images)))
+
+        self._runs = {(targeted, random_start): runner(targeted, random_start)
+                      for targeted in (True, False) for random_start in (True, False)}
+        self._logits = devices.spread_logits(model, strategy)
+
+    def _kept_where_broken(self, x, y, runs):
+        """Runs `runs` ((targets or None, run index) pairs) on the examples still robust."""
         x_adv, robust = x.copy(), np.ones(len(x), bool)
-        for rank in range(1, num_targets + 1):
+        for targets, run in runs:
             todo = np.flatnonzero(robust)
             if not len(todo):
                 break
-            adv, distance = self._run(x[todo], y[todo], ranked[todo, rank])
+            noise = seeds.generator(self.seed, seeds.FAB_STARTS, run).uniform(
+                -1, 1, x[todo].shape).astype(np.float32)
+            fab_run = self._runs[(targets is not None, run > 0 and targets is None)]
+            adv, distance = fab_run(x[todo], y[todo], y[todo] if targets is None else
+                                    targets[todo], noise)
             predictions = np.argmax(self._logits(adv), axis=1)
             broken = (predictions != y[todo]) & (distance <= self.settings.epsilon)
             x_adv[todo[broken]] = adv[broken]
             robust[todo[broken]] = False
         return x_adv, robust
+
+    def targeted(self, x, y, num_targets=9):
+        """FAB-T: towards the class of the 2nd, then the 3rd... highest clean logit."""
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
+        ranked = np.argsort(-self._logits(x), axis=1, kind="stable")
+        return self._kept_where_broken(
+            x, y, [(ranked[:, rank], rank) for rank in range(1, num_targets + 1)])
+
+    def untargeted(self, x, y, restarts=1):
+        """FAB: the first run from the clean image, the others from random starts."""
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
+        return self._kept_where_broken(x, y, [(None, run) for run in range(restarts)])

@@ -2,10 +2,16 @@
 `pgd_attack.py`, `run_attack.py`, `fetch_model.py` and `model.py` hands its `Challenge` to the
 function of the same role here, which reads the config beside that script, flags included."""
 
+import json
+import os
+import platform
+
 import keras
 import numpy as np
+import tensorflow as tf
 from absl import flags
 
+from common import autoattack as autoattack_lib
 from common import (
     checkpoints,
     cli,
@@ -18,6 +24,7 @@ from common import (
     training,
 )
 from common import config as config_lib
+from common.files import written_in_place
 
 FLAGS = flags.FLAGS
 
@@ -175,3 +182,60 @@ def summary(challenge):
     """model.py: prints the Keras summary of the config's model."""
     cli.run(lambda argv: _model(challenge, _config(), devices.local_strategy()).summary(),
             challenge.config_path)
+
+
+def _autoattack_report(state, x, settings, path):
+    """autoattack.json: settings, package versions, accuracies, and what broke each example."""
+    report = {
+        "settings": settings,
+        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
+                     "keras": keras.__version__, "numpy": np.__version__},
+        "clean_accuracy": float(np.mean(state.broken_by != autoattack_lib.CLEAN)),
+        "robust_accuracy": float(np.mean(state.robust)),
+        "attacks": state.results,
+        "max_perturbation": float(np.abs(state.x_adv - x).max()),
+        "broken_by": [str(name) or None for name in state.broken_by],
+    }
+    with written_in_place(path, "w") as target:
+        json.dump(report, target, indent=1)
+    print(f"Report written in {path}")
+
+
+def autoattack(challenge):
+    """autoattack.py: AutoAttack on the first `num_eval_examples` test images of the model in
+    `model_dir`; writes the adversarial examples to `store_adv_path` and autoattack.json."""
+    flags.DEFINE_string("version", None, "AutoAttack's version: standard (the default), plus or "
+                        "rand.")
+    flags.DEFINE_string("attacks", None, "A comma list of attacks to run instead of a version, "
+                        f"from {', '.join(autoattack_lib.ATTACKS)}.")
+    flags.DEFINE_integer("seed", 0, "Seeds the attacks' random starts.", lower_bound=0)
+
+    def main(argv):
+        config = _config()
+        version, names = autoattack_lib.attack_list(FLAGS.version, FLAGS.attacks)
+        strategy = devices.local_strategy()
+        model = _restored_model(challenge, config, strategy, "No model found")
+        images, labels = _test_set(challenge, config)
+        count = config["num_eval_examples"]
+        x, y = images[:count], labels[:count]
+        predict = devices.spread_logits(model, strategy)
+        autoattack_lib.check_logits(predict(x[:config["eval_batch_size"]]))
+        store = config["store_adv_path"]
+        settings = {"challenge": challenge.name,
+                    "checkpoint": checkpoints.latest_checkpoint(config["model_dir"]),
+                    "epsilon": config["epsilon"], "pixel_range": challenge.pixel_range,
+                    "version": version, "attacks": names, "seed": FLAGS.seed,
+                    "num_examples": count, "batch_size": config["eval_batch_size"]}
+        print(f"using {version} version including {', '.join(names)}.")
+        attacks = autoattack_lib.build_attacks(names, version, model, config["epsilon"],
+                                               challenge.pixel_range, challenge.image_shape,
+                                               FLAGS.seed, strategy)
+        state = autoattack_lib.evaluate(attacks, predict, x, y, settings,
+                                        config["eval_batch_size"],
+                                        os.path.splitext(store)[0] + ".autoattack-state.npz")
+        pgd.store_attack(state.x_adv, store)
+        _autoattack_report(state, x, settings,
+                           os.path.join(os.path.dirname(os.path.abspath(store)),
+                                        "autoattack.json"))
+
+    cli.run(main, challenge.config_path)

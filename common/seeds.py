@@ -12,6 +12,8 @@ TRAINING_STARTS = 1
 AUGMENTATION = 2
 ATTACK_STARTS = 3
 APGD_STARTS = 4
+FAB_STARTS = 5
+SQUARE = 6
 
 
 def generator(seed, stream, *index):

@@ -89,7 +89,8 @@ def script_cases(tmp_path):
     for folder, steps_key, data in (("mnist_challenge", "k", shared_path("data", "mnist")),
                                     ("cifar10_challenge", "num_steps",
                                      shared_path("data", "cifar10"))):
-        for script in ("train.py", "eval.py", "pgd_attack.py", "run_attack.py", "model.py"):
+        for script in ("train.py", "eval.py", "pgd_attack.py", "run_attack.py", "model.py",
+                       "autoattack.py"):
             path = f"{folder}/{script}"
             cases += [
                 (path, ["--epsilon=-1"], "config key 'epsilon' must be at least 0, got -1.0"),
@@ -112,6 +113,11 @@ def script_cases(tmp_path):
              f"No checkpoint found in {a_folder}"),
             (f"{folder}/train.py", [f"--model_dir={a_file}"],
              "config key 'model_dir' must name a folder"),
+            (f"{folder}/autoattack.py", ["--attacks=apgd-ce,pgd"],
+             "--attacks must name each of its attacks once"),
+            (f"{folder}/autoattack.py", ["--version=plus", "--attacks=apgd-ce"],
+             "either --version or --attacks, not both"),
+            (f"{folder}/autoattack.py", ["--seed=-1"], "flag --seed=-1"),
             (f"{folder}/fetch_model.py", ["natural", "--sha256=feed"],
              "--sha256 must be 64 hexadecimal digits"),
         ]

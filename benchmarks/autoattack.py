@@ -1,6 +1,6 @@
-"""Times AutoAttack's gradient attacks next to the project's PGD, in the same process, on the MNIST
-model (batch 200): APGD-CE, APGD-T and FAB-T (one target) iterations against PGD steps, as
-examples x iterations per second, GFLOP/s and the fraction of the fp32 matrix-multiply peak, and Square's
+"""Times AutoAttack's attacks next to the project's PGD, in the same process, on the MNIST model
+(batch 200): APGD-CE, APGD-T and FAB-T (one target) iterations against PGD steps, as examples x
+iterations per second, GFLOP/s and the fraction of the fp32 matrix-multiply peak, and Square's
 queries per second. The attacks take turns for several rounds and each keeps its best time.
 Run from the repository root: `python benchmarks/autoattack.py`.
 """

@@ -85,8 +85,9 @@ def _tfds_download(files, staging):
         download_dir=staging, force_checksums_validation=True,
         url_infos={file.url: UrlInfo(size=file.size, checksum=file.sha256, filename=file.name)
                    for file in files})
-    paths = manager.download({file.name: file.url for file in files})
-    return {name: os.fspath(path) for name, path in paths.items()}
+    # One file at a time: given several, TFDS downloads them in threads that go on writing
+    # after the first failure, into the folder being removed.
+    return {file.name: os.fspath(manager.download(file.url)) for file in files}
 
 
 @contextlib.contextmanager

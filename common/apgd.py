@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from common import devices, seeds
+from common.runs import next_classes, on_robust_examples
 
 LOSSES = ("ce", "dlr", "dlr-targeted")
 FIRST_CHECKPOINT = 0.22  # p1
@@ -212,24 +213,20 @@ class APGD:
         x_adv, robust, _ = self._spread(x, y, targets, self.noise(x.shape, run))
         return x_adv, robust
 
-    def _kept_where_broken(self, x, y, runs):
-        """Runs `runs` ((targets, run) pairs) one after another on the examples still robust;
-        an example takes the adversarial example of the run that breaks it."""
-        x_adv, robust = np.array(x, np.float32), np.ones(len(x), bool)
-        for targets, run in runs:
-            todo = np.flatnonzero(robust)
-            if not len(todo):
-                break
-            adv, still_robust = self.attack(x[todo], y[todo], targets[todo], run)
-            broken = todo[~still_robust]
-            x_adv[broken] = adv[~still_robust]
-            robust[broken] = False
-        return x_adv, robust
+    def _runs(self, x, y, runs):
+        """`runs` ((targets, run index) pairs) one after another on the examples still robust."""
+
+        def attack(todo, run):
+            targets, index = run
+            adversarial, robust = self.attack(x[todo], y[todo], targets[todo], index)
+            return adversarial, ~robust
+
+        return on_robust_examples(x, runs, attack)
 
     def untargeted(self, x, y, restarts=1):
         """APGD-CE or APGD-DLR: `restarts` runs, each on the examples still robust."""
         x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
-        return self._kept_where_broken(x, y, [(y, run) for run in range(restarts)])
+        return self._runs(x, y, [(y, run) for run in range(restarts)])
 
     def targeted(self, x, y, num_targets=9):
         """APGD-T: the targeted DLR run towards the class of the 2nd, then the 3rd... then the
@@ -237,6 +234,6 @@ class APGD:
         if self.settings.loss != "dlr-targeted":
             raise ValueError("APGD-T needs the loss 'dlr-targeted'")
         x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
-        ranked = np.argsort(-self._logits(x), axis=1, kind="stable")
-        return self._kept_where_broken(
-            x, y, [(ranked[:, rank], rank) for rank in range(1, num_targets + 1)])
+        targets = next_classes(self._logits(x), num_targets)
+        return self._runs(x, y, [(targets[:, rank - 1], rank)
+                                 for rank in range(1, num_targets + 1)])

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from common import devices, seeds
+from common.runs import next_classes, on_robust_examples
 
 SMALLEST_NORM = 1e-8
 
@@ -160,36 +161,34 @@ class FAB:
                                                        targeted, random_start),
                 input_signature=(images, labels, labels, images)))
 
-        self._runs = {(targeted, random_start): runner(targeted, random_start)
+        self._runs_by_kind = {(targeted, random_start): runner(targeted, random_start)
                       for targeted in (True, False) for random_start in (True, False)}
         self._logits = devices.spread_logits(model, strategy)
 
-    def _kept_where_broken(self, x, y, runs):
-        """Runs `runs` ((targets or None, run index) pairs) on the examples still robust."""
-        x_adv, robust = x.copy(), np.ones(len(x), bool)
-        for targets, run in runs:
-            todo = np.flatnonzero(robust)
-            if not len(todo):
-                break
-            noise = seeds.generator(self.seed, seeds.FAB_STARTS, run).uniform(
+    def _runs(self, x, y, runs):
+        """`runs` ((targets or None, run index) pairs) one after another on the examples still
+        robust; a misclassified point within epsilon breaks an example."""
+
+        def attack(todo, run):
+            targets, index = run
+            noise = seeds.generator(self.seed, seeds.FAB_STARTS, index).uniform(
                 -1, 1, x[todo].shape).astype(np.float32)
-            fab_run = self._runs[(targets is not None, run > 0 and targets is None)]
-            adv, distance = fab_run(x[todo], y[todo], y[todo] if targets is None else
-                                    targets[todo], noise)
-            predictions = np.argmax(self._logits(adv), axis=1)
-            broken = (predictions != y[todo]) & (distance <= self.settings.epsilon)
-            x_adv[todo[broken]] = adv[broken]
-            robust[todo[broken]] = False
-        return x_adv, robust
+            fab_run = self._runs_by_kind[(targets is not None, index > 0 and targets is None)]
+            adversarial, distance = fab_run(x[todo], y[todo], y[todo] if targets is None else
+                                            targets[todo], noise)
+            predictions = np.argmax(self._logits(adversarial), axis=1)
+            return adversarial, (predictions != y[todo]) & (distance <= self.settings.epsilon)
+
+        return on_robust_examples(x, runs, attack)
 
     def targeted(self, x, y, num_targets=9):
         """FAB-T: towards the class of the 2nd, then the 3rd... highest clean logit."""
         x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
-        ranked = np.argsort(-self._logits(x), axis=1, kind="stable")
-        return self._kept_where_broken(
-            x, y, [(ranked[:, rank], rank) for rank in range(1, num_targets + 1)])
+        targets = next_classes(self._logits(x), num_targets)
+        return self._runs(x, y, [(targets[:, rank - 1], rank)
+                                 for rank in range(1, num_targets + 1)])
 
     def untargeted(self, x, y, restarts=1):
         """FAB: the first run from the clean image, the others from random starts."""
         x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
-        return self._kept_where_broken(x, y, [(None, run) for run in range(restarts)])
+        return self._runs(x, y, [(None, run) for run in range(restarts)])

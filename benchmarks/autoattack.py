@@ -7,7 +7,6 @@ Run from the repository root: `python benchmarks/autoattack.py`.
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -16,26 +15,13 @@ import numpy as np
 
 from benchmarks.flops import forward_flops_per_example
 from benchmarks.peak import matmul_peak_gflops
+from benchmarks.timing import alternating_best_seconds
 from common import apgd, fab, pgd, square
 from mnist_challenge import model as mnist_model
 
 EPSILON, BATCH = 0.3, 200
 PGD_STEPS, APGD_ITERATIONS, SQUARE_QUERIES = 40, 100, 500
 ROUNDS = 6
-
-
-def alternating_best_seconds(runs, rounds):
-    """{name: best seconds}, the runs taking turns round after round, so that the machine's
-    drift reaches them alike (after one untimed run each, for tracing)."""
-    for run in runs.values():
-        run()
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(rounds):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def report(name, iterations_per_second, flops_per_iteration, peak):

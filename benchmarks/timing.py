@@ -30,3 +30,17 @@ def timed_training_step(train_step, x, y, x_start):
         metrics["adv_correct"].numpy()
 
     return run
+
+
+def alternating_best_seconds(runs, rounds):
+    """{name: best seconds}, the runs taking turns round after round, so that the machine's
+    drift reaches them alike (after one untimed run each, for tracing)."""
+    for run in runs.values():
+        run()
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best

@@ -3,7 +3,7 @@
 import os
 
 from cifar10_challenge import cifar10_input, model
-from common import losses, schedules
+from common import losses, overfitting, schedules
 from common.challenge import Challenge
 from common.momentum import TF1Momentum
 
@@ -26,11 +26,14 @@ CIFAR10 = Challenge(
     load_data=cifar10_input.CIFAR10Data,
     test_set=lambda data: (data.test_images.astype("float32"), data.test_labels),
     training_batch=cifar10_input.training_batch,
+    # CIFAR-10 has no validation split: the guard attacks the first training images, as they
+    # are (Wong et al. check a training batch too).
+    held_out=lambda data: (data.train_images[:overfitting.EXAMPLES].astype("float32"),
+                           data.train_labels[:overfitting.EXAMPLES]),
     attack_keys=("num_steps", "step_size"),
     seed_keys=("tf_random_seed", "np_random_seed"),
     loss=loss,
-    optimizer=lambda config: TF1Momentum(
-        schedules.piecewise_constant(config["step_size_schedule"]), config["momentum"]),
+    optimizer=lambda config: TF1Momentum(schedules.learning_rate(config), config["momentum"]),
     attack_training=lambda config: config["attack_batch_norm"] == "train",
     submission_shape_text="(10000, 32, 32, 3)",
     prediction_batch_size=100,

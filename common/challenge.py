@@ -29,6 +29,8 @@ class Challenge:
     test_set: Callable[[Any], tuple]  # dataset -> (float32 images, int64 labels), file order
     # training_batch(dataset, step, batch_size, seed) -> the global batch (x, y) of `step`.
     training_batch: Callable[[Any, int, int, int], tuple]
+    # held_out(dataset) -> (images, labels) the overfitting guard attacks, in the model's input.
+    held_out: Callable[[Any], tuple]
     attack_keys: tuple  # the config keys of (steps, step size)
     seed_keys: tuple  # the config keys of (initial weights seed, data and random-starts seed)
     # loss(config, num_replicas) -> loss_fn(labels, logits, model) of one replica.
@@ -49,6 +51,15 @@ class Challenge:
         steps_key, step_size_key = self.attack_keys
         return AttackSettings(config["epsilon"], config[steps_key], config[step_size_key],
                               config["random_start"], config["loss_func"], self.pixel_range)
+
+    def training_attack_settings(self, config):
+        """The attack that training_method trains on: the config's PGD (also the epsilon ball
+        of free training), or one step of fgsm_step_size from a random start."""
+        settings = self.attack_settings(config)
+        if config["training_method"] == "fgsm_rs":
+            return dataclasses.replace(settings, num_steps=1,
+                                       step_size=config["fgsm_step_size"], random_start=True)
+        return settings
 
     def weights_seed(self, config):
         return config[self.seed_keys[0]]

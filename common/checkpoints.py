@@ -83,9 +83,11 @@ def is_tf1_checkpoint(path):
     return OBJECT_GRAPH_KEY not in _reader(path).get_variable_to_shape_map()
 
 
-def training_checkpoint(model, optimizer, global_step):
-    """What a training run saves and resumes from."""
-    return tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=global_step)
+def training_checkpoint(model, optimizer, global_step, **state):
+    """What a training run saves and resumes from; `state` names what else it must keep (free
+    training's perturbation, the overfitting guard's memory)."""
+    return tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=global_step,
+                               **state)
 
 
 def checkpoint_manager(checkpoint, model_dir):

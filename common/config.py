@@ -12,9 +12,11 @@ import os
 from absl import flags
 
 from common.errors import UserError
+from common.schedules import SHAPES as SCHEDULE_SHAPES
 
 FLAGS = flags.FLAGS
 
+TRAINING_METHODS = ("pgd", "fgsm_rs", "free")
 PATH_KEYS = ("model_dir", "data_path", "store_adv_path")
 TEST_SET_SIZE = 10000
 
@@ -47,7 +49,8 @@ def _one_of(*choices):
 
 
 def _step_size_schedule(schedule):
-    """[[0, lr0], [boundary1, lr1], ...]: boundaries whole, rising from 0; rates positive."""
+    """[[0, lr0], [step1, lr1], ...]: steps whole, rising from 0; rates not negative, one of
+    them positive (the cyclic schedule starts and ends at 0)."""
     if not schedule or not all(isinstance(pair, list) and len(pair) == 2 for pair in schedule):
         return "must be a non-empty list of [step, learning_rate] pairs"
     steps = [pair[0] for pair in schedule]
@@ -55,9 +58,15 @@ def _step_size_schedule(schedule):
         return "must start at step 0 and use whole step numbers"
     if any(later <= earlier for earlier, later in zip(steps, steps[1:])):
         return "must have rising step boundaries"
-    if any(not _is_number(pair[1]) or pair[1] <= 0 for pair in schedule):
-        return "must have positive learning rates"
+    if any(not _is_number(pair[1]) or pair[1] < 0 for pair in schedule):
+        return "must have learning rates that are not negative"
+    if not any(pair[1] > 0 for pair in schedule):
+        return "must have a positive learning rate"
     return None
+
+
+def _positive(value):
+    return None if value > 0 else f"must be positive, got {value}"
 
 
 def _filters(widths):
@@ -102,7 +111,25 @@ RULES = {
     "weight_decay": (float, _at_least(0), "Weight decay on the conv and dense kernels."),
     "momentum": (float, _between(0, 1), "Momentum of TF1's MomentumOptimizer."),
     "step_size_schedule": (list, _step_size_schedule, "Learning rates as [[0, rate], [step, "
-                           "rate], ...], each holding up to and including the next boundary."),
+                           "rate], ...], read as learning_rate_schedule says."),
+    "learning_rate_schedule": (str, _one_of(*SCHEDULE_SHAPES), "How step_size_schedule is "
+                               "read: piecewise_constant (each rate holds up to and including "
+                               "the next step) or piecewise_linear (rates interpolated between "
+                               "the steps, the last one held)."),
+    "training_method": (str, _one_of(*TRAINING_METHODS), "pgd (the original: train on the "
+                        "config's PGD attack), fgsm_rs (one step of fgsm_step_size from a "
+                        "random start) or free (each batch replayed replay_m times, the "
+                        "perturbation carried over)."),
+    "fgsm_step_size": (float, _positive, "Step size of fgsm_rs, in pixel units (Wong et al.: "
+                       "1.25 epsilon)."),
+    "replay_m": (int, _at_least(1), "Replays of each batch in free training; "
+                 "max_num_training_steps counts replays."),
+    "epsilon_ramp_steps": (int, _at_least(0), "Training's epsilon, and its step sizes, rise "
+                           "linearly from 0 to epsilon over these first steps (0: none)."),
+    "overfitting_check_steps": (int, _at_least(0), "Steps between the catastrophic-overfitting "
+                                "checks (PGD-5 on a held-out batch; a drop of more than 0.2 "
+                                "stops training and keeps the weights of the check before); "
+                                "0 turns them off."),
     "filters": (list, _filters, "The four widths of the residual network: [16, 160, 320, 640] "
                 "(wide) or [16, 16, 32, 64] (simple)."),
     "attack_batch_norm": (str, _one_of("train", "eval"), "Batch norm during the training "

@@ -52,6 +52,21 @@ def runs_on_cpu(strategy=None):
                for device in strategy.extended.worker_devices)
 
 
+def split_batch(strategy, batch):
+    """Gives replica r the r-th consecutive slice of each tensor of the global batch."""
+    replicas = strategy.num_replicas_in_sync
+    size = len(batch[0])
+    if size % replicas:
+        raise UserError(f"training_batch_size {size} does not split over {replicas} replicas")
+    local = size // replicas
+
+    def replica_slice(context):
+        first = context.replica_id_in_sync_group * local
+        return tuple(tensor[first:first + local] for tensor in batch)
+
+    return strategy.experimental_distribute_values_from_function(replica_slice)
+
+
 class Spread:
     """Calls `function` (a `tf.function` taking any batch size, returning per-example tensors)
     on one consecutive slice of the batch per replica of `strategy`, each on its device, and

@@ -76,7 +76,7 @@ def start_point(x_nat, settings, rng):
     return np.clip(x_nat + noise, *settings.pixel_range)
 
 
-def pgd_steps(model, x_nat, labels, x_start, settings, training=False):
+def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=None):
     """`settings.num_steps` signed-gradient steps from `x_start` (float64), kept within epsilon
     of `x_nat` and within the pixel range.
 
@@ -87,15 +87,19 @@ def pgd_steps(model, x_nat, labels, x_start, settings, training=False):
 
     With `training`, batch norm updates its averages and, over several replicas, synchronizes
     its statistics, which TensorFlow cannot do inside a graph loop: the steps are then unrolled.
+    `scale` (a float32 scalar, training's epsilon ramp) multiplies epsilon and the step size.
     """
     low, high = settings.pixel_range
+    epsilon, step_size = settings.epsilon, settings.step_size
+    if scale is not None:
+        epsilon, step_size = epsilon * scale, step_size * scale
     x_nat = tf.cast(x_nat, tf.float32)
-    lower = tf.maximum(tf.cast(x_nat - settings.epsilon, tf.float64), low)
-    upper = tf.minimum(tf.cast(x_nat + settings.epsilon, tf.float64), high)
+    lower = tf.maximum(tf.cast(x_nat - epsilon, tf.float64), low)
+    upper = tf.minimum(tf.cast(x_nat + epsilon, tf.float64), high)
     x = x_start
     for _ in range(settings.num_steps) if training else tf.range(settings.num_steps):
         grad = input_gradient(model, tf.cast(x, tf.float32), labels, settings.loss_func, training)
-        step = tf.cast(settings.step_size * tf.sign(grad), tf.float64)
+        step = tf.cast(step_size * tf.sign(grad), tf.float64)
         x = tf.clip_by_value(x + step, lower, upper)
     return x
 

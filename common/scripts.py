@@ -18,6 +18,7 @@ from common import (
     devices,
     evaluation,
     fetch,
+    overfitting,
     pgd,
     precision,
     submission,
@@ -54,7 +55,8 @@ def _test_set(challenge, config):
 
 
 def train(challenge):
-    """train.py: PGD adversarial training, resuming from the newest checkpoint of `model_dir`."""
+    """train.py: adversarial training by the config's training_method, resuming from the newest
+    checkpoint of `model_dir`."""
 
     def main(argv):
         config = _config()
@@ -64,16 +66,29 @@ def train(challenge):
         model = _model(challenge, config, strategy)
         with strategy.scope():
             optimizer = precision.training_optimizer(challenge.optimizer(config))
-        train_step = training.TrainStep(
-            strategy, model, optimizer, challenge.attack_settings(config),
-            challenge.loss(config, strategy.num_replicas_in_sync),
-            attack_training=challenge.attack_training(config), jit_compile=config["jit_compile"])
         batch_size, seed = config["training_batch_size"], challenge.data_seed(config)
-        training.train(config, train_step,
-                       lambda step: challenge.training_batch(data, step, batch_size, seed), seed,
-                       challenge.summary_images)
+        guard = None
+        if config["overfitting_check_steps"]:
+            guard = overfitting.OverfittingGuard(strategy, model, challenge.held_out(data),
+                                                 challenge.attack_settings(config), seed)
+        training.train(config, _train_step(challenge, config, strategy, model, optimizer),
+                       lambda index: challenge.training_batch(data, index, batch_size, seed),
+                       seed, challenge.summary_images, guard)
 
     cli.run(main, challenge.config_path)
+
+
+def _train_step(challenge, config, strategy, model, optimizer):
+    """The training step of the config's training_method."""
+    settings = challenge.training_attack_settings(config)
+    loss = challenge.loss(config, strategy.num_replicas_in_sync)
+    if config["training_method"] == "free":
+        return training.FreeTrainStep(strategy, model, optimizer, settings, loss,
+                                      config["replay_m"], config["training_batch_size"],
+                                      config["epsilon_ramp_steps"], config["jit_compile"])
+    return training.TrainStep(strategy, model, optimizer, settings, loss,
+                              challenge.attack_training(config), config["epsilon_ramp_steps"],
+                              config["jit_compile"])
 
 
 def evaluate(challenge):

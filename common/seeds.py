@@ -14,6 +14,7 @@ ATTACK_STARTS = 3
 APGD_STARTS = 4
 FAB_STARTS = 5
 SQUARE = 6
+GUARD = 7
 
 
 def generator(seed, stream, *index):

@@ -1,15 +1,22 @@
-"""PGD adversarial training, the loop both challenges share.
+"""Adversarial training, the loop both challenges share, with three ways to attack the batch.
 
-Per step, as the original: draw a batch, attack it, print and write summaries on their cadence,
-save a checkpoint on its cadence (before the update, so `checkpoint-N` holds the model after N
-updates), then take the optimizer step on the adversarial batch only. The attack runs inside the
+`pgd` (the original): per step, draw a batch, attack it with the config's PGD, print and write
+summaries on their cadence, save a checkpoint on its cadence (before the update, so
+`checkpoint-N` holds the model after N updates), then take the optimizer step on the adversarial
+batch only. `fgsm_rs` (Wong et al., 2020) is the same with a one-step attack from a random start.
+`free` (Shafahi et al., 2019) replays each batch `replay_m` times; each replay is one step, whose
+backward pass gives both the weights' update and one signed step of size epsilon on a
+perturbation carried over to the next replay and the next batch. The attack runs inside the
 replica step under a `tf.distribute` strategy, with `training_batch_size` as the global batch.
 
 Beyond the original: a run resumes from the newest checkpoint in `model_dir` (data order and
 random starts are functions of the step, so it continues the same sequence), a last checkpoint
-is written at `max_num_training_steps`, and a progress bar shows the rate and the time left.
+is written at `max_num_training_steps`, a progress bar shows the rate and the time left, and
+an optional guard against catastrophic overfitting (common/overfitting.py) stops a run whose
+robustness collapses.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,10 +24,11 @@ import tempfile
 import time
 from datetime import datetime
 
+import numpy as np
 import tensorflow as tf
 import tqdm
 
-from common import checkpoints, devices, pgd, seeds
+from common import checkpoints, devices, overfitting, pgd, seeds
 from common.errors import UserError
 from common.files import written_in_place
 
@@ -28,72 +36,151 @@ PREFETCH_BATCHES = 2
 
 
 class TrainStep:
-    """One distributed training step: attack in each replica, metrics, optimizer update.
+    """One distributed training step on an attacked batch: `pgd` and `fgsm_rs`.
 
     `loss_fn(labels, logits, model)` returns what the replica minimises, scaled so that the
     sum over replicas is the loss of the global batch. `settings` (a pgd.AttackSettings) is the
     attack; `attack_training` selects the mode the model runs in during it (training mode in the
-    CIFAR-10 original). `jit_compile` compiles the replica step with XLA.
+    CIFAR-10 original). `epsilon_ramp_steps` (0: none) lets epsilon, and the step sizes with
+    it, rise linearly from 0 at step 0 to `settings.epsilon` at that step. `jit_compile`
+    compiles the replica step with XLA.
     """
 
+    replays = 1  # steps per batch
+
     def __init__(self, strategy, model, optimizer, settings, loss_fn, attack_training=False,
-                 jit_compile=False):
+                 epsilon_ramp_steps=0, jit_compile=False):
         self.strategy = strategy
         self.model = model
         self.optimizer = optimizer
         self.settings = settings
         self.loss_fn = loss_fn
         self.attack_training = attack_training
+        self.epsilon_ramp_steps = epsilon_ramp_steps
         with strategy.scope():
             optimizer.build(model.trainable_variables)
         self._replica_function = tf.function(self._replica_step, jit_compile=True) \
             if jit_compile else self._replica_step
         self._step = tf.function(self._distributed_step)
 
-    def _replica_step(self, x_nat, labels, x_start, report):
+    @property
+    def state(self):
+        """Variables besides the model's and the optimizer's that a checkpoint must hold."""
+        return {}
+
+    def epsilon_scale(self, step):
+        """The fraction of epsilon that the attack of `step` uses."""
+        if not self.epsilon_ramp_steps:
+            return 1.0
+        return min(1.0, step / self.epsilon_ramp_steps)
+
+    def start_points(self, x_batch, seed, step):
+        """The attack's start points (float64) for the batch of `step`."""
+        settings = dataclasses.replace(
+            self.settings, epsilon=self.settings.epsilon * self.epsilon_scale(step))
+        return training_start(x_batch, settings, seed, step)
+
+    def _replica_step(self, x_nat, labels, x_start, scale, report):
+        x_adv = tf.cast(pgd.pgd_steps(self.model, x_nat, labels, x_start, self.settings,
+                                      self.attack_training, scale), tf.float32)
+        metrics = _natural_metrics(self.model, x_nat, labels, report)
+        logits, _ = self._update(x_adv, labels)
+        return {**metrics, **_adversarial_metrics(logits, labels)}, x_adv
+
+    def _update(self, x_adv, labels, input_gradient=False):
+        """One optimizer step on `x_adv`; returns the logits and, where asked, the gradient of
+        the loss with respect to `x_adv` from the same backward pass."""
         model = self.model
-        x_adv = tf.cast(pgd.pgd_steps(model, x_nat, labels, x_start, self.settings,
-                                      self.attack_training), tf.float32)
-        metrics = {}
-        if report:
-            metrics["nat_correct"] = _num_correct(model(x_nat, training=True), labels)
         with tf.GradientTape() as tape:
+            tape.watch(x_adv)
             logits = model(x_adv, training=True)
             loss = self.optimizer.scale_loss(self.loss_fn(labels, logits, model))
-        gradients = tape.gradient(loss, model.trainable_variables)
-        self.optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        metrics["adv_correct"] = _num_correct(logits, labels)
-        metrics["adv_xent"] = tf.reduce_sum(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
-        return metrics, x_adv
+        sources = [model.trainable_variables, x_adv] if input_gradient \
+            else [model.trainable_variables]
+        gradients = tape.gradient(loss, sources)
+        self.optimizer.apply_gradients(zip(gradients[0], model.trainable_variables))
+        return logits, gradients[1] if input_gradient else None
 
-    def _distributed_step(self, x_nat, labels, x_start, report):
+    def _distributed_step(self, x_nat, labels, x_start, scale, report):
         metrics, x_adv = self.strategy.run(self._replica_function,
-                                           args=(x_nat, labels, x_start, report))
-        totals = {name: self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
-                  for name, value in metrics.items()}
-        return totals, self.strategy.experimental_local_results(x_adv)[0]
+                                           args=(x_nat, labels, x_start, scale, report))
+        return self._totals(metrics), self.strategy.experimental_local_results(x_adv)[0]
 
-    def _split(self, batch):
-        """Gives replica r the r-th consecutive slice of the global batch."""
-        replicas = self.strategy.num_replicas_in_sync
-        size = len(batch[0])
-        if size % replicas:
-            raise UserError(f"training_batch_size {size} does not split over {replicas} replicas")
-        local = size // replicas
+    def _totals(self, metrics):
+        return {name: self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+                for name, value in metrics.items()}
 
-        def replica_slice(context):
-            first = context.replica_id_in_sync_group * local
-            return tuple(tensor[first:first + local] for tensor in batch)
-
-        return self.strategy.experimental_distribute_values_from_function(replica_slice)
-
-    def __call__(self, x_nat, labels, x_start, report=True):
+    def __call__(self, x_nat, labels, x_start, report=True, step=0):
         """Runs the step on a global batch from its start points (float64, see pgd.start_point);
         returns summed metrics and some adversarial images."""
         batch = (tf.convert_to_tensor(x_nat), tf.convert_to_tensor(labels),
                  tf.convert_to_tensor(x_start, tf.float64))
-        return self._step(*self._split(batch), report)
+        return self._step(*devices.split_batch(self.strategy, batch), self._scale(step), report)
+
+    def _scale(self, step):
+        return tf.constant(self.epsilon_scale(step), tf.float32)
+
+
+class FreeTrainStep(TrainStep):
+    """One replay of free adversarial training (Shafahi et al., 2019).
+
+    The replay trains on `clip(x + perturbation)` and, from the same backward pass, moves the
+    perturbation by `epsilon * sign(gradient)` within the epsilon ball. The perturbation has the
+    shape of the global batch and carries over to the next replay and the next batch; it is
+    part of the checkpoint. The weights' update and the input gradient come from the same loss
+    (with CIFAR-10's weight decay, which has no input gradient), as in their code.
+    """
+
+    def __init__(self, strategy, model, optimizer, settings, loss_fn, replays, batch_size,
+                 epsilon_ramp_steps=0, jit_compile=False):
+        super().__init__(strategy, model, optimizer, settings, loss_fn, False,
+                         epsilon_ramp_steps, jit_compile)
+        self.replays = replays
+        self.perturbation = tf.Variable(tf.zeros((batch_size, *model.input_shape[1:])),
+                                        trainable=False, name="free_perturbation")
+
+    @property
+    def state(self):
+        return {"free_perturbation": self.perturbation}
+
+    def start_points(self, x_batch, seed, step):
+        """None: a replay starts from the perturbation carried in this step (an empty array
+        stands in for the start points)."""
+        return np.zeros((0, *x_batch.shape[1:]))
+
+    def _replica_step(self, x_nat, labels, perturbation, scale, report):
+        epsilon = self.settings.epsilon * scale
+        x_adv = tf.clip_by_value(x_nat + perturbation, *self.settings.pixel_range)
+        metrics = _natural_metrics(self.model, x_nat, labels, report)
+        logits, gradient = self._update(x_adv, labels, input_gradient=True)
+        gradient = tf.where(tf.math.is_finite(gradient), gradient, tf.zeros_like(gradient))
+        perturbation = tf.clip_by_value(perturbation + epsilon * tf.sign(gradient),
+                                        -epsilon, epsilon)
+        return {**metrics, **_adversarial_metrics(logits, labels)}, x_adv, perturbation
+
+    def _distributed_step(self, x_nat, labels, perturbation, scale, report):
+        metrics, x_adv, perturbation = self.strategy.run(
+            self._replica_function, args=(x_nat, labels, perturbation, scale, report))
+        self.perturbation.assign(self.strategy.gather(perturbation, axis=0))
+        return self._totals(metrics), self.strategy.experimental_local_results(x_adv)[0]
+
+    def __call__(self, x_nat, labels, x_start=None, report=True, step=0):
+        """Runs one replay on a global batch; `x_start` is not used."""
+        batch = (tf.convert_to_tensor(x_nat), tf.convert_to_tensor(labels),
+                 tf.convert_to_tensor(self.perturbation))
+        return self._step(*devices.split_batch(self.strategy, batch), self._scale(step), report)
+
+
+def _natural_metrics(model, x_nat, labels, report):
+    if not report:
+        return {}
+    return {"nat_correct": _num_correct(model(x_nat, training=True), labels)}
+
+
+def _adversarial_metrics(logits, labels):
+    return {"adv_correct": _num_correct(logits, labels),
+            "adv_xent": tf.reduce_sum(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))}
 
 
 def _num_correct(logits, labels):
@@ -105,15 +192,16 @@ def training_start(x_nat, settings, seed, step):
     return pgd.start_point(x_nat, settings, seeds.generator(seed, seeds.TRAINING_STARTS, step))
 
 
-def _batches(batch_for_step, first_step, last_step, seed, settings, example_shape):
-    """Prefetched (x, y, start) global batches from `first_step` up to `last_step`."""
+def _batches(train_step, batch_for_step, first_step, last_step, seed):
+    """Prefetched (x, y, start) global batches from `first_step` up to `last_step`; the steps
+    that replay a batch (free training) get that same batch."""
 
     def generate():
         for step in range(first_step, last_step):
-            x_batch, y_batch = batch_for_step(step)
-            yield x_batch, y_batch, training_start(x_batch, settings, seed, step)
+            x_batch, y_batch = batch_for_step(step // train_step.replays)
+            yield x_batch, y_batch, train_step.start_points(x_batch, seed, step)
 
-    shape = (None, *example_shape)
+    shape = (None, *train_step.model.input_shape[1:])
     signature = (tf.TensorSpec(shape, tf.float32), tf.TensorSpec((None,), tf.int64),
                  tf.TensorSpec(shape, tf.float64))
     dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
@@ -159,9 +247,10 @@ def _summarize(writer, step, metrics, batch_size, images):
         tf.summary.image("images adv train", images, max_outputs=3)
 
 
-def train(config, train_step, batch_for_step, seed, to_images):
-    """The training loop: `train_step` a TrainStep, `batch_for_step(step) -> (x, y)` global
-    batches, `seed` for the random starts, `to_images(x)` for the image summary in [0, 1].
+def train(config, train_step, batch_for_step, seed, to_images, guard=None):
+    """The training loop: `train_step` a TrainStep, `batch_for_step(index) -> (x, y)` the global
+    batch of an index (a step, or with replays the step // replays), `seed` for the random
+    starts, `to_images(x)` for the image summary in [0, 1], `guard` an OverfittingGuard or None.
 
     Every task of a multi-worker cluster runs it alike (all take part in saving, which may
     all-reduce); only the chief writes into `model_dir`, the others into a private temporary
@@ -171,41 +260,55 @@ def train(config, train_step, batch_for_step, seed, to_images):
     model_dir = config["model_dir"]
     write_dir = model_dir if chief else tempfile.mkdtemp(prefix="madry-worker-")
     try:
-        _train(config, train_step, batch_for_step, seed, to_images, chief, write_dir)
+        _train(config, train_step, batch_for_step, seed, to_images, guard, chief, write_dir)
     finally:
         if not chief:
             shutil.rmtree(write_dir, ignore_errors=True)
 
 
-def _train(config, train_step, batch_for_step, seed, to_images, chief, write_dir):
+def _train(config, train_step, batch_for_step, seed, to_images, guard, chief, write_dir):
     model_dir = config["model_dir"]
     batch_size = config["training_batch_size"]
     max_steps = config["max_num_training_steps"]
     os.makedirs(write_dir, exist_ok=True)
     global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+    state = dict(train_step.state)
+    if guard is not None:
+        state["overfitting_guard"] = guard.state
     checkpoint = checkpoints.training_checkpoint(train_step.model, train_step.optimizer,
-                                                 global_step)
+                                                 global_step, **state)
     manager = checkpoints.checkpoint_manager(checkpoint, write_dir)
     first_step = _resume(checkpoint, model_dir)
     report_line = tqdm.tqdm.write if chief else lambda line: None
+    if guard is not None and guard.stopped_at is not None:
+        report_line(f"The overfitting guard stopped this run at step {guard.stopped_at}; its "
+                    f"newest checkpoint holds the weights of step {first_step}")
+        return
     if first_step:
         report_line(f"Resuming from {checkpoints.latest_checkpoint(model_dir)} at step "
                     f"{first_step}")
     if chief:
         _write_config(config, model_dir)
     writer = tf.summary.create_file_writer(model_dir) if chief else tf.summary.create_noop_writer()
-    batches = _batches(batch_for_step, first_step, max_steps, seed, train_step.settings,
-                       train_step.model.input_shape[1:])
+    guard_manager = overfitting.last_good_manager(checkpoint, write_dir) if guard else None
+    batches = _batches(train_step, batch_for_step, first_step, max_steps, seed)
     training_time = 0.0
     progress = tqdm.tqdm(total=max_steps, initial=first_step, unit="step", smoothing=0.1,
                          disable=not chief)
+    stopped = False
     for step in range(first_step, max_steps):
         x_batch, y_batch, x_start = next(batches)
-        if step % config["num_checkpoint_steps"] == 0 and (step > first_step or step == 0):
-            manager.save(checkpoint_number=step)
+        if step > first_step or step == 0:
+            if guard is not None and step % config["overfitting_check_steps"] == 0:
+                stopped = _overfitting_stops(guard, step, checkpoint, manager, guard_manager,
+                                             report_line, writer)
+                if stopped:
+                    break
+            if step % config["num_checkpoint_steps"] == 0:
+                manager.save(checkpoint_number=step)
         report = step % config["num_output_steps"] == 0
         start = time.perf_counter()
-        metrics, images = train_step(x_batch, y_batch, x_start, report)
+        metrics, images = train_step(x_batch, y_batch, x_start, report, step)
         metrics = {name: value.numpy() for name, value in metrics.items()}
         training_time += time.perf_counter() - start
         if report:
@@ -219,6 +322,31 @@ def _train(config, train_step, batch_for_step, seed, to_images, chief, write_dir
         global_step.assign(step + 1)
         progress.update(1)
     progress.close()
-    if first_step < max_steps:
+    if first_step < max_steps and not stopped:
         manager.save(checkpoint_number=max_steps)
     writer.flush()
+
+
+def _overfitting_stops(guard, step, checkpoint, manager, guard_manager, report_line, writer):
+    """Runs the guard's check at `step`. Where robustness collapsed, restores the last check
+    that passed, marks the run stopped, saves that as the newest checkpoint and returns True;
+    otherwise keeps this state as the last good one."""
+    result = guard.check(step)
+    report_line(f"Step {step}: PGD-{overfitting.STEPS} accuracy on the held-out batch "
+                f"{result.accuracy * 100:.4}%")
+    with writer.as_default(step=step):
+        tf.summary.scalar("accuracy adv held out", result.accuracy)
+    if not result.collapsed:
+        guard_manager.save(checkpoint_number=step)
+        return False
+    report_line(f"Catastrophic overfitting at step {step}: the held-out accuracy fell from "
+                f"{result.previous * 100:.4}% (step {result.previous_step}) to "
+                f"{result.accuracy * 100:.4}%; training stops with the weights of step "
+                f"{result.previous_step}")
+    with writer.as_default(step=step):
+        tf.summary.scalar("catastrophic overfitting, weights kept from step",
+                          result.previous_step)
+    checkpoint.restore(guard_manager.latest_checkpoint).assert_existing_objects_matched()
+    guard.state.stopped_at.assign(step)
+    manager.save(checkpoint_number=result.previous_step)
+    return True

@@ -4,7 +4,7 @@ import os
 
 import keras
 
-from common import losses
+from common import losses, schedules
 from common.challenge import Challenge
 from mnist_challenge import mnist_input, model
 
@@ -26,11 +26,13 @@ MNIST = Challenge(
     load_data=mnist_input.MNISTData,
     test_set=lambda data: (data.test_images, data.test_labels),
     training_batch=training_batch,
+    held_out=lambda data: (data.validation_images, data.validation_labels),
     attack_keys=("k", "a"),
     seed_keys=("random_seed", "random_seed"),
     loss=lambda config, num_replicas: losses.summed_xent,
-    # Adam with TF1's defaults (Keras' own epsilon is 1e-7).
-    optimizer=lambda config: keras.optimizers.Adam(learning_rate=1e-4, epsilon=1e-8),
+    # Adam with TF1's defaults (Keras' own epsilon is 1e-7); the original's rate is 1e-4.
+    optimizer=lambda config: keras.optimizers.Adam(
+        learning_rate=schedules.learning_rate(config), epsilon=1e-8),
     attack_training=lambda config: False,
     submission_shape_text="(10000,784)",
     prediction_batch_size=64,

@@ -1,7 +1,8 @@
 """MNIST from the four official IDX files, split and batched as the original's tutorial loader.
 
 Pixels are float32 in [0, 1], images flat (784). Training uses examples 5000..59999 of the
-official training file (the first 5000 were the tutorial's validation split); the test set is
+official training file (the first 5000 were the tutorial's validation split, which only the
+overfitting guard of fast training looks at); the test set is
 the official 10,000 in file order. Missing files are downloaded into `data_path`.
 """
 
@@ -76,13 +77,16 @@ def _labels(path):
 
 
 class MNISTData:
-    """The training split (55,000) and the test set (10,000) of MNIST."""
+    """The training split (55,000), the validation split (5,000, never trained on) and the test
+    set (10,000) of MNIST."""
 
     def __init__(self, data_path):
         _fetch_missing(data_path)
         path = {key: os.path.join(data_path, name) for key, name in FILES.items()}
-        self.train_images = _images(path["train_images"])[VALIDATION_SIZE:]
-        self.train_labels = _labels(path["train_labels"])[VALIDATION_SIZE:]
+        images, labels = _images(path["train_images"]), _labels(path["train_labels"])
+        self.train_images, self.train_labels = images[VALIDATION_SIZE:], labels[VALIDATION_SIZE:]
+        self.validation_images = images[:VALIDATION_SIZE]
+        self.validation_labels = labels[:VALIDATION_SIZE]
         self.test_images = _images(path["test_images"])
         self.test_labels = _labels(path["test_labels"])
         if len(self.train_images) != len(self.train_labels) or \

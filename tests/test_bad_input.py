@@ -30,7 +30,12 @@ BAD_VALUES = {
     "model_dir": [""], "data_path": [""], "store_adv_path": [""],
     "filters": ["[16,16,32]", "[16,16,32,0]", "[16,16,32,6.5]", "notjson", "5"],
     "step_size_schedule": ["[[5,0.1]]", "[[0,0.1],[10,-1]]", "[[0,0.1],[0,0.2]]", "[]",
-                           "[[0,0.1,3]]", "[[0.5,0.1]]", "notjson"],
+                           "[[0,0.1,3]]", "[[0.5,0.1]]", "[[0,0],[10,0]]", "notjson"],
+    "learning_rate_schedule": ["cosine", "piecewise"],
+    "training_method": ["trades", "PGD", ""],
+    "fgsm_step_size": ["-0.375", "0", "abc"],
+    "replay_m": INT_BAD + ["0"],
+    "overfitting_check_steps": INT_BAD, "epsilon_ramp_steps": INT_BAD,
 }
 
 

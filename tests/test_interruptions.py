@@ -1,6 +1,6 @@
 """Real MNIST scripts under kills and rotation: a training run killed with SIGKILL mid-run
-resumes and ends exactly as an uninterrupted one; eval.py reads a folder whose checkpoints the
-trainer is rotating; broken data and model folders are named.
+resumes and ends exactly as an uninterrupted one, for each training method; eval.py reads a
+folder whose checkpoints the trainer is rotating; broken data and model folders are named.
 
 The kills happen on checkpoint events, not on timers: each kill waits for a checkpoint chosen by
 a seeded generator to appear and kills at once, while the run still has steps and checkpoints
@@ -50,24 +50,39 @@ def wait_for_checkpoint(process, model_dir, step, timeout=300):
         time.sleep(0.01)
 
 
-def test_a_run_killed_mid_run_ends_as_an_uninterrupted_one(tmp_path, mnist_data):
+METHODS = {
+    "pgd": (),
+    # with the guard, whose memory, and free's perturbation, the checkpoints must keep
+    "fgsm_rs": ("--training_method=fgsm_rs", "--fgsm_step_size=0.125", "--epsilon_ramp_steps=6",
+                "--overfitting_check_steps=3", "--learning_rate_schedule=piecewise_linear",
+                "--step_size_schedule=[[0,0],[8,0.001],[16,0]]"),
+    "free": ("--training_method=free", "--replay_m=3", "--overfitting_check_steps=4"),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_run_killed_mid_run_ends_as_an_uninterrupted_one(method, tmp_path, mnist_data):
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-    subprocess.run(training_command(whole, mnist_data), check=True, capture_output=True)
+    extra = METHODS[method]
+    subprocess.run(training_command(whole, mnist_data, *extra), check=True, capture_output=True)
     kill_points = sorted(random.Random(KILLS_SEED).sample(list(KILL_AT), 3))
     for step in kill_points:
-        process = subprocess.Popen(training_command(killed, mnist_data),
+        process = subprocess.Popen(training_command(killed, mnist_data, *extra),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_checkpoint(process, killed, step)
         process.kill()
         process.wait()
         assert process.returncode == -9
         assert MAX_STEPS not in checkpoint_steps(killed), "the run ended before the kill"
-    final = subprocess.run(training_command(killed, mnist_data), capture_output=True, text=True)
+    final = subprocess.run(training_command(killed, mnist_data, *extra), capture_output=True,
+                           text=True)
     assert final.returncode == 0, (kill_points, final.stderr)
     assert "Resuming from " in final.stdout, kill_points
     expected = checkpoint_values(f"{whole}/checkpoint-{MAX_STEPS}")
     resumed = checkpoint_values(f"{killed}/checkpoint-{MAX_STEPS}")
     assert int(resumed["global_step/.ATTRIBUTES/VARIABLE_VALUE"]) == MAX_STEPS
+    assert expected.keys() == resumed.keys()
+    assert (method == "free") == ("free_perturbation/.ATTRIBUTES/VARIABLE_VALUE" in expected)
     for name in expected:
         np.testing.assert_array_equal(resumed[name], expected[name], err_msg=f"{name}")
 

@@ -1,0 +1,95 @@
+"""The guard against catastrophic overfitting of Wong et al. (2020).
+
+Trained on a one-step attack, a network can suddenly learn to defeat that attack alone: its
+accuracy under a multi-step PGD collapses within a few hundred steps while the training accuracy
+looks fine. At a set interval the guard attacks a fixed held-out batch with PGD (5 steps of
+epsilon / 4, so that the steps reach past epsilon, from random starts) and compares the
+accuracy with the last check. A drop of more than 0.2 stops training with the weights of the
+check before, which the guard keeps as a checkpoint of its own in `model_dir/last_good_check`.
+"""
+
+import dataclasses
+import os
+
+import tensorflow as tf
+
+from common import devices, pgd, seeds
+
+STEPS = 5
+MAX_DROP = 0.2
+EXAMPLES = 512  # of the held-out batch; divisible by any usual number of replicas
+FOLDER = "last_good_check"
+
+
+class GuardState(tf.Module):
+    """What the guard remembers, part of the training checkpoint: the accuracy and step of the
+    last check that passed, and the step at which it stopped training (-1: none yet)."""
+
+    def __init__(self):
+        super().__init__(name="overfitting_guard")
+        self.accuracy = tf.Variable(-1.0, dtype=tf.float64, trainable=False)
+        self.good_step = tf.Variable(-1, dtype=tf.int64, trainable=False)
+        self.stopped_at = tf.Variable(-1, dtype=tf.int64, trainable=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One check's result: `accuracy` now, against `previous` at `previous_step`."""
+
+    step: int
+    accuracy: float
+    previous: float
+    previous_step: int
+
+    @property
+    def collapsed(self):
+        return self.previous >= 0 and self.previous - self.accuracy > MAX_DROP
+
+
+class OverfittingGuard:
+    """Checks the model's PGD accuracy on `held_out` (images, labels) under `strategy`."""
+
+    def __init__(self, strategy, model, held_out, settings, seed):
+        images, labels = (tensor[:EXAMPLES] for tensor in held_out)
+        self.strategy = strategy
+        self.model = model
+        self.state = GuardState()
+        self.settings = dataclasses.replace(settings, num_steps=STEPS,
+                                            step_size=settings.epsilon / 4, random_start=True)
+        start = pgd.start_point(images, self.settings, seeds.generator(seed, seeds.GUARD))
+        self._batch = devices.split_batch(strategy, (tf.convert_to_tensor(images, tf.float32),
+                                             tf.convert_to_tensor(labels, tf.int64),
+                                             tf.convert_to_tensor(start, tf.float64)))
+        self._count = tf.function(self._count_correct)
+        self._examples = len(images)
+
+    def _count_correct(self, batch):
+        def replica(images, labels, start):
+            x_adv = pgd.pgd_steps(self.model, images, labels, start, self.settings)
+            logits = self.model(tf.cast(x_adv, tf.float32), training=False)
+            return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1), labels), tf.int64))
+
+        correct = self.strategy.run(replica, args=batch)
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None)
+
+    def check(self, step):
+        """Attacks the held-out batch; records the accuracy where it did not collapse."""
+        accuracy = float(self._count(self._batch).numpy()) / self._examples
+        result = Check(step, accuracy, float(self.state.accuracy.numpy()),
+                       int(self.state.good_step.numpy()))
+        if not result.collapsed:
+            self.state.accuracy.assign(accuracy)
+            self.state.good_step.assign(step)
+        return result
+
+    @property
+    def stopped_at(self):
+        """The step at which the guard stopped this run, or None."""
+        step = int(self.state.stopped_at.numpy())
+        return None if step < 0 else step
+
+
+def last_good_manager(checkpoint, write_dir):
+    """The guard's own checkpoint of the last check that passed."""
+    return tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, FOLDER), max_to_keep=1,
+                                      checkpoint_name="checkpoint")

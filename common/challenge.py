@@ -53,12 +53,16 @@ class Challenge:
                               config["random_start"], config["loss_func"], self.pixel_range)
 
     def training_attack_settings(self, config):
-        """The attack that training_method trains on: the config's PGD (also the epsilon ball
-        of free training), or one step of fgsm_step_size from a random start."""
+        """The attack that training_method trains on: the config's PGD, or its steps and step
+        size from `training_attack`; one step of fgsm_step_size from a random start; for free
+        training, the config's epsilon ball."""
         settings = self.attack_settings(config)
         if config["training_method"] == "fgsm_rs":
             return dataclasses.replace(settings, num_steps=1,
                                        step_size=config["fgsm_step_size"], random_start=True)
+        if config["training_method"] == "pgd" and config["training_attack"]:
+            steps, step_size = config["training_attack"]
+            return dataclasses.replace(settings, num_steps=steps, step_size=float(step_size))
         return settings
 
     def weights_seed(self, config):

@@ -41,4 +41,5 @@ def run(main, config_path=None):
             _fail(f"{error.strerror or error}{where}")
 
     logging.set_verbosity(logging.WARNING)
+    sys.stdout.reconfigure(line_buffering=True)  # each report line shows at once in a log file
     app.run(guarded_main, flags_parser=_parse_flags)

@@ -69,6 +69,16 @@ def _positive(value):
     return None if value > 0 else f"must be positive, got {value}"
 
 
+def _training_attack(pair):
+    """[] or [steps, step_size]."""
+    if not pair:
+        return None
+    if len(pair) != 2 or not _is_int(pair[0]) or pair[0] < 0 or not _is_number(pair[1]) \
+            or pair[1] < 0:
+        return f"must be [] or [steps, step_size], not negative, got {pair}"
+    return None
+
+
 def _filters(widths):
     if len(widths) != 4 or not all(_is_int(width) and width > 0 for width in widths):
         return f"must be four positive whole numbers, got {widths}"
@@ -120,6 +130,10 @@ RULES = {
                         "config's PGD attack), fgsm_rs (one step of fgsm_step_size from a "
                         "random start) or free (each batch replayed replay_m times, the "
                         "perturbation carried over)."),
+    "training_attack": (list, _training_attack, "[steps, step_size] of the PGD that "
+                        "training_method pgd trains on, for a few-step attack in training while "
+                        "the scripts evaluate with the config's own; [] trains on the config's "
+                        "own attack, as the original."),
     "fgsm_step_size": (float, _positive, "Step size of fgsm_rs, in pixel units (Wong et al.: "
                        "1.25 epsilon)."),
     "replay_m": (int, _at_least(1), "Replays of each batch in free training; "

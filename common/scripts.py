@@ -94,6 +94,7 @@ def _train_step(challenge, config, strategy, model, optimizer):
 def evaluate(challenge):
     """eval.py: evaluates each new checkpoint of `model_dir` (`--once`: the newest, then exits)."""
     flags.DEFINE_boolean("once", False, "Evaluate the newest checkpoint and exit.")
+    _define_restarts()
 
     def main(argv):
         config = _config()
@@ -102,8 +103,9 @@ def evaluate(challenge):
         model = _model(challenge, config, strategy)
         with strategy.scope():
             attack = pgd.LinfPGDAttack.from_settings(
-                model, challenge.attack_settings(config), seed=challenge.data_seed(config),
-                jit_compile=config["jit_compile"], strategy=strategy)
+                model, challenge.attack_settings(config), restarts=FLAGS.restarts,
+                seed=challenge.data_seed(config), jit_compile=config["jit_compile"],
+                strategy=strategy)
             evaluation.eval_loop(
                 config["model_dir"],
                 lambda path: checkpoints.load_weights(model, path, challenge.tf1_variables),
@@ -115,10 +117,14 @@ def evaluate(challenge):
     cli.run(main, challenge.config_path)
 
 
-def attack(challenge):
-    """pgd_attack.py: attacks the first `num_eval_examples` test images, stores them."""
+def _define_restarts():
     flags.DEFINE_integer("restarts", 1, "Random restarts per example; the strongest one is kept.",
                          lower_bound=1)
+
+
+def attack(challenge):
+    """pgd_attack.py: attacks the first `num_eval_examples` test images, stores them."""
+    _define_restarts()
 
     def main(argv):
         config = _config()

@@ -1,5 +1,5 @@
 """CIFAR-10 training: the learning-rate schedule, weight decay, TF1 Momentum, synchronized batch
-norm over two replicas, and a short real run on the shared data."""
+norm over two replicas, a short real run on the shared data, and free training's config."""
 
 import keras
 import numpy as np
@@ -141,8 +141,8 @@ def test_a_short_real_run_lowers_the_loss(tmp_path, cifar_data):
     assert tf.train.latest_checkpoint(str(model_dir)).endswith("checkpoint-40")
 
 
-def cifar_train(model_dir, cifar_data, steps):
-    result = run_script("cifar10_challenge/train.py", f"--model_dir={model_dir}",
+def cifar_train(model_dir, cifar_data, steps, *extra):
+    result = run_script("cifar10_challenge/train.py", *extra, f"--model_dir={model_dir}",
                         f"--data_path={cifar_data}", "--filters=[16,16,32,64]",
                         f"--max_num_training_steps={steps}", "--training_batch_size=8",
                         "--num_steps=2", "--num_output_steps=2", "--num_summary_steps=2",
@@ -164,5 +164,38 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, cifar_data):
     assert expected.keys() == resumed.keys()
     assert any("moving_mean" in name for name in expected)
     assert any(name.startswith("optimizer/_variables/") for name in expected)  # velocities
+    for name in expected:
+        np.testing.assert_array_equal(resumed[name], expected[name], err_msg=name)
+
+
+def test_config_free_holds_shafahi_et_al_settings():
+    from test_bad_input import load
+
+    from cifar10_challenge.challenge import CIFAR10
+    config = load(CIFAR10, "--config=cifar10_challenge/config_free.json")
+    assert (config["training_method"], config["replay_m"]) == ("free", 8)
+    assert config["max_num_training_steps"] == 80000 and config["training_batch_size"] == 128
+    assert config["step_size_schedule"] == SCHEDULE
+    assert config["learning_rate_schedule"] == "piecewise_constant"
+    assert (config["weight_decay"], config["momentum"]) == (0.0002, 0.9)
+    assert config["filters"] == list(cifar_model.WIDE_FILTERS)
+    assert (config["epsilon"], config["num_steps"], config["step_size"]) == (8.0, 20, 2.0)
+    assert config["model_dir"].endswith("cifar10_challenge/models/free_m8")
+
+
+@pytest.mark.slow
+def test_free_training_resumes_mid_batch_as_an_uninterrupted_run(tmp_path, cifar_data):
+    """Free replays on the simple network: the perturbation and the batch-norm averages are
+    kept; a run resumed between two replays of one batch ends as an uninterrupted one."""
+    free = ("--config=cifar10_challenge/config_free.json", "--replay_m=2")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    cifar_train(whole, cifar_data, 4, *free)
+    cifar_train(parts, cifar_data, 3, *free)
+    cifar_train(parts, cifar_data, 4, *free)
+    expected, resumed = (checkpoint_values(f"{folder}/checkpoint-4") for folder in (whole, parts))
+    perturbation = expected["free_perturbation/.ATTRIBUTES/VARIABLE_VALUE"]
+    assert perturbation.shape == (8, 32, 32, 3)
+    assert np.abs(perturbation).max() == 8.0
+    assert expected.keys() == resumed.keys()
     for name in expected:
         np.testing.assert_array_equal(resumed[name], expected[name], err_msg=name)

@@ -86,6 +86,16 @@ def test_fgsm_rs_is_one_pgd_step_of_its_size_from_a_random_start(batch, initial_
     assert_same_adam_steps(model.get_weights(), reference.get_weights())
 
 
+def test_a_few_step_training_attack_leaves_the_evaluation_attack_alone():
+    config = load(MNIST, "--training_attack=[2,0.2]")
+    assert MNIST.training_attack_settings(config) == pgd.AttackSettings(EPSILON, 2, 0.2, True)
+    assert MNIST.attack_settings(config) == pgd.AttackSettings(EPSILON, 40, 0.01, True)
+    original = load(MNIST)
+    assert MNIST.training_attack_settings(original) == MNIST.attack_settings(original)
+    assert MNIST.training_attack_settings(
+        load(MNIST, "--training_attack=[2,0.2]", "--training_method=fgsm_rs")).num_steps == 1
+
+
 def test_free_replays_equal_a_hand_written_loop(batch, initial_weights):
     x, y = batch
     settings = pgd.AttackSettings(EPSILON, 40, 0.01, True)

@@ -205,3 +205,15 @@ def test_fetch_model_usage_line():
     result = run_script("mnist_challenge/fetch_model.py", "robust")
     assert result.returncode == 1
     assert result.stdout.strip() == "Usage: python fetch_model.py [natural, adv_trained, secret]"
+
+
+def test_eval_restarts_only_lower_the_adversarial_accuracy(model_dir, mnist_data):
+    accuracy = {}
+    for restarts in (1, 4):
+        result = run_script("mnist_challenge/eval.py",
+                            *_args(model_dir, mnist_data, "--once", "--num_eval_examples=200",
+                                   "--k=3", "--a=0.01", "--epsilon=0.05",
+                                   f"--restarts={restarts}"))
+        assert result.returncode == 0, result.stderr
+        accuracy[restarts] = float(result.stdout.split("adversarial: ")[1].split("%")[0])
+    assert accuracy[4] < accuracy[1], accuracy

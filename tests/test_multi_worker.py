@@ -77,6 +77,10 @@ def written(model_dir):
     ("cifar10_challenge/train.py", "cifar10", 1, ("--filters=[16,16,32,64]", "--num_steps=2",
                                                   "--attack_batch_norm=eval",
                                                   "--training_batch_size=8")),
+    # free training gathers its perturbation from both workers; the guard all-reduces its count
+    ("mnist_challenge/train.py", "mnist", 4, ("--epsilon=0.1", "--training_method=free",
+                                              "--replay_m=2", "--overfitting_check_steps=2",
+                                              "--training_batch_size=20")),
 ])
 def test_two_workers_equal_one_process_over_two_devices(tmp_path, script, data, steps, extra):
     common = (f"--data_path={shared_path('data', data)}", f"--max_num_training_steps={steps}",
@@ -91,8 +95,9 @@ def test_two_workers_equal_one_process_over_two_devices(tmp_path, script, data, 
     assert "Step 0:" in chief_out and worker_out == ""
     checkpoint_files = sorted(f"checkpoint-{step}.{suffix}" for step in {*range(0, steps, 2), steps}
                               for suffix in ("data-00000-of-00001", "index"))
+    guard = ["last_good_check"] if "--overfitting_check_steps=2" in extra else []
     assert written(cluster_dir) == written(single_dir) == [
-        "checkpoint", *checkpoint_files, "config.json", "events (1 file)"]
+        "checkpoint", *checkpoint_files, "config.json", *guard, "events (1 file)"]
     expected = checkpoint_values(f"{single_dir}/checkpoint-{steps}")
     found = checkpoint_values(f"{cluster_dir}/checkpoint-{steps}")
     assert found.keys() == expected.keys()

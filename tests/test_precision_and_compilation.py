@@ -92,6 +92,27 @@ def test_float16_training_scales_its_loss(policy, mnist_data):
     assert not np.array_equal(before, after) and 0 < metrics["nat_correct"].numpy() <= 50
 
 
+@pytest.mark.parametrize("mode", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_free_training_keeps_a_finite_perturbation(mode, policy, mnist_data):
+    """The replay's input gradient comes from the scaled loss; an overflow must not reach the
+    perturbation as NaN."""
+    policy(mode)
+    data = mnist_input.MNISTData(mnist_data)
+    model = mnist_model.Model()
+    optimizer = precision.training_optimizer(keras.optimizers.Adam(1e-3, epsilon=1e-8))
+    step = training.FreeTrainStep(tf.distribute.get_strategy(), model, optimizer,
+                                  pgd.AttackSettings(0.3, 1, 0.1, True), summed_xent, 4, 50)
+    x, y = data.train_images[:50], data.train_labels[:50]
+    for replay in range(8):
+        metrics, x_adv = step(x, y, report=True, step=replay)
+    perturbation = step.perturbation.numpy()
+    assert np.all(np.isfinite(perturbation)) and np.abs(perturbation).max() <= 0.3 + 1e-6
+    assert np.mean(np.abs(perturbation) > 0.29) > 0.5
+    assert np.all(np.isfinite(model.get_layer("fc1").kernel.numpy()))
+    assert 0 <= x_adv.numpy().min() and x_adv.numpy().max() <= 1
+    assert 0 < metrics["nat_correct"].numpy() <= 50
+
+
 def test_xla_attack_gives_the_same_result(mnist_data, mnist_fixture):
     accuracy, x_adv, _ = attack_accuracy("mnist", mnist_fixture, mnist_data, examples=100)
     compiled_accuracy, compiled_x_adv, _ = attack_accuracy("mnist", mnist_fixture, mnist_data,

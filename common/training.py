@@ -144,8 +144,7 @@ class FreeTrainStep(TrainStep):
         return {"free_perturbation": self.perturbation}
 
     def start_points(self, x_batch, seed, step):
-        """None: a replay starts from the perturbation carried in this step (an empty array
-        stands in for the start points)."""
+        """An empty array: a replay starts from the perturbation this step carries."""
         return np.zeros((0, *x_batch.shape[1:]))
 
     def _replica_step(self, x_nat, labels, perturbation, scale, report):

@@ -5,6 +5,7 @@ import os
 from cifar10_challenge import cifar10_input, model
 from common import losses, overfitting, schedules
 from common.challenge import Challenge
+from common.paper import Paper, Row
 from common.momentum import TF1Momentum
 
 MODELS_URL = "https://github.com/MadryProj/cifar10_challenge_models/raw/master/"
@@ -40,4 +41,20 @@ CIFAR10 = Challenge(
     model_urls={name: f"{MODELS_URL}{name}.zip" for name in ("natural", "adv_trained", "secret")},
     published_sha256={
         "secret": "555be6e892372599380c9da5d5f9802f9cbd098be8a47d24d96937a002305fd4"},
+    # Table 2 of the paper: its adversarially trained wide network, 10,000 test images,
+    # epsilon 8, PGD steps of 2. Sources: A itself, A' an independently trained copy, A_nat the
+    # same network trained naturally.
+    paper=Paper(
+        table_name="Table 2",
+        table=(Row("Natural", published=87.3), Row("FGSM", published=56.1),
+               Row("PGD", 7, published=50.0), Row("PGD", 20, published=45.8),
+               Row("CW", 30, published=46.8)),
+        transfer={
+            "A'": (Row("FGSM", published=67.0), Row("PGD", 7, published=64.2),
+                   Row("CW", 30, published=78.7)),
+            "A_nat": (Row("FGSM", published=85.6), Row("PGD", 7, published=86.0)),
+        },
+        epsilon_grid=(0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0),
+        sweep_steps=20,
+    ),
 )

@@ -41,6 +41,7 @@ class Challenge:
     prediction_batch_size: int  # run_attack.py's batch
     model_urls: dict  # released model name -> zip URL
     published_sha256: dict  # released model name -> sha256 of its zip, where published
+    paper: Any  # the paper's tables and figures for this challenge (common.paper.Paper)
 
     @property
     def config_path(self):

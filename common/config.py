@@ -12,6 +12,7 @@ import os
 from absl import flags
 
 from common.errors import UserError
+from common.pgd import LOSS_FUNCTIONS
 from common.schedules import SHAPES as SCHEDULE_SHAPES
 
 FLAGS = flags.FLAGS
@@ -116,8 +117,9 @@ RULES = {
     "a": (float, _at_least(0), "PGD step size."),
     "step_size": (float, _at_least(0), "PGD step size."),
     "random_start": (bool, None, "PGD starts at a uniformly random point of the epsilon ball."),
-    "loss_func": (str, _one_of("xent", "cw"), "Attack loss: xent (cross-entropy) or cw (the "
-                  "CW margin loss, confidence 50)."),
+    "loss_func": (str, _one_of(*LOSS_FUNCTIONS), "Attack loss: xent (cross-entropy), cw (the "
+                  "CW margin loss, confidence 50), margin (the same, confidence 0) or targeted "
+                  "(towards the most likely wrong class)."),
     "weight_decay": (float, _at_least(0), "Weight decay on the conv and dense kernels."),
     "momentum": (float, _between(0, 1), "Momentum of TF1's MomentumOptimizer."),
     "step_size_schedule": (list, _step_size_schedule, "Learning rates as [[0, rate], [step, "

@@ -15,7 +15,7 @@ from common import devices, precision, seeds
 from common.batching import batch_bounds
 from common.files import written_in_place
 
-LOSS_FUNCTIONS = ("xent", "cw")
+LOSS_FUNCTIONS = ("xent", "cw", "margin", "targeted")
 CW_CONFIDENCE = 50.0
 
 
@@ -40,13 +40,28 @@ class AttackSettings:
 
 
 def per_example_loss(logits, labels, loss_func):
-    """The attack's objective per example: cross-entropy, or the CW margin loss of the original."""
+    """The attack's objective per example, which it maximises: `xent`, the cross-entropy; `cw`,
+    the original's CW margin loss (confidence 50, the paper's CW+); `margin`, the same with
+    confidence 0 (the paper's CW); `targeted`, minus the cross-entropy of `labels`, there the
+    target classes (`pgd_steps` gives them)."""
+    xent = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
     if loss_func == "xent":
-        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        return xent
+    if loss_func == "targeted":
+        return -xent
+    confidence = CW_CONFIDENCE if loss_func == "cw" else 0.0
     label_mask = tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype)
     correct_logit = tf.reduce_sum(label_mask * logits, axis=1)
     wrong_logit = tf.reduce_max((1 - label_mask) * logits - 1e4 * label_mask, axis=1)
-    return -tf.nn.relu(correct_logit - wrong_logit + CW_CONFIDENCE)
+    return -tf.nn.relu(correct_logit - wrong_logit + confidence)
+
+
+def most_likely_wrong_class(logits, labels):
+    """Per example, the class of the highest logit other than the label's: the target of the
+    `targeted` loss, taken on the natural image."""
+    label_mask = tf.one_hot(labels, tf.shape(logits)[-1]) > 0
+    wrong_logits = tf.where(label_mask, tf.constant(-float("inf"), logits.dtype), logits)
+    return tf.argmax(wrong_logits, axis=1)
 
 
 def input_gradient(model, x, labels, loss_func, training=False):
@@ -88,6 +103,7 @@ def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=Non
     With `training`, batch norm updates its averages and, over several replicas, synchronizes
     its statistics, which TensorFlow cannot do inside a graph loop: the steps are then unrolled.
     `scale` (a float32 scalar, training's epsilon ramp) multiplies epsilon and the step size.
+    The `targeted` loss aims at the most likely wrong class of the natural image.
     """
     low, high = settings.pixel_range
     epsilon, step_size = settings.epsilon, settings.step_size
@@ -96,12 +112,31 @@ def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=Non
     x_nat = tf.cast(x_nat, tf.float32)
     lower = tf.maximum(tf.cast(x_nat - epsilon, tf.float64), low)
     upper = tf.minimum(tf.cast(x_nat + epsilon, tf.float64), high)
+    if settings.loss_func == "targeted":
+        logits = tf.cast(model(x_nat, training=False), tf.float32)
+        labels = most_likely_wrong_class(logits, labels)
     x = x_start
     for _ in range(settings.num_steps) if training else tf.range(settings.num_steps):
         grad = input_gradient(model, tf.cast(x, tf.float32), labels, settings.loss_func, training)
         step = tf.cast(step_size * tf.sign(grad), tf.float64)
         x = tf.clip_by_value(x + step, lower, upper)
     return x
+
+
+def loss_trace(model, x_nat, labels, x_start, settings):
+    """The cross-entropy of each example at `x_start` and after each of the PGD steps of
+    `settings` (shape: steps + 1, batch), for the paper's Figure 1."""
+    def xent(x):
+        logits = tf.cast(model(tf.cast(x, tf.float32), training=False), tf.float32)
+        return per_example_loss(logits, labels, "xent")
+
+    one_step = dataclasses.replace(settings, num_steps=1)
+    losses = tf.TensorArray(tf.float32, size=settings.num_steps + 1)
+    x = x_start
+    for step in tf.range(settings.num_steps):
+        losses = losses.write(step, xent(x))
+        x = pgd_steps(model, x_nat, labels, x, one_step)
+    return losses.write(settings.num_steps, xent(x)).stack()
 
 
 class LinfPGDAttack:
@@ -155,13 +190,22 @@ class LinfPGDAttack:
         return pgd_steps(self.model, x_nat, labels, x_start, self.settings)
 
     def _score_batch(self, x, labels):
+        """Per example, the loss restarts compare (for a targeted attack, the cross-entropy of
+        the label) and whether it is misclassified."""
         logits = self.model(x, training=False)
         misclassified = tf.not_equal(tf.argmax(logits, axis=1), labels)
-        return per_example_loss(logits, labels, self.settings.loss_func), misclassified
+        loss_func = "xent" if self.settings.loss_func == "targeted" else self.settings.loss_func
+        return per_example_loss(logits, labels, loss_func), misclassified
 
     def start_point(self, x_nat):
         """A fresh start for `x_nat`, drawn from this attack's seeded generator."""
         return start_point(x_nat, self.settings, self.rng)
+
+    def skip(self, x_nat):
+        """Draws the random starts that `perturb(x_nat, y)` draws, without attacking, so that a
+        resumed run attacks its next batches from the starts an uninterrupted run would."""
+        for _ in range(self.restarts):
+            self.start_point(x_nat)
 
     def perturb(self, x_nat, y, *session, start=None):
         """Adversarial examples for `(x_nat, y)` within epsilon of `x_nat` (float64 numpy array).

@@ -4,11 +4,9 @@ function of the same role here, which reads the config beside that script, flags
 
 import json
 import os
-import platform
 
 import keras
 import numpy as np
-import tensorflow as tf
 from absl import flags
 
 from common import autoattack as autoattack_lib
@@ -16,6 +14,7 @@ from common import (
     checkpoints,
     cli,
     devices,
+    errors,
     evaluation,
     fetch,
     overfitting,
@@ -25,6 +24,7 @@ from common import (
     training,
 )
 from common import config as config_lib
+from common import reproduce as reproduce_lib
 from common.files import written_in_place
 
 FLAGS = flags.FLAGS
@@ -209,8 +209,7 @@ def _autoattack_report(state, x, settings, path):
     """autoattack.json: settings, package versions, accuracies, and what broke each example."""
     report = {
         "settings": settings,
-        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
-                     "keras": keras.__version__, "numpy": np.__version__},
+        "versions": reproduce_lib.package_versions(),
         "clean_accuracy": float(np.mean(state.broken_by != autoattack_lib.CLEAN)),
         "robust_accuracy": float(np.mean(state.robust)),
         "attacks": state.results,
@@ -260,3 +259,54 @@ def autoattack(challenge):
                                         "autoattack.json"))
 
     cli.run(main, challenge.config_path)
+
+
+def reproduce(challenge):
+    """reproduce.py: the paper's tables and figures for the model in `model_dir`."""
+    paper = challenge.paper
+    flags.DEFINE_string("artifacts", None, "A comma list from " + ", ".join(paper.artifacts) +
+                        "; all by default (transfer only with --source_model_dir).")
+    flags.DEFINE_string("out_dir", None, "Where the files go; model_dir/paper by default.")
+    flags.DEFINE_string("source_model_dir", None, "transfer: the model the attacks are crafted "
+                        "on (an independently trained copy, or a naturally trained one).")
+    flags.DEFINE_enum("source_name", "A'", list(paper.transfer), "transfer: what the source "
+                      "model is, as the paper names it; picks the published column.")
+    flags.DEFINE_integer("restarts", 1000, "loss_landscape: random starts per example for the "
+                         "histogram of final losses (Figure 2).", lower_bound=1)
+
+    def main(argv):
+        config = _config()
+        names = reproduce_lib.artifact_list(FLAGS.artifacts, paper, FLAGS.source_model_dir)
+        out_dir = FLAGS.out_dir or os.path.join(config["model_dir"], "paper")
+        reproduce_lib.check_out_dir(out_dir)
+        strategy = devices.local_strategy()
+        model = _restored_model(challenge, config, strategy, "No model found")
+        run = reproduce_lib.Reproduction(
+            challenge, config, model, strategy, out_dir,
+            checkpoints.latest_checkpoint(config["model_dir"]), FLAGS.restarts)
+        if "transfer" in names:
+            _add_source(run, challenge, config, strategy)
+        run.images, run.labels = _first_test_images(challenge, config)
+        os.makedirs(out_dir, exist_ok=True)
+        reproduce_lib.reproduce(run, names)
+
+    cli.run(main, challenge.config_path)
+
+
+def _first_test_images(challenge, config):
+    images, labels = _test_set(challenge, config)
+    return images[:config["num_eval_examples"]], labels[:config["num_eval_examples"]]
+
+
+def _add_source(run, challenge, config, strategy):
+    """The transfer's source model, from --source_model_dir."""
+    folder = FLAGS.source_model_dir
+    run.source = _model(challenge, config, strategy)
+    try:
+        checkpoints.require_latest_weights(run.source, folder, challenge.tf1_variables,
+                                           f"No model found in {folder}")
+    except errors.UserError as error:
+        raise errors.UserError(f"--source_model_dir: {error}") from error
+    run.source_model_dir = folder
+    run.source_checkpoint = checkpoints.latest_checkpoint(folder)
+    run.source_name = FLAGS.source_name

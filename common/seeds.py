@@ -15,6 +15,7 @@ APGD_STARTS = 4
 FAB_STARTS = 5
 SQUARE = 6
 GUARD = 7
+LANDSCAPE = 8
 
 
 def generator(seed, stream, *index):

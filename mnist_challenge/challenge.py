@@ -6,6 +6,7 @@ import keras
 
 from common import losses, schedules
 from common.challenge import Challenge
+from common.paper import Paper, Row
 from mnist_challenge import mnist_input, model
 
 MODELS_URL = "https://github.com/MadryLab/mnist_challenge_models/raw/master/"
@@ -39,4 +40,27 @@ MNIST = Challenge(
     model_urls={name: f"{MODELS_URL}{name}.zip" for name in ("natural", "adv_trained", "secret")},
     published_sha256={
         "secret": "14eea09c72092db5c2eb5e34cd105974f42569281d2f34826316e356d057f96d"},
+    # Table 1 of the paper: its adversarially trained model, 10,000 test images, epsilon 0.3,
+    # PGD steps of 0.01. Sources: A itself, A' an independently trained copy, B the network of
+    # Tramer et al. (2017); the paper has no MNIST rows from a naturally trained A_nat.
+    paper=Paper(
+        table_name="Table 1",
+        table=(Row("Natural", published=98.8), Row("FGSM", published=95.6),
+               Row("PGD", 40, published=93.2), Row("PGD", 100, published=91.8),
+               Row("PGD", 40, 20, published=90.4), Row("PGD", 100, 20, published=89.3),
+               Row("Targeted", 40, published=92.7), Row("CW", 40, published=94.0),
+               Row("CW+", 40, published=93.9)),
+        transfer={
+            "A'": (Row("FGSM", published=96.8), Row("PGD", 40, published=96.0),
+                   Row("PGD", 100, 20, published=95.7), Row("CW", 40, published=97.0),
+                   Row("CW+", 40, published=96.4)),
+            "B": (Row("FGSM", published=95.4), Row("PGD", 40, published=96.4),
+                  Row("CW+", 40, published=95.7)),
+            "A_nat": (Row("FGSM"), Row("PGD", 40), Row("PGD", 100, 20), Row("CW", 40),
+                      Row("CW+", 40)),
+        },
+        epsilon_grid=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4),
+        sweep_steps=40,
+        first_layer="Variable",
+    ),
 )

@@ -1,6 +1,7 @@
 """What many tests use: paths to `../shared`, the real scripts run as a user runs them, and
 readers of what those scripts write."""
 
+import concurrent.futures
 import http.server
 import os
 import shutil
@@ -57,6 +58,13 @@ def run_script(script, *args, cwd=None, timeout=600):
     return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd or REPO,
                           capture_output=True, text=True, timeout=timeout,
                           env=script_environment())
+
+
+def run_side_by_side(runs):
+    """Runs each (script, arguments, cwd) of `runs` as run_script does, three at a time; returns
+    the CompletedProcesses in order."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        return list(pool.map(lambda run: run_script(run[0], *run[1], cwd=run[2]), runs))
 
 
 def error_lines(result):

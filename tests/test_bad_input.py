@@ -2,12 +2,11 @@
 both challenges with bad values (zero, negative, wrong type, out of range, a file where a folder
 belongs and the reverse), checked in-process, and every script run with bad flags and files."""
 
-import concurrent.futures
 import json
 
 import pytest
 from absl import flags
-from helpers import assert_one_error_line, run_script, shared_path
+from helpers import assert_one_error_line, run_side_by_side, shared_path
 
 from cifar10_challenge.challenge import CIFAR10
 from common import config as config_lib
@@ -128,13 +127,27 @@ def script_cases(tmp_path):
             (f"{folder}/fetch_model.py", ["natural", "--sha256=feed"],
              "--sha256 must be 64 hexadecimal digits"),
         ]
+    cifar_model = shared_path("fixtures", "tf1_checkpoints", "cifar10_simple")
+    mnist = (f"--model_dir={shared_path('fixtures', 'tf1_checkpoints', 'mnist')}",
+             f"--data_path={shared_path('data', 'mnist')}", f"--out_dir={tmp_path / 'paper'}")
+    cases += [
+        ("mnist_challenge/reproduce.py", [*mnist, f"--source_model_dir={a_folder}"],
+         f"--source_model_dir: No model found in {a_folder}"),
+        ("mnist_challenge/reproduce.py",
+         [*mnist, f"--source_model_dir={cifar_model}"],
+         "--source_model_dir: TF1 checkpoint"),
+        ("mnist_challenge/reproduce.py", [*mnist[:2], f"--out_dir={a_file}"],
+         f"--out_dir {a_file} is a file, not a folder"),
+        ("cifar10_challenge/reproduce.py", ["--artifacts=filters,table"],
+         "from table, transfer, eps_sweep, loss_landscape;"),
+    ]
     return cases
 
 
 @pytest.mark.slow
 def test_every_script_refuses_bad_flags_and_files_in_one_line(tmp_path):
     cases = script_cases(tmp_path)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-        results = list(pool.map(lambda case: run_script(case[0], *case[1]), cases))
+    results = run_side_by_side([(script, args, None) for script, args, _ in cases])
     for (script, args, message), result in zip(cases, results):
         assert_one_error_line(result, message, context=(script, *args))
+    assert not (tmp_path / "paper").exists() and (tmp_path / "file").read_text() == "not a folder"

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import pytest
-from helpers import REPO, run_script, writable_copy
+from helpers import REPO, assert_one_error_line, run_script, run_side_by_side, writable_copy
 
 from cifar10_challenge import cifar10_input
 
@@ -56,7 +56,7 @@ def test_pgd_attack_then_run_attack(model_dir, cifar_data, tmp_path):
     assert np.load(tmp_path / "pred.npy").shape == (10000,)
 
 
-@pytest.mark.parametrize("mutate, message", [
+BAD_SUBMISSIONS = [
     (lambda x: x[:, :16], "Invalid shape: expected (10000, 32, 32, 3), found (10000, 16, 32, 3)"),
     (lambda x: x * 2, "Invalid pixel range. Expected [0, 255], found"),
     (lambda x: np.where(x == x.max(), np.inf, x),
@@ -64,15 +64,25 @@ def test_pgd_attack_then_run_attack(model_dir, cifar_data, tmp_path):
     (lambda x: np.where(np.arange(x.size).reshape(x.shape) == 7, np.nan, x),
      "Invalid pixel value: nan at index (0, 0, 2, 1)"),
     (lambda x: np.clip(x + 9, 0, 255), "maximum perturbation found: 9.0"),
-])
-def test_run_attack_refuses_bad_submissions(model_dir, cifar_data, tmp_path, mutate, message):
+]
+
+
+def test_run_attack_refuses_bad_submissions(model_dir, cifar_data, tmp_path):
+    """Each bad submission in a folder of its own, the script runs side by side."""
     test_images = cifar10_input.CIFAR10Data(cifar_data).test_images.astype(np.float32)
-    np.save(tmp_path / "attack.npy", mutate(test_images))
-    result = run_script("cifar10_challenge/run_attack.py",
-                        *_args(model_dir, cifar_data, f"--store_adv_path={tmp_path}/attack.npy"),
-                        cwd=tmp_path)
-    assert result.returncode == 1
-    assert message in result.stderr and "Traceback" not in result.stderr
+    folders = []
+    for index, (mutate, _) in enumerate(BAD_SUBMISSIONS):
+        folders.append(tmp_path / str(index))
+        folders[-1].mkdir()
+        np.save(folders[-1] / "attack.npy", mutate(test_images))
+
+    results = run_side_by_side([
+        ("cifar10_challenge/run_attack.py",
+         _args(model_dir, cifar_data, f"--store_adv_path={folder}/attack.npy"), folder)
+        for folder in folders])
+    for (_, message), result, folder in zip(BAD_SUBMISSIONS, results, folders):
+        assert_one_error_line(result, message, context=message)
+        assert not (folder / "pred.npy").exists()
 
 
 def test_eval_once(model_dir, cifar_data):

@@ -7,7 +7,15 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import REPO, PicklePayload, run_script, script_environment, writable_copy
+from helpers import (
+    REPO,
+    PicklePayload,
+    assert_one_error_line,
+    run_script,
+    run_side_by_side,
+    script_environment,
+    writable_copy,
+)
 
 from common import checkpoints
 from mnist_challenge import mnist_input
@@ -152,7 +160,7 @@ def _pickled_payload(path, images):
     np.save(path, payload, allow_pickle=True)
 
 
-@pytest.mark.parametrize("write, message", [
+BAD_SUBMISSIONS = [
     (_save(lambda x: x[:9999]), "Invalid shape: expected (10000,784), found (9999, 784)"),
     (_save(lambda x: np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x)),
      "Invalid pixel value: nan at index (0, 5)"),
@@ -161,18 +169,26 @@ def _pickled_payload(path, images):
     (lambda path, images: (np.save(path, images), os.truncate(path, 4_000_000)),
      "is truncated: its header needs 31360000 bytes of data"),
     (_pickled_payload, "holds Python objects (it would need pickle): refused"),
-])
-def test_run_attack_refuses_bad_submissions(model_dir, mnist_data, tmp_path, write, message):
-    write(tmp_path / "attack.npy", mnist_input.MNISTData(mnist_data).test_images)
-    result = run_script("mnist_challenge/run_attack.py",
-                        *_args(model_dir, mnist_data, f"--store_adv_path={tmp_path}/attack.npy"),
-                        cwd=tmp_path)
-    assert result.returncode == 1
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1 and message in errors[0], result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "pred.npy").exists()
-    assert not (tmp_path / "pwned").exists()
+]
+
+
+def test_run_attack_refuses_bad_submissions(model_dir, mnist_data, tmp_path):
+    """Each bad submission in a folder of its own, the script runs side by side."""
+    test_images = mnist_input.MNISTData(mnist_data).test_images
+    folders = []
+    for index, (write, _) in enumerate(BAD_SUBMISSIONS):
+        folders.append(tmp_path / str(index))
+        folders[-1].mkdir()
+        write(folders[-1] / "attack.npy", test_images)
+
+    results = run_side_by_side([
+        ("mnist_challenge/run_attack.py",
+         _args(model_dir, mnist_data, f"--store_adv_path={folder}/attack.npy"), folder)
+        for folder in folders])
+    for (_, message), result, folder in zip(BAD_SUBMISSIONS, results, folders):
+        assert_one_error_line(result, message, context=message)
+        assert not (folder / "pred.npy").exists()
+        assert not (folder / "pwned").exists()
 
 
 def test_eval_once_evaluates_the_newest_checkpoint(model_dir, mnist_data):

@@ -1,5 +1,6 @@
-"""The PGD engine: the epsilon ball, the pixel range, the losses, the random start, restarts,
-reproducibility, and the unrolled loop of training mode against the graph loop."""
+"""The PGD engine: the epsilon ball, the pixel range, the losses (targeted and the margin loss
+too), the random start, restarts, reproducibility, the loss trace of Figure 1, and the unrolled
+loop of training mode against the graph loop."""
 
 import keras
 import numpy as np
@@ -56,6 +57,61 @@ def test_cw_loss_is_the_original_margin():
     loss = pgd.per_example_loss(logits, labels, "cw").numpy()
     # -relu(correct - max wrong + 50): (5 - 2 + 50) and (0 - 70 + 50 < 0).
     np.testing.assert_allclose(loss, [-53.0, 0.0])
+
+
+def test_margin_and_targeted_losses_by_hand():
+    logits = tf.constant([[1.0, 5.0, 2.0], [0.0, -1.0, 70.0]])
+    labels = tf.constant([1, 0], tf.int64)
+    # The paper's CW: -relu(correct - max wrong), confidence 0: (5 - 2) and (0 - 70 < 0).
+    np.testing.assert_allclose(pgd.per_example_loss(logits, labels, "margin").numpy(),
+                               [-3.0, 0.0])
+    targets = pgd.most_likely_wrong_class(logits, labels).numpy()
+    assert targets.tolist() == [2, 2]
+    np.testing.assert_allclose(pgd.most_likely_wrong_class(-logits, labels).numpy(), [0, 1])
+    xent = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+    np.testing.assert_allclose(pgd.per_example_loss(logits, targets, "targeted").numpy(),
+                               -xent.numpy())
+
+
+def test_targeted_pgd_moves_towards_the_most_likely_wrong_class():
+    rng = np.random.default_rng(6)
+    x_nat = rng.uniform(0, 1, (200, 12)).astype(np.float32)
+    model = tiny_model(classes=5)
+    logits = model(x_nat)
+    y = np.argmax(logits.numpy(), axis=1)
+    targets = pgd.most_likely_wrong_class(logits, y).numpy()
+    attack = pgd.LinfPGDAttack(model, 0.3, 20, 0.03, True, "targeted", seed=1)
+    predicted = np.argmax(model(attack.perturb(x_nat, y).astype(np.float32)).numpy(), axis=1)
+    fooled = predicted != y
+    assert fooled.mean() > 0.5
+    assert np.mean(predicted[fooled] == targets[fooled]) > 0.9
+
+
+def test_the_loss_trace_follows_the_attack_step_by_step():
+    rng = np.random.default_rng(7)
+    x_nat = rng.uniform(0, 1, (16, 12)).astype(np.float32)
+    model = tiny_model()
+    y = np.argmax(model(x_nat).numpy(), axis=1)
+    settings = pgd.AttackSettings(0.2, 6, 0.05, True, "xent")
+    start = pgd.start_point(x_nat, settings, np.random.default_rng(0))
+    trace = pgd.loss_trace(model, x_nat, y, start, settings).numpy()
+    assert trace.shape == (7, 16)
+    for steps in (0, 3, 6):
+        x = pgd.pgd_steps(model, x_nat, y, start, pgd.AttackSettings(0.2, steps, 0.05, True))
+        expected = pgd.per_example_loss(model(tf.cast(x, tf.float32)), y, "xent").numpy()
+        np.testing.assert_allclose(trace[steps], expected, rtol=1e-5, atol=1e-6)
+    assert np.all(trace[-1] > trace[0])
+
+
+def test_skip_draws_the_starts_of_a_batch():
+    x_nat = np.random.default_rng(8).uniform(0, 1, (10, 12)).astype(np.float32)
+    y = np.zeros(10, np.int64)
+    whole = pgd.LinfPGDAttack(tiny_model(), 0.1, 2, 0.05, True, "xent", restarts=3, seed=2)
+    whole.perturb(x_nat[:5], y[:5])
+    expected = whole.perturb(x_nat[5:], y[5:])
+    skipping = pgd.LinfPGDAttack(tiny_model(), 0.1, 2, 0.05, True, "xent", restarts=3, seed=2)
+    skipping.skip(x_nat[:5])
+    np.testing.assert_array_equal(skipping.perturb(x_nat[5:], y[5:]), expected)
 
 
 @pytest.mark.parametrize("pixel_range, epsilon", [((0.0, 1.0), 0.3), ((0.0, 255.0), 8.0)])

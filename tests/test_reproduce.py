@@ -1,0 +1,239 @@
+"""reproduce.py, the paper's tables and figures: every artifact on the fixture models, its rows
+against pgd_attack.py and run_attack.py, the figures as valid PNGs, a killed run resumed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from helpers import REPO, run_script, script_environment, shared_path
+from PIL import Image
+
+from common import checkpoints, pgd
+from common.errors import UserError
+from common.paper import Paper, Row
+from common.reproduce import Ledger, artifact_list
+from mnist_challenge import mnist_input
+from mnist_challenge import model as mnist_model
+from mnist_challenge.challenge import MNIST
+
+EPSILON = 0.05  # the fixture model is naturally trained: at 0.3 every attack reaches 0%
+COUNT, BATCH, RESTARTS = 10, 5, 30
+
+
+def _mnist_args(*extra):
+    return (f"--model_dir={shared_path('fixtures', 'tf1_checkpoints', 'mnist')}",
+            f"--data_path={shared_path('data', 'mnist')}", f"--epsilon={EPSILON}",
+            f"--num_eval_examples={COUNT}", f"--eval_batch_size={BATCH}", *extra)
+
+
+@pytest.fixture(scope="module")
+def mnist_out(tmp_path_factory):
+    """Every MNIST artifact on the fixture, the transfer crafted on the fixture itself."""
+    out_dir = tmp_path_factory.mktemp("paper")
+    source = shared_path("fixtures", "tf1_checkpoints", "mnist")
+    result = run_script("mnist_challenge/reproduce.py",
+                        *_mnist_args(f"--out_dir={out_dir}", f"--restarts={RESTARTS}",
+                                     f"--source_model_dir={source}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out_dir, result.stdout
+
+
+def _report(out_dir, name):
+    with open(os.path.join(out_dir, f"{name}.json")) as source:
+        return json.load(source)
+
+
+def _accuracies(report):
+    return {row["attack"]: row["accuracy"] for row in report["rows"]}
+
+
+def _fixture_model():
+    model = mnist_model.Model(on_cpu=False)
+    folder = shared_path("fixtures", "tf1_checkpoints", "mnist")
+    checkpoints.load_weights(model, os.path.join(folder, "checkpoint-300"),
+                             mnist_model.tf1_variables)
+    return model
+
+
+def _test_set():
+    data = mnist_input.MNISTData(shared_path("data", "mnist"))
+    return data.test_images, data.test_labels
+
+
+def test_rows_say_what_they_run():
+    settings = Row("FGSM").settings(0.3, 0.01, (0.0, 1.0))
+    assert (settings.num_steps, settings.step_size, settings.random_start) == (1, 0.3, False)
+    assert Row("Natural").settings(0.3, 0.01, (0.0, 1.0)) is None
+    assert [Row(method, 40).settings(0.3, 0.01, (0.0, 1.0)).loss_func
+            for method in ("PGD", "Targeted", "CW", "CW+")] == ["xent", "targeted", "margin", "cw"]
+    assert [row.name for row in MNIST.paper.table][4:6] == [
+        "PGD 40 steps x 20 restarts", "PGD 100 steps x 20 restarts"]
+    assert [row.gradients for row in MNIST.paper.table] == [0, 1, 40, 100, 800, 2000, 40, 40, 40]
+    with pytest.raises(ValueError, match="unknown method 'BIM'"):
+        Row("BIM", 10)
+
+
+def test_artifact_lists_and_state_files(tmp_path):
+    assert artifact_list(None, MNIST.paper, None) == (
+        "table", "eps_sweep", "loss_landscape", "filters")
+    assert artifact_list(None, MNIST.paper, "a/model")[:2] == ("table", "transfer")
+    for text, message in (("table,filter", "must name each artifact once"),
+                          ("table,table", "must name each artifact once"),
+                          ("transfer", "needs --source_model_dir")):
+        with pytest.raises(UserError, match=message):
+            artifact_list(text, MNIST.paper, None)
+    no_filters = Paper("Table 2", (), {}, (0.0,), 5)
+    with pytest.raises(UserError, match="from table, transfer, eps_sweep, loss_landscape;"):
+        artifact_list("filters", no_filters, None)
+    ledger = Ledger.open(str(tmp_path / "table.state.json"), {"checkpoint": "a"})
+    ledger.finish("FGSM", {"accuracy": 0.5, "seconds": 1.0})
+    assert Ledger.open(ledger.path, {"checkpoint": "a"}).results == ledger.results
+    with pytest.raises(UserError, match="belongs to another run"):
+        Ledger.open(ledger.path, {"checkpoint": "b"})
+
+
+@pytest.mark.slow
+def test_the_table_equals_pgd_attack_and_run_attack(mnist_out, tmp_path):
+    out_dir, stdout = mnist_out
+    table = _accuracies(_report(out_dir, "table"))
+    images, labels = _test_set()
+    x, y = images[:COUNT], labels[:COUNT]
+    store = tmp_path / "attack.npy"
+    attacked = run_script("mnist_challenge/pgd_attack.py",
+                          *_mnist_args("--k=40", "--restarts=20", f"--store_adv_path={store}"))
+    assert attacked.returncode == 0, attacked.stderr[-2000:]
+    full = images.copy()
+    full[:COUNT] = np.load(store)
+    np.save(tmp_path / "full.npy", full)
+    scored = run_script("mnist_challenge/run_attack.py",
+                        *_mnist_args(f"--store_adv_path={tmp_path}/full.npy"),
+                        cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    predictions = np.load(tmp_path / "pred.npy")[:COUNT]
+    assert table["PGD 40 steps x 20 restarts"] == np.mean(predictions == y)
+
+    model = _fixture_model()
+    seed = MNIST.data_seed(json.load(open(MNIST.config_path)))
+
+    def accuracy(x_adv):
+        return np.mean(np.argmax(model.predict(np.asarray(x_adv, np.float32), verbose=0),
+                                 axis=1) == y)
+
+    for name, k, a, start, loss in (("FGSM", 1, EPSILON, False, "xent"),
+                                    ("PGD 40 steps", 40, 0.01, True, "xent"),
+                                    ("Targeted 40 steps", 40, 0.01, True, "targeted"),
+                                    ("CW 40 steps", 40, 0.01, True, "margin"),
+                                    ("CW+ 40 steps", 40, 0.01, True, "cw")):
+        attack = pgd.LinfPGDAttack(model, EPSILON, k, a, start, loss, seed=seed)
+        x_adv = np.concatenate([attack.perturb(x[first:first + BATCH], y[first:first + BATCH])
+                                for first in range(0, COUNT, BATCH)])
+        assert table[name] == accuracy(x_adv), name
+    assert table["Natural"] == accuracy(x)
+    assert table["PGD 40 steps x 20 restarts"] <= table["PGD 40 steps"]
+    assert table["PGD 100 steps x 20 restarts"] <= table["PGD 100 steps"]
+    assert max(value for name, value in table.items() if name != "Natural") < table["Natural"]
+    assert f"table, PGD 40 steps: {100 * table['PGD 40 steps']:.2f}%" in stdout
+    gradients = COUNT * (3061 + 2121 + 9 * 41) + 5 * 20 * 40 + 5 * RESTARTS * 40
+    assert stdout.startswith(f"About {gradients:,} input gradients to compute, at ")
+
+
+@pytest.mark.slow
+def test_the_markdown_json_and_figures(mnist_out):
+    out_dir, _ = mnist_out
+    table = _report(out_dir, "table")
+    assert table["num_examples"] == COUNT and table["epsilon"] == EPSILON
+    assert table["versions"]["tensorflow"] and table["checkpoint"].endswith("checkpoint-300")
+    assert [row["published"] for row in table["rows"]][:2] == [98.8, 95.6]
+    markdown = open(os.path.join(out_dir, "table.md")).read()
+    for row in table["rows"]:
+        assert f"| {row['attack']} | A (white-box) |" in markdown
+        assert f"{100 * row['accuracy']:.2f}% | {row['published']:.1f}% |" in markdown
+
+    # Crafted on the model itself, the transfer rows are the white-box rows.
+    white_box, transfer = _accuracies(table), _accuracies(_report(out_dir, "transfer"))
+    assert list(transfer) == ["FGSM", "PGD 40 steps", "PGD 100 steps x 20 restarts",
+                              "CW 40 steps", "CW+ 40 steps"]
+    assert transfer == {name: white_box[name] for name in transfer}
+
+    sweep = _report(out_dir, "eps_sweep")
+    assert sweep["epsilons"][0] == 0.0 and sweep["epsilons"][-1] == 0.4
+    assert sweep["curves"]["FGSM"][0] == sweep["curves"]["PGD"][0] == white_box["Natural"]
+    assert sweep["curves"]["PGD"][-1] < sweep["curves"]["PGD"][1] < white_box["Natural"]
+
+    landscape = _report(out_dir, "loss_landscape")
+    traces = np.array(landscape["traces"])
+    assert traces.shape == (5, 20, 41) and np.all(traces[:, :, -1] > traces[:, :, 0])
+    assert np.array(landscape["final_losses"]).shape == (5, RESTARTS)
+
+    filters = _report(out_dir, "filters")
+    assert filters["kernel_shape"] == [5, 5, 1, 32]
+    assert sum(filters["weights"]["histogram_counts"]) == 5 * 5 * 32
+
+    sizes = {}
+    for report in (sweep, landscape, filters):
+        sizes.update(report["figures"])
+    assert sorted(sizes) == ["eps_sweep.png", "filters.png", "filters_histogram.png",
+                             "loss_histogram.png", "loss_landscape.png"]
+    for name, size in sizes.items():
+        with Image.open(os.path.join(out_dir, name)) as image:
+            image.verify()
+        with Image.open(os.path.join(out_dir, name)) as image:
+            assert image.format == "PNG" and list(image.size) == size, name
+    assert sizes["loss_landscape.png"] == [1600, 320]
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_with_the_rows_not_done(mnist_out, tmp_path):
+    out_dir, _ = mnist_out
+    table_only = _mnist_args(f"--out_dir={tmp_path}", "--artifacts=table")
+    command = [sys.executable, os.path.join(REPO, "mnist_challenge/reproduce.py"), *table_only]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=script_environment())
+    state = tmp_path / "table.state.json"
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        if state.exists() and len(json.loads(state.read_text())["results"]) >= 5:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(json.loads(state.read_text())["results"])
+    assert 5 <= done < 9 and not (tmp_path / "table.json").exists()
+
+    resumed = run_script("mnist_challenge/reproduce.py", *table_only)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"table: {9 - done} jobs to run ({done} done)" in resumed.stdout
+    assert resumed.stdout.count("table, ") == 9 - done
+    assert _accuracies(_report(tmp_path, "table")) == _accuracies(_report(out_dir, "table"))
+
+    again = run_script("mnist_challenge/reproduce.py", *table_only, "--num_eval_examples=30")
+    assert again.returncode == 1 and "belongs to another run" in again.stderr
+
+
+@pytest.mark.slow
+def test_cifar10_table_and_transfer_from_a_natural_model(tmp_path):
+    fixture = shared_path("fixtures", "tf1_checkpoints", "cifar10_simple")
+    result = run_script("cifar10_challenge/reproduce.py", f"--model_dir={fixture}",
+                        f"--data_path={shared_path('data', 'cifar10')}", "--filters=[16,16,32,64]",
+                        "--num_eval_examples=10", "--eval_batch_size=10", "--epsilon=2",
+                        f"--out_dir={tmp_path}", "--artifacts=table,transfer",
+                        f"--source_model_dir={fixture}", "--source_name=A_nat")
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = _report(tmp_path, "table")
+    assert [row["attack"] for row in table["rows"]] == [
+        "Natural", "FGSM", "PGD 7 steps", "PGD 20 steps", "CW 30 steps"]
+    assert [row["settings"] and row["settings"]["step_size"] for row in table["rows"]] == [
+        None, 2.0, 2.0, 2.0, 2.0]
+    accuracies = _accuracies(table)
+    assert max(list(accuracies.values())[1:]) < accuracies["Natural"]
+    transfer = _report(tmp_path, "transfer")
+    assert [(row["attack"], row["published"]) for row in transfer["rows"]] == [
+        ("FGSM", 85.6), ("PGD 7 steps", 86.0)]
+    assert _accuracies(transfer) == {name: accuracies[name] for name in ("FGSM", "PGD 7 steps")}
+    assert "paper (Table 2, source A_nat)" in open(tmp_path / "transfer.md").read()

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import checkpoint_values, run_script
+from helpers import checkpoint_values, run_script, run_side_by_side
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cifar10_challenge import cifar10_input
@@ -141,14 +141,26 @@ def test_a_short_real_run_lowers_the_loss(tmp_path, cifar_data):
     assert tf.train.latest_checkpoint(str(model_dir)).endswith("checkpoint-40")
 
 
+def _train_args(model_dir, cifar_data, steps, *extra):
+    return (*extra, f"--model_dir={model_dir}", f"--data_path={cifar_data}",
+            "--filters=[16,16,32,64]", f"--max_num_training_steps={steps}",
+            "--training_batch_size=8", "--num_steps=2", "--num_output_steps=2",
+            "--num_summary_steps=2", "--num_checkpoint_steps=2")
+
+
 def cifar_train(model_dir, cifar_data, steps, *extra):
-    result = run_script("cifar10_challenge/train.py", *extra, f"--model_dir={model_dir}",
-                        f"--data_path={cifar_data}", "--filters=[16,16,32,64]",
-                        f"--max_num_training_steps={steps}", "--training_batch_size=8",
-                        "--num_steps=2", "--num_output_steps=2", "--num_summary_steps=2",
-                        "--num_checkpoint_steps=2")
+    result = run_script("cifar10_challenge/train.py",
+                        *_train_args(model_dir, cifar_data, steps, *extra))
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def whole_and_first_part(whole, parts, cifar_data, *extra):
+    """Trains 4 steps in `whole` and 3 in `parts`, side by side."""
+    results = run_side_by_side([
+        ("cifar10_challenge/train.py", _train_args(folder, cifar_data, steps, *extra), None)
+        for folder, steps in ((whole, 4), (parts, 3))])
+    assert all(result.returncode == 0 for result in results), [r.stderr for r in results]
 
 
 @pytest.mark.slow
@@ -156,8 +168,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, cifar_data):
     """Weights, Momentum slots, batch-norm moving averages (the attack runs in training mode and
     moves them) and the global step, bit for bit."""
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    cifar_train(whole, cifar_data, 4)
-    cifar_train(parts, cifar_data, 3)
+    whole_and_first_part(whole, parts, cifar_data)
     out = cifar_train(parts, cifar_data, 4)
     assert f"Resuming from {parts}/checkpoint-3 at step 3" in out
     expected, resumed = (checkpoint_values(f"{folder}/checkpoint-4") for folder in (whole, parts))
@@ -189,8 +200,7 @@ def test_free_training_resumes_mid_batch_as_an_uninterrupted_run(tmp_path, cifar
     kept; a run resumed between two replays of one batch ends as an uninterrupted one."""
     free = ("--config=cifar10_challenge/config_free.json", "--replay_m=2")
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    cifar_train(whole, cifar_data, 4, *free)
-    cifar_train(parts, cifar_data, 3, *free)
+    whole_and_first_part(whole, parts, cifar_data, *free)
     cifar_train(parts, cifar_data, 4, *free)
     expected, resumed = (checkpoint_values(f"{folder}/checkpoint-4") for folder in (whole, parts))
     perturbation = expected["free_perturbation/.ATTRIBUTES/VARIABLE_VALUE"]

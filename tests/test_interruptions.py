@@ -59,7 +59,7 @@ METHODS = {
     "free": ("--training_method=free", "--replay_m=3", "--overfitting_check_steps=4"),
 }
 # Kills per run: the fast methods share pgd's resume code, and one kill covers what they add.
-KILLS = {"pgd": 3, "fgsm_rs": 1, "free": 1}
+KILLS = {"pgd": 2, "fgsm_rs": 1, "free": 1}
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import run_script
+from helpers import run_script, run_side_by_side
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from common import pgd, training
@@ -68,8 +68,12 @@ def checkpoint_values(path):
 def test_a_resumed_run_continues_the_same_sequence(tmp_path, mnist_data):
     cadence = ("--num_checkpoint_steps=2", "--num_output_steps=2")
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    train(whole, mnist_data, "--max_num_training_steps=6", *cadence)
-    train(parts, mnist_data, "--max_num_training_steps=3", *cadence)
+    first = run_side_by_side([
+        ("mnist_challenge/train.py", (f"--model_dir={folder}", f"--data_path={mnist_data}",
+                                      *SMALL_ATTACK, f"--max_num_training_steps={steps}",
+                                      *cadence), None)
+        for folder, steps in ((whole, 6), (parts, 3))])
+    assert all(result.returncode == 0 for result in first), [r.stderr for r in first]
     out = train(parts, mnist_data, "--max_num_training_steps=6", *cadence)
     assert f"Resuming from {parts}/checkpoint-3 at step 3" in out
     assert out.count("Step ") == 1 and "Step 4:" in out

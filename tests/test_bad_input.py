@@ -98,11 +98,10 @@ def script_cases(tmp_path):
         for script in ("train.py", "eval.py", "pgd_attack.py", "run_attack.py", "model.py",
                        "autoattack.py"):
             path = f"{folder}/{script}"
-            cases += [
-                (path, ["--epsilon=-1"], "config key 'epsilon' must be at least 0, got -1.0"),
-                (path, [f"--{steps_key}=abc"], f"flag --{steps_key}=abc"),
-            ]
+            cases.append(
+                (path, ["--epsilon=-1"], "config key 'epsilon' must be at least 0, got -1.0"))
         cases += [
+            (f"{folder}/pgd_attack.py", [f"--{steps_key}=abc"], f"flag --{steps_key}=abc"),
             (f"{folder}/pgd_attack.py", ["--learning_rate=3"],
              "Unknown command line flag 'learning_rate'"),
             (f"{folder}/train.py", [f"--config={tmp_path}/missing.json"],

@@ -129,14 +129,13 @@ def test_the_original_run_attack_function_and_imports_from_inside_the_folder(mod
 def test_pgd_attack_restarts_only_strengthen_the_attack(model_dir, mnist_data, tmp_path):
     """The first restart is the single run's start (the same seeded stream), and each example
     keeps its strongest restart, so what one start breaks, three break too."""
-    stored = {}
-    for restarts in (1, 3):
-        stored[restarts] = tmp_path / f"attack{restarts}.npy"
-        result = run_script("mnist_challenge/pgd_attack.py",
-                            *_args(model_dir, mnist_data, "--num_eval_examples=200",
-                                   "--k=3", "--a=0.01", "--epsilon=0.05", f"--restarts={restarts}",
-                                   f"--store_adv_path={stored[restarts]}"))
-        assert result.returncode == 0, result.stderr
+    stored = {restarts: tmp_path / f"attack{restarts}.npy" for restarts in (1, 3)}
+    results = run_side_by_side([
+        ("mnist_challenge/pgd_attack.py",
+         _args(model_dir, mnist_data, "--num_eval_examples=200", "--k=3", "--a=0.01",
+               "--epsilon=0.05", f"--restarts={restarts}", f"--store_adv_path={path}"), None)
+        for restarts, path in stored.items()])
+    assert all(result.returncode == 0 for result in results), [r.stderr for r in results]
     labels = mnist_input.MNISTData(mnist_data).test_labels[:200]
     wrong = {restarts: independent_predictions(model_dir, np.load(path)) != labels
              for restarts, path in stored.items()}
@@ -224,12 +223,12 @@ def test_fetch_model_usage_line():
 
 
 def test_eval_restarts_only_lower_the_adversarial_accuracy(model_dir, mnist_data):
-    accuracy = {}
-    for restarts in (1, 4):
-        result = run_script("mnist_challenge/eval.py",
-                            *_args(model_dir, mnist_data, "--once", "--num_eval_examples=200",
-                                   "--k=3", "--a=0.01", "--epsilon=0.05",
-                                   f"--restarts={restarts}"))
-        assert result.returncode == 0, result.stderr
-        accuracy[restarts] = float(result.stdout.split("adversarial: ")[1].split("%")[0])
-    assert accuracy[4] < accuracy[1], accuracy
+    results = run_side_by_side([
+        ("mnist_challenge/eval.py",
+         _args(model_dir, mnist_data, "--once", "--num_eval_examples=200", "--k=3", "--a=0.01",
+               "--epsilon=0.05", f"--restarts={restarts}"), None)
+        for restarts in (1, 4)])
+    assert all(result.returncode == 0 for result in results), [r.stderr for r in results]
+    one, four = (float(result.stdout.split("adversarial: ")[1].split("%")[0])
+                 for result in results)
+    assert four < one, (one, four)

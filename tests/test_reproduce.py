@@ -23,7 +23,7 @@ from mnist_challenge import model as mnist_model
 from mnist_challenge.challenge import MNIST
 
 EPSILON = 0.05  # the fixture model is naturally trained: at 0.3 every attack reaches 0%
-COUNT, BATCH, RESTARTS = 10, 5, 30
+COUNT, BATCH, RESTARTS = 6, 3, 30
 
 
 def _mnist_args(*extra):

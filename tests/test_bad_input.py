@@ -87,55 +87,58 @@ def test_a_good_config_loads():
 
 
 def script_cases(tmp_path):
-    """(script, arguments, message) for every script of both challenges."""
+    """(script, arguments, message) for every script of both challenges: each refusal of the
+    shared drivers once, on one challenge or the other (the scripts only hand over to them)."""
     a_file, a_folder = tmp_path / "file", tmp_path / "folder"
     a_file.write_text("not a folder")
     a_folder.mkdir()
     cases = []
-    for folder, steps_key, data in (("mnist_challenge", "k", shared_path("data", "mnist")),
-                                    ("cifar10_challenge", "num_steps",
-                                     shared_path("data", "cifar10"))):
+    for folder in ("mnist_challenge", "cifar10_challenge"):
         for script in ("train.py", "eval.py", "pgd_attack.py", "run_attack.py", "model.py",
                        "autoattack.py"):
-            path = f"{folder}/{script}"
-            cases.append(
-                (path, ["--epsilon=-1"], "config key 'epsilon' must be at least 0, got -1.0"))
-        cases += [
-            (f"{folder}/pgd_attack.py", [f"--{steps_key}=abc"], f"flag --{steps_key}=abc"),
-            (f"{folder}/pgd_attack.py", ["--learning_rate=3"],
-             "Unknown command line flag 'learning_rate'"),
-            (f"{folder}/train.py", [f"--config={tmp_path}/missing.json"],
-             "cannot read config file"),
-            (f"{folder}/eval.py", [f"--config={a_folder}"], "cannot read config file"),
-            (f"{folder}/run_attack.py", [f"--data_path={a_file}"],
-             "config key 'data_path' must name a folder"),
-            (f"{folder}/pgd_attack.py", ["--restarts=0"], "flag --restarts=0"),
-            (f"{folder}/pgd_attack.py", ["--restarts=-2"], "flag --restarts=-2"),
-            (f"{folder}/pgd_attack.py", [f"--model_dir={a_folder}"], "No model found"),
-            (f"{folder}/run_attack.py", [f"--model_dir={a_folder}"], "No checkpoint found"),
-            (f"{folder}/eval.py", ["--once=maybe"], "flag --once=maybe"),
-            (f"{folder}/eval.py", [f"--model_dir={a_folder}", "--once", f"--data_path={data}"],
-             f"No checkpoint found in {a_folder}"),
-            (f"{folder}/train.py", [f"--model_dir={a_file}"],
-             "config key 'model_dir' must name a folder"),
-            (f"{folder}/autoattack.py", ["--attacks=apgd-ce,pgd"],
-             "--attacks must name each of its attacks once"),
-            (f"{folder}/autoattack.py", ["--version=plus", "--attacks=apgd-ce"],
-             "either --version or --attacks, not both"),
-            (f"{folder}/autoattack.py", ["--seed=-1"], "flag --seed=-1"),
-            (f"{folder}/fetch_model.py", ["natural", "--sha256=feed"],
-             "--sha256 must be 64 hexadecimal digits"),
-        ]
-    cifar_model = shared_path("fixtures", "tf1_checkpoints", "cifar10_simple")
-    mnist = (f"--model_dir={shared_path('fixtures', 'tf1_checkpoints', 'mnist')}",
-             f"--data_path={shared_path('data', 'mnist')}", f"--out_dir={tmp_path / 'paper'}")
+            cases.append((f"{folder}/{script}", ["--epsilon=-1"],
+                          "config key 'epsilon' must be at least 0, got -1.0"))
+    mnist, cifar = "mnist_challenge", "cifar10_challenge"
     cases += [
-        ("mnist_challenge/reproduce.py", [*mnist, f"--source_model_dir={a_folder}"],
+        (f"{mnist}/pgd_attack.py", ["--k=abc"], "flag --k=abc"),
+        (f"{cifar}/pgd_attack.py", ["--num_steps=abc"], "flag --num_steps=abc"),
+        (f"{mnist}/pgd_attack.py", ["--learning_rate=3"],
+         "Unknown command line flag 'learning_rate'"),
+        (f"{cifar}/train.py", [f"--config={tmp_path}/missing.json"], "cannot read config file"),
+        (f"{mnist}/eval.py", [f"--config={a_folder}"], "cannot read config file"),
+        (f"{cifar}/run_attack.py", [f"--data_path={a_file}"],
+         "config key 'data_path' must name a folder"),
+        (f"{mnist}/pgd_attack.py", ["--restarts=0"], "flag --restarts=0"),
+        (f"{cifar}/pgd_attack.py", ["--restarts=-2"], "flag --restarts=-2"),
+        (f"{cifar}/pgd_attack.py", [f"--model_dir={a_folder}"], "No model found"),
+        (f"{mnist}/run_attack.py", [f"--model_dir={a_folder}"], "No checkpoint found"),
+        (f"{cifar}/eval.py", ["--once=maybe"], "flag --once=maybe"),
+        (f"{mnist}/eval.py", [f"--model_dir={a_folder}", "--once",
+                              f"--data_path={shared_path('data', 'mnist')}"],
+         f"No checkpoint found in {a_folder}"),
+        (f"{mnist}/train.py", [f"--model_dir={a_file}"],
+         "config key 'model_dir' must name a folder"),
+        (f"{cifar}/autoattack.py", ["--attacks=apgd-ce,pgd"],
+         "--attacks must name each of its attacks once"),
+        (f"{mnist}/autoattack.py", ["--version=plus", "--attacks=apgd-ce"],
+         "either --version or --attacks, not both"),
+        (f"{cifar}/autoattack.py", ["--seed=-1"], "flag --seed=-1"),
+        (f"{mnist}/fetch_model.py", ["natural", "--sha256=feed"],
+         "--sha256 must be 64 hexadecimal digits"),
+        (f"{cifar}/fetch_model.py", ["adv_trained", "--sha256=feed"],
+         "--sha256 must be 64 hexadecimal digits"),
+    ]
+    cifar_model = shared_path("fixtures", "tf1_checkpoints", "cifar10_simple")
+    on_fixture = (f"--model_dir={shared_path('fixtures', 'tf1_checkpoints', 'mnist')}",
+                  f"--data_path={shared_path('data', 'mnist')}",
+                  f"--out_dir={tmp_path / 'paper'}")
+    cases += [
+        ("mnist_challenge/reproduce.py", [*on_fixture, f"--source_model_dir={a_folder}"],
          f"--source_model_dir: No model found in {a_folder}"),
         ("mnist_challenge/reproduce.py",
-         [*mnist, f"--source_model_dir={cifar_model}"],
+         [*on_fixture, f"--source_model_dir={cifar_model}"],
          "--source_model_dir: TF1 checkpoint"),
-        ("mnist_challenge/reproduce.py", [*mnist[:2], f"--out_dir={a_file}"],
+        ("mnist_challenge/reproduce.py", [*on_fixture[:2], f"--out_dir={a_file}"],
          f"--out_dir {a_file} is a file, not a folder"),
         ("cifar10_challenge/reproduce.py", ["--artifacts=filters,table"],
          "from table, transfer, eps_sweep, loss_landscape;"),

@@ -142,9 +142,10 @@ def test_a_short_real_run_lowers_the_loss(tmp_path, cifar_data):
 
 
 def _train_args(model_dir, cifar_data, steps, *extra):
+    """A report every step: one traced train step, not two (the short real run covers both)."""
     return (*extra, f"--model_dir={model_dir}", f"--data_path={cifar_data}",
             "--filters=[16,16,32,64]", f"--max_num_training_steps={steps}",
-            "--training_batch_size=8", "--num_steps=2", "--num_output_steps=2",
+            "--training_batch_size=8", "--num_steps=2", "--num_output_steps=1",
             "--num_summary_steps=2", "--num_checkpoint_steps=2")
 
 

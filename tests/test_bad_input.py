@@ -92,13 +92,13 @@ def script_cases(tmp_path):
     a_file, a_folder = tmp_path / "file", tmp_path / "folder"
     a_file.write_text("not a folder")
     a_folder.mkdir()
+    mnist, cifar = "mnist_challenge", "cifar10_challenge"
     cases = []
-    for folder in ("mnist_challenge", "cifar10_challenge"):
+    for folder in (mnist, cifar):
         for script in ("train.py", "eval.py", "pgd_attack.py", "run_attack.py", "model.py",
                        "autoattack.py"):
             cases.append((f"{folder}/{script}", ["--epsilon=-1"],
                           "config key 'epsilon' must be at least 0, got -1.0"))
-    mnist, cifar = "mnist_challenge", "cifar10_challenge"
     cases += [
         (f"{mnist}/pgd_attack.py", ["--k=abc"], "flag --k=abc"),
         (f"{cifar}/pgd_attack.py", ["--num_steps=abc"], "flag --num_steps=abc"),
@@ -133,14 +133,14 @@ def script_cases(tmp_path):
                   f"--data_path={shared_path('data', 'mnist')}",
                   f"--out_dir={tmp_path / 'paper'}")
     cases += [
-        ("mnist_challenge/reproduce.py", [*on_fixture, f"--source_model_dir={a_folder}"],
+        (f"{mnist}/reproduce.py", [*on_fixture, f"--source_model_dir={a_folder}"],
          f"--source_model_dir: No model found in {a_folder}"),
-        ("mnist_challenge/reproduce.py",
+        (f"{mnist}/reproduce.py",
          [*on_fixture, f"--source_model_dir={cifar_model}"],
          "--source_model_dir: TF1 checkpoint"),
-        ("mnist_challenge/reproduce.py", [*on_fixture[:2], f"--out_dir={a_file}"],
+        (f"{mnist}/reproduce.py", [*on_fixture[:2], f"--out_dir={a_file}"],
          f"--out_dir {a_file} is a file, not a folder"),
-        ("cifar10_challenge/reproduce.py", ["--artifacts=filters,table"],
+        (f"{cifar}/reproduce.py", ["--artifacts=filters,table"],
          "from table, transfer, eps_sweep, loss_landscape;"),
     ]
     return cases

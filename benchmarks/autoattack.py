@@ -16,7 +16,7 @@ import numpy as np
 from benchmarks.flops import forward_flops_per_example
 from benchmarks.peak import matmul_peak_gflops
 from benchmarks.timing import alternating_best_seconds
-from common import apgd, fab, pgd, square
+from common.attacks import apgd, fab, pgd, square
 from mnist_challenge import model as mnist_model
 
 EPSILON, BATCH = 0.3, 200

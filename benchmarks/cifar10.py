@@ -19,9 +19,10 @@ from benchmarks.peak import matmul_peak_gflops
 from benchmarks.timing import best_seconds, report, timed_training_step
 from cifar10_challenge import model as cifar_model
 from cifar10_challenge.challenge import CIFAR10
-from common import pgd, training
-from common.losses import xent_with_weight_decay
-from common.momentum import TF1Momentum
+from common.attacks import pgd
+from common.training import loop
+from common.training.momentum import TF1Momentum
+from common.training.objectives import xent_with_weight_decay
 
 EPSILON, STEPS, STEP_SIZE = 8.0, 10, 2.0
 BATCHES = {"simple": 128, "wide": 8}
@@ -35,7 +36,7 @@ def measure(name, filters, batch_size, rng, peak):
                                pixel_range=CIFAR10.pixel_range, seed=0)
     strategy = tf.distribute.get_strategy()
     loss = xent_with_weight_decay(2e-4, batch_size, 1, cifar_model.decayed_kernels)
-    train_step = training.TrainStep(strategy, model, TF1Momentum(0.1, 0.9), attack.settings, loss,
+    train_step = loop.TrainStep(strategy, model, TF1Momentum(0.1, 0.9), attack.settings, loss,
                                     attack_training=True)
     start = pgd.start_point(x, attack.settings, rng)
     repeats = 3 if name == "simple" else 1

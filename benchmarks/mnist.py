@@ -18,8 +18,9 @@ import tensorflow as tf
 from benchmarks.flops import attack_flops_per_example, training_flops_per_example
 from benchmarks.peak import matmul_peak_gflops
 from benchmarks.timing import best_seconds, report, timed_training_step
-from common import pgd, training
-from common.losses import summed_xent
+from common.attacks import pgd
+from common.training import loop
+from common.training.objectives import summed_xent
 from mnist_challenge import model as mnist_model
 
 EPSILON, STEPS, STEP_SIZE = 0.3, 40, 0.01
@@ -34,7 +35,7 @@ def main():
     attack = pgd.LinfPGDAttack(model, EPSILON, STEPS, STEP_SIZE, True, "xent", seed=0)
     strategy = tf.distribute.get_strategy()
     optimizer = keras.optimizers.Adam(learning_rate=1e-4, epsilon=1e-8)
-    train_step = training.TrainStep(strategy, model, optimizer, attack.settings, summed_xent)
+    train_step = loop.TrainStep(strategy, model, optimizer, attack.settings, summed_xent)
     start = pgd.start_point(x[:TRAINING_BATCH], attack.settings, rng)
 
     peak_before = matmul_peak_gflops()

@@ -19,8 +19,9 @@ import tensorflow as tf
 from benchmarks.flops import training_flops_per_example
 from benchmarks.peak import matmul_peak_gflops
 from benchmarks.timing import alternating_best_seconds, report, timed_training_step
-from common import pgd, training
-from common.losses import summed_xent
+from common.attacks import pgd
+from common.training import loop
+from common.training.objectives import summed_xent
 from mnist_challenge import model as mnist_model
 
 EPSILON, PGD_STEPS, PGD_STEP_SIZE, FGSM_STEP_SIZE, REPLAYS = 0.3, 40, 0.01, 0.375, 8
@@ -37,12 +38,12 @@ def training_steps(batch_size):
         model = mnist_model.Model()
         optimizer = keras.optimizers.Adam(learning_rate=1e-4, epsilon=1e-8)
         if method == "free":
-            steps[method] = (training.FreeTrainStep(strategy, model, optimizer, settings,
+            steps[method] = (loop.FreeTrainStep(strategy, model, optimizer, settings,
                                                     summed_xent, REPLAYS, batch_size), 0)
         else:
             attack = settings if method == "pgd" else pgd.AttackSettings(
                 EPSILON, 1, FGSM_STEP_SIZE, True)
-            steps[method] = (training.TrainStep(strategy, model, optimizer, attack,
+            steps[method] = (loop.TrainStep(strategy, model, optimizer, attack,
                                                 summed_xent), attack.num_steps)
     return steps
 

@@ -10,8 +10,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import scripts
+from common.scripts import drivers
 from cifar10_challenge.challenge import CIFAR10
 
 if __name__ == "__main__":
-    scripts.autoattack(CIFAR10)
+    drivers.autoattack(CIFAR10)

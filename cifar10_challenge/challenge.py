@@ -1,19 +1,19 @@
-"""The CIFAR-10 challenge, described once for the shared scripts in common/scripts.py."""
+"""The CIFAR-10 challenge, described once for the shared scripts in common/scripts/drivers.py."""
 
 import os
 
 from cifar10_challenge import cifar10_input, model
-from common import losses, overfitting, schedules
-from common.challenge import Challenge
-from common.paper import Paper, Row
-from common.momentum import TF1Momentum
+from common.training import objectives, overfitting, schedules
+from common.scripts.challenge import Challenge
+from common.evaluation.paper import Paper, Row
+from common.training.momentum import TF1Momentum
 
 MODELS_URL = "https://github.com/MadryProj/cifar10_challenge_models/raw/master/"
 
 
 def loss(config, num_replicas):
     """Mean cross-entropy plus weight decay on the kernels named DW, as the original."""
-    return losses.xent_with_weight_decay(config["weight_decay"], config["training_batch_size"],
+    return objectives.xent_with_weight_decay(config["weight_decay"], config["training_batch_size"],
                                          num_replicas, model.decayed_kernels)
 
 

@@ -14,10 +14,12 @@ import tarfile
 
 import numpy as np
 
-from common import download, seeds
-from common.download import OfficialFile
-from common.errors import UserError
-from common.files import written_in_place
+from common.io import download
+
+from common.runtime import seeds
+from common.io.download import OfficialFile
+from common.runtime.errors import UserError
+from common.io.files import written_in_place
 
 TRAIN_FILES = [f"data_batch_{index}" for index in range(1, 6)]
 TEST_FILE = "test_batch"

@@ -5,21 +5,24 @@ Input [None, 32, 32, 3] in [0, 255]; `filters` [16, 160, 320, 640] (wide, 45,901
 parameters) or [16, 16, 32, 64] (the paper's "simple" network, 464,154). Layer names are the TF1
 variable scopes with '/' written '.', so the released checkpoints map by name.
 `from model import Model; model = Model('train')` works as with the original (`mode` 'train' or
-'eval', the wide filters by default). Running this file prints the Keras summary.
+'eval', the wide filters by default). `summary.py` prints the Keras summary.
 """
 
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# `from model import Model` inside this folder, as with the original, needs the repository root.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 import keras
 import tensorflow as tf
 from keras import layers
 
-from common import devices
-from common.batch_norm import BatchNorm
-from common.layers import layer_classes
+from common.runtime import devices
+from common.models.batch_norm import BatchNorm
+from common.models.layers import layer_classes
 
 WIDE_FILTERS = (16, 160, 320, 640)
 SIMPLE_FILTERS = (16, 16, 32, 64)
@@ -80,7 +83,7 @@ class Model(keras.Model):
 
     `mode` 'train' or 'eval' is the mode a call runs in when it does not pass `training` (the
     original built one graph per mode). `on_cpu` picks the CPU-tuned convolutions
-    (common/layers.py); by default they are used where no GPU is visible.
+    (common/models/layers.py); by default they are used where no GPU is visible.
     """
 
     def __init__(self, mode="eval", filters=WIDE_FILTERS, on_cpu=None):
@@ -132,9 +135,3 @@ def decayed_kernels(model):
     return [layer.kernel for layer in model.layers
             if isinstance(layer, (layers.Conv2D, layers.Dense))]
 
-
-if __name__ == "__main__":
-    from cifar10_challenge.challenge import CIFAR10
-    from common import scripts
-
-    scripts.summary(CIFAR10)

@@ -7,10 +7,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import scripts
+from common.scripts import drivers
 from cifar10_challenge.challenge import CIFAR10
 
-run_attack = scripts.run_attack_function(CIFAR10)
+run_attack = drivers.run_attack_function(CIFAR10)
 
 if __name__ == "__main__":
-    scripts.score(CIFAR10)
+    drivers.score(CIFAR10)

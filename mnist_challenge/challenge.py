@@ -1,12 +1,12 @@
-"""The MNIST challenge, described once for the shared scripts in common/scripts.py."""
+"""The MNIST challenge, described once for the shared scripts in common/scripts/drivers.py."""
 
 import os
 
 import keras
 
-from common import losses, schedules
-from common.challenge import Challenge
-from common.paper import Paper, Row
+from common.training import objectives, schedules
+from common.scripts.challenge import Challenge
+from common.evaluation.paper import Paper, Row
 from mnist_challenge import mnist_input, model
 
 MODELS_URL = "https://github.com/MadryLab/mnist_challenge_models/raw/master/"
@@ -30,7 +30,7 @@ MNIST = Challenge(
     held_out=lambda data: (data.validation_images, data.validation_labels),
     attack_keys=("k", "a"),
     seed_keys=("random_seed", "random_seed"),
-    loss=lambda config, num_replicas: losses.summed_xent,
+    loss=lambda config, num_replicas: objectives.summed_xent,
     # Adam with TF1's defaults (Keras' own epsilon is 1e-7); the original's rate is 1e-4.
     optimizer=lambda config: keras.optimizers.Adam(
         learning_rate=schedules.learning_rate(config), epsilon=1e-8),

@@ -6,8 +6,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import scripts
+from common.scripts import drivers
 from mnist_challenge.challenge import MNIST
 
 if __name__ == "__main__":
-    scripts.fetch_model(MNIST)
+    drivers.fetch_model(MNIST)

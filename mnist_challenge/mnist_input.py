@@ -11,9 +11,11 @@ import os
 
 import numpy as np
 
-from common import download, seeds
-from common.download import OfficialFile
-from common.errors import UserError
+from common.io import download
+
+from common.runtime import seeds
+from common.io.download import OfficialFile
+from common.runtime.errors import UserError
 
 FILES = {
     "train_images": "train-images-idx3-ubyte.gz",

@@ -3,19 +3,22 @@
 It is the convolutional network of the TensorFlow "Deep MNIST" tutorial: input [None, 784] in
 [0, 1], weights drawn from a normal truncated at 2 sigma (stddev 0.1), biases 0.1.
 `from model import Model; model = Model()` works as with the original (a Keras model mapping
-flat images to logits). Running this file prints the Keras summary (3,274,634 parameters).
+flat images to logits). `summary.py` prints the Keras summary.
 """
 
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# `from model import Model` inside this folder, as with the original, needs the repository root.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 import keras
 from keras import layers
 
-from common import devices
-from common.layers import layer_classes
+from common.runtime import devices
+from common.models.layers import layer_classes
 
 # The released TF1 checkpoints hold unnamed variables, in the order the original created them.
 TF1_VARIABLES = {
@@ -31,8 +34,8 @@ TF1_VARIABLES = {
 
 
 class Model(keras.Model):
-    """The original network. `on_cpu` picks the CPU-tuned layers (common/layers.py); by default
-    they are used where no GPU is visible."""
+    """The original network. `on_cpu` picks the CPU-tuned layers (common/models/layers.py); by
+    default they are used where no GPU is visible."""
 
     def __init__(self, on_cpu=None):
         Conv2D, Dense = layer_classes(devices.runs_on_cpu() if on_cpu is None else on_cpu)
@@ -57,9 +60,3 @@ def tf1_variables(model):
     return {name: getattr(model.get_layer(layer), weight)
             for name, (layer, weight) in TF1_VARIABLES.items()}
 
-
-if __name__ == "__main__":
-    from common import scripts
-    from mnist_challenge.challenge import MNIST
-
-    scripts.summary(MNIST)

@@ -9,9 +9,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import scripts
-from common.pgd import LinfPGDAttack  # noqa: F401 (the original's import path)
+from common.scripts import drivers
+from common.attacks.pgd import LinfPGDAttack  # noqa: F401 (the original's import path)
 from mnist_challenge.challenge import MNIST
 
 if __name__ == "__main__":
-    scripts.attack(MNIST)
+    drivers.attack(MNIST)

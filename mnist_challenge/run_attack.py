@@ -9,10 +9,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import scripts
+from common.scripts import drivers
 from mnist_challenge.challenge import MNIST
 
-run_attack = scripts.run_attack_function(MNIST)
+run_attack = drivers.run_attack_function(MNIST)
 
 if __name__ == "__main__":
-    scripts.score(MNIST)
+    drivers.score(MNIST)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common import apgd, checkpoints, pgd
+from common.attacks import apgd, pgd
+from common.io import checkpoints
 from mnist_challenge import mnist_input
 from mnist_challenge import model as mnist_model
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from helpers import run_script, writable_copy
 
-from common import autoattack, checkpoints, pgd
-from common.errors import UserError
+from common.attacks import autoattack, pgd
+from common.io import checkpoints
+from common.runtime.errors import UserError
 from mnist_challenge import mnist_input
 from mnist_challenge import model as mnist_model
 

@@ -9,8 +9,8 @@ from absl import flags
 from helpers import assert_one_error_line, run_side_by_side, shared_path
 
 from cifar10_challenge.challenge import CIFAR10
-from common import config as config_lib
-from common.errors import UserError
+from common.runtime.errors import UserError
+from common.scripts import config as config_lib
 from mnist_challenge.challenge import MNIST
 
 INT_BAD = ["-1", "2.5", "abc"]
@@ -95,7 +95,7 @@ def script_cases(tmp_path):
     mnist, cifar = "mnist_challenge", "cifar10_challenge"
     cases = []
     for folder in (mnist, cifar):
-        for script in ("train.py", "eval.py", "pgd_attack.py", "run_attack.py", "model.py",
+        for script in ("train.py", "eval.py", "pgd_attack.py", "run_attack.py", "summary.py",
                        "autoattack.py"):
             cases.append((f"{folder}/{script}", ["--epsilon=-1"],
                           "config key 'epsilon' must be at least 0, got -1.0"))

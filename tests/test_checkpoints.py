@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common import checkpoints, evaluation
+from common.evaluation import robustness
+from common.io import checkpoints
 
 
 def small_model():
@@ -62,7 +63,7 @@ def test_eval_once_moves_on_when_rotation_removes_the_checkpoint(tmp_path, run, 
             rotated.append(run(2))
         _loader(model)(path)
 
-    evaluation.eval_loop(str(tmp_path), load_while_rotating, lambda: dict.fromkeys(
+    robustness.eval_loop(str(tmp_path), load_while_rotating, lambda: dict.fromkeys(
         ("avg_xent_nat", "avg_xent_adv", "acc_nat", "acc_adv"), 0.5), once=True)
     out = capsys.readouterr().out
     assert f"Checkpoint {first} was removed while being read, moving to the newest" in out
@@ -79,7 +80,7 @@ def test_eval_once_names_a_corrupt_newest_checkpoint(tmp_path, run):
     path = run(3)
     _corrupt(path)
     with pytest.raises(checkpoints.CheckpointUnreadable, match=f"cannot read checkpoint {path}"):
-        evaluation.eval_loop(str(tmp_path), _loader(small_model()), dict, once=True)
+        robustness.eval_loop(str(tmp_path), _loader(small_model()), dict, once=True)
 
 
 class _Stop(Exception):
@@ -97,9 +98,9 @@ def test_the_endless_loop_waits_past_an_unreadable_checkpoint(tmp_path, run, cap
         if len(sleeps) == 2:
             raise _Stop
 
-    monkeypatch.setattr(evaluation.time, "sleep", sleep)
+    monkeypatch.setattr(robustness.time, "sleep", sleep)
     with pytest.raises(_Stop):
-        evaluation.eval_loop(str(tmp_path), _loader(small_model()), dict)
+        robustness.eval_loop(str(tmp_path), _loader(small_model()), dict)
     out = capsys.readouterr().out
     assert f"cannot read checkpoint {path}" in out and "; waiting for the next checkpoint" in out
     assert "Waiting for the next checkpoint ..." in out

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cifar10_challenge import cifar10_input
-from common.errors import UserError
+from common.runtime.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ import pytest
 import tensorflow as tf
 
 from cifar10_challenge import model as cifar_model
-from common import checkpoints, pgd
-from common.errors import UserError
+from common.attacks import pgd
+from common.io import checkpoints
+from common.runtime.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,10 @@ def _args(model_dir, cifar_data, *extra):
 
 
 def test_model_summary_prints_the_parameter_counts():
-    wide = run_script("cifar10_challenge/model.py")
+    wide = run_script("cifar10_challenge/summary.py")
     assert wide.returncode == 0, wide.stderr
     assert "Trainable params: 45,901,914" in wide.stdout
-    simple = run_script("cifar10_challenge/model.py", SIMPLE)
+    simple = run_script("cifar10_challenge/summary.py", SIMPLE)
     assert "Trainable params: 464,154" in simple.stdout
 
 

@@ -10,16 +10,17 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cifar10_challenge import cifar10_input
 from cifar10_challenge import model as cifar_model
-from common import losses, pgd, training
-from common.batch_norm import BatchNorm
-from common.momentum import TF1Momentum
-from common.schedules import piecewise_constant
+from common.attacks import pgd
+from common.models.batch_norm import BatchNorm
+from common.training import loop, objectives
+from common.training.momentum import TF1Momentum
+from common.training.schedules import piecewise_constant
 
 SCHEDULE = [[0, 0.1], [40000, 0.01], [60000, 0.001]]
 
 
 def original_loss(weight_decay, global_batch_size, num_replicas):
-    return losses.xent_with_weight_decay(weight_decay, global_batch_size, num_replicas,
+    return objectives.xent_with_weight_decay(weight_decay, global_batch_size, num_replicas,
                                          cifar_model.decayed_kernels)
 
 
@@ -93,7 +94,7 @@ def one_step(strategy, batch, initial_weights):
         optimizer = TF1Momentum(0.1, momentum=0.9)
     attack = pgd.LinfPGDAttack(model, 8.0, 2, 2.0, True, "xent", pixel_range=(0.0, 255.0))
     loss = original_loss(2e-4, len(batch[0]), strategy.num_replicas_in_sync)
-    step = training.TrainStep(strategy, model, optimizer, attack.settings, loss,
+    step = loop.TrainStep(strategy, model, optimizer, attack.settings, loss,
                               attack_training=False)
     metrics, _ = step(*batch, report=True)
     return model.get_weights(), {name: value.numpy() for name, value in metrics.items()}
@@ -108,7 +109,7 @@ def test_two_replicas_take_the_same_step_as_one_device(cifar_data, two_replicas)
     cifar = cifar10_input.CIFAR10Data(cifar_data)
     x, y = cifar10_input.training_batch(cifar, 0, 16, seed=4)
     settings = pgd.AttackSettings(8.0, 2, 2.0, True, "xent", (0.0, 255.0))
-    batch = (x, y, training.training_start(x, settings, 4, 0))
+    batch = (x, y, loop.training_start(x, settings, 4, 0))
     keras.utils.set_random_seed(5)
     initial = cifar_model.Model("eval", cifar_model.SIMPLE_FILTERS).get_weights()
     weights_two, metrics_two = one_step(two_replicas, batch, initial)

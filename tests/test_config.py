@@ -6,8 +6,8 @@ import pytest
 from absl import flags
 from helpers import REPO, run_script
 
-from common import config as config_lib
-from common.errors import UserError
+from common.runtime.errors import UserError
+from common.scripts import config as config_lib
 
 MNIST_CONFIG = f"{REPO}/mnist_challenge/config.json"
 

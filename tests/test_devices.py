@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common import checkpoints, devices, evaluation, pgd, submission
-from common.errors import UserError
+from common.attacks import pgd
+from common.evaluation import robustness, submission
+from common.io import checkpoints
+from common.runtime import devices
+from common.runtime.errors import UserError
 from mnist_challenge import mnist_input
 from mnist_challenge import model as mnist_model
 
@@ -38,7 +41,7 @@ def test_attack_and_scores_over_two_devices_equal_one(two_replicas, mnist_data, 
         x_adv = attack.perturb(x, y).astype(np.float32)
         accuracy, predictions = submission.score(model, x_adv, y, 10, strategy)
         results.append((x_adv, predictions, accuracy,
-                        evaluation.evaluate(model, attack, x, y, 25, 10)))
+                        robustness.evaluate(model, attack, x, y, 25, 10)))
     (one_x, one_predictions, one_accuracy, one_eval), (two_x, two_predictions, two_accuracy,
                                                        two_eval) = results
     assert np.mean(np.abs(one_x - two_x) < 1e-6) >= 0.99

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from cifar10_challenge import cifar10_input
-from common.download import OfficialFile
-from common.errors import UserError
+from common.io.download import OfficialFile
+from common.runtime.errors import UserError
 from mnist_challenge import mnist_input
 
 

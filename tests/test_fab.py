@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common import fab
+from common.attacks import fab
 
 
 def smallest_step_by_bisection(point, weights, needed, pixel_range):

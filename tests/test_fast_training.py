@@ -12,8 +12,10 @@ from helpers import checkpoint_values, run_script
 from test_bad_input import load
 from test_mnist_training import summaries
 
-from common import pgd, schedules, seeds, training
-from common.losses import summed_xent
+from common.attacks import pgd
+from common.runtime import seeds
+from common.training import loop, schedules
+from common.training.objectives import summed_xent
 from mnist_challenge import mnist_input
 from mnist_challenge import model as mnist_model
 from mnist_challenge.challenge import MNIST
@@ -67,7 +69,7 @@ def test_fgsm_rs_is_one_pgd_step_of_its_size_from_a_random_start(batch, initial_
     assert settings == pgd.AttackSettings(EPSILON, 1, 0.375, True, "xent", (0.0, 1.0))
     x, y = batch
     model, optimizer = model_and_adam(initial_weights)
-    step = training.TrainStep(tf.distribute.get_strategy(), model, optimizer, settings,
+    step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer, settings,
                               summed_xent)
     step(x, y, step.start_points(x, 5, 7), report=False, step=7)
 
@@ -100,7 +102,7 @@ def test_free_replays_equal_a_hand_written_loop(batch, initial_weights):
     x, y = batch
     settings = pgd.AttackSettings(EPSILON, 40, 0.01, True)
     model, optimizer = model_and_adam(initial_weights)
-    step = training.FreeTrainStep(tf.distribute.get_strategy(), model, optimizer, settings,
+    step = loop.FreeTrainStep(tf.distribute.get_strategy(), model, optimizer, settings,
                                   summed_xent, replays=3, batch_size=BATCH)
     assert step.start_points(x, 0, 0).shape == (0, 784)
     for replay in range(3):
@@ -143,7 +145,7 @@ def test_the_optimizer_follows_the_cyclic_schedule(batch, initial_weights):
         model.set_weights(initial_weights)
         optimizer = keras.optimizers.Adam(
             learning_rate=schedules.PiecewiseLinear([[0, 0.0], [2, 1e-3], [4, 0.0]]))
-    step = training.TrainStep(tf.distribute.get_strategy(), model, optimizer,
+    step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer,
                               pgd.AttackSettings(EPSILON, 1, 0.375, True), summed_xent)
     step(x, y, step.start_points(x, 0, 0), report=False)
     for ours, before in zip(model.get_weights(), initial_weights):
@@ -156,7 +158,7 @@ def test_the_epsilon_ramp_scales_starts_and_steps(batch, initial_weights):
     x, y = batch
     model, optimizer = model_and_adam(initial_weights)
     settings = pgd.AttackSettings(EPSILON, 2, 0.1, True)
-    step = training.TrainStep(tf.distribute.get_strategy(), model, optimizer, settings,
+    step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer, settings,
                               summed_xent, epsilon_ramp_steps=10)
     assert [step.epsilon_scale(s) for s in (0, 5, 10, 50)] == [0.0, 0.5, 1.0, 1.0]
     start = step.start_points(x, 0, 5)
@@ -171,12 +173,12 @@ def one_step(method, strategy, batch, initial_weights):
     model, optimizer = model_and_adam(initial_weights, strategy)
     settings = pgd.AttackSettings(EPSILON, 3, 0.1, True)
     if method == "free":
-        step = training.FreeTrainStep(strategy, model, optimizer, settings, summed_xent, 2,
+        step = loop.FreeTrainStep(strategy, model, optimizer, settings, summed_xent, 2,
                                       BATCH)
     else:
         if method == "fgsm_rs":
             settings = pgd.AttackSettings(EPSILON, 1, 0.375, True)
-        step = training.TrainStep(strategy, model, optimizer, settings, summed_xent)
+        step = loop.TrainStep(strategy, model, optimizer, settings, summed_xent)
     x, y = batch
     for index in range(step.replays):  # free: the second replay starts from the carried one
         metrics, _ = step(x, y, step.start_points(x, 1, index), report=True, step=index)

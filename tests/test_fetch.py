@@ -11,8 +11,8 @@ import zipfile
 import pytest
 from helpers import REPO, assert_one_error_line, script_environment
 
-from common import download, fetch
-from common.errors import UserError
+from common.io import download, fetch
+from common.runtime.errors import UserError
 
 
 def _model_zip(served, mnist_fixture, name="natural.zip"):
@@ -64,9 +64,9 @@ def test_a_digest_mismatch_is_refused_and_removed(file_server, tmp_path, mnist_f
 
 # fetch_model.py of the MNIST challenge, with the released models' address replaced.
 FETCH_FROM = ("import dataclasses, sys; sys.path.insert(0, sys.argv[1]); "
-              "from common import scripts; from mnist_challenge.challenge import MNIST; "
+              "from common.scripts import drivers; from mnist_challenge.challenge import MNIST; "
               "url, folder = sys.argv[2:4]; sys.argv = ['fetch_model.py', *sys.argv[4:]]; "
-              "scripts.fetch_model(dataclasses.replace(MNIST, folder=folder, "
+              "drivers.fetch_model(dataclasses.replace(MNIST, folder=folder, "
               "model_urls={'natural': url}))")
 
 
@@ -139,7 +139,7 @@ def test_a_download_cut_short_leaves_nothing(file_server, tmp_path, mnist_fixtur
 def test_a_killed_download_leaves_nothing_a_later_run_could_use(file_server, tmp_path):
     _, url = file_server
     destination = tmp_path / "challenge"
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from common import fetch; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from common.io import fetch; "
             "fetch.fetch_model(['fetch_model.py', 'natural'], {'natural': sys.argv[2]}, {}, "
             "sys.argv[3])")
     process = subprocess.Popen([sys.executable, "-c", code, REPO, url + "slow/natural.zip",

@@ -1,5 +1,5 @@
-"""common.layers' Conv2D and Dense compute what Keras' own layers compute, gradients included,
-and a model gets them only where it runs on CPUs."""
+"""common.models.layers' Conv2D and Dense compute what Keras' own layers compute, gradients
+included, and a model gets them only where it runs on CPUs."""
 
 import keras
 import numpy as np
@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 from cifar10_challenge import model as cifar_model
-from common import devices
-from common.layers import Conv2D, Dense, layer_classes
+from common.models.layers import Conv2D, Dense, layer_classes
+from common.runtime import devices
 from mnist_challenge import model as mnist_model
 
 

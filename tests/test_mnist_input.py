@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from common.errors import UserError
+from common.runtime.errors import UserError
 from mnist_challenge import mnist_input
 
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common import checkpoints, pgd
-from common.errors import UserError
+from common.attacks import pgd
+from common.io import checkpoints
+from common.runtime.errors import UserError
 from mnist_challenge import model as mnist_model
 
 

@@ -17,7 +17,7 @@ from helpers import (
     writable_copy,
 )
 
-from common import checkpoints
+from common.io import checkpoints
 from mnist_challenge import mnist_input
 from mnist_challenge import model as mnist_model
 
@@ -36,7 +36,7 @@ def _args(model_dir, mnist_data, *extra):
 
 
 def test_model_summary_prints_the_parameter_count():
-    result = run_script("mnist_challenge/model.py")
+    result = run_script("mnist_challenge/summary.py")
     assert result.returncode == 0, result.stderr
     assert "Total params: 3,274,634" in result.stdout
 

@@ -11,8 +11,9 @@ import tensorflow as tf
 from helpers import run_script, run_side_by_side
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from common import pgd, training
-from common.losses import summed_xent
+from common.attacks import pgd
+from common.training import loop
+from common.training.objectives import summed_xent
 from mnist_challenge import model as mnist_model
 
 SMALL_ATTACK = ("--epsilon=0.1", "--k=3", "--a=0.04")
@@ -100,7 +101,7 @@ def one_step(strategy, batch, initial_weights):
         model.set_weights(initial_weights)
         optimizer = keras.optimizers.Adam(learning_rate=1e-4, epsilon=1e-8)
     attack = pgd.LinfPGDAttack(model, 0.3, 10, 0.01, True, "xent")
-    step = training.TrainStep(strategy, model, optimizer, attack.settings, summed_xent)
+    step = loop.TrainStep(strategy, model, optimizer, attack.settings, summed_xent)
     metrics, _ = step(*batch, report=True)
     return model.get_weights(), {name: value.numpy() for name, value in metrics.items()}
 
@@ -110,7 +111,7 @@ def test_two_replicas_take_the_same_step_as_one_device(mnist_data, two_replicas)
     mnist = mnist_input.MNISTData(mnist_data)
     indices = mnist_input.batch_indices(0, 50, len(mnist.train_labels), seed=1)
     batch = (mnist.train_images[indices], mnist.train_labels[indices],
-             training.training_start(mnist.train_images[indices],
+             loop.training_start(mnist.train_images[indices],
                                      pgd.AttackSettings(0.3, 10, 0.01, True), 1, 0))
     keras.utils.set_random_seed(3)
     initial = mnist_model.Model().get_weights()
@@ -127,12 +128,12 @@ def test_two_replicas_take_the_same_step_as_one_device(mnist_data, two_replicas)
 
 
 def test_an_uneven_split_is_refused(two_replicas):
-    from common.errors import UserError
+    from common.runtime.errors import UserError
     two = two_replicas
     with two.scope():
         model = mnist_model.Model()
         optimizer = keras.optimizers.Adam()
-    step = training.TrainStep(two, model, optimizer,
+    step = loop.TrainStep(two, model, optimizer,
                               pgd.AttackSettings(0.3, 1, 0.01, True), summed_xent)
     with pytest.raises(UserError, match="training_batch_size 5 does not split over 2 replicas"):
         step(np.zeros((5, 784), np.float32), np.zeros(5, np.int64), np.zeros((5, 784)))

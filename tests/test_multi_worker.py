@@ -22,7 +22,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 sys.path.insert(0, sys.argv[1])
-from common import devices
+from common.runtime import devices
 devices.training_strategy = lambda: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 sys.argv = sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")

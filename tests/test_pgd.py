@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common import pgd
+from common.attacks import pgd
 
 
 def tiny_model(input_size=12, classes=3):

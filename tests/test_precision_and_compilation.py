@@ -9,8 +9,12 @@ import tensorflow as tf
 
 from cifar10_challenge import cifar10_input
 from cifar10_challenge import model as cifar_model
-from common import checkpoints, evaluation, pgd, precision, training
-from common.losses import summed_xent
+from common.attacks import pgd
+from common.evaluation import robustness
+from common.io import checkpoints
+from common.runtime import precision
+from common.training import loop
+from common.training.objectives import summed_xent
 from mnist_challenge import mnist_input
 from mnist_challenge import model as mnist_model
 
@@ -79,7 +83,7 @@ def test_float16_training_scales_its_loss(policy, mnist_data):
     optimizer = precision.training_optimizer(keras.optimizers.Adam(1e-4, epsilon=1e-8))
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     attack = pgd.LinfPGDAttack(model, 0.3, 3, 0.1, True, "xent")
-    step = training.TrainStep(tf.distribute.get_strategy(), model, optimizer, attack.settings,
+    step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer, attack.settings,
                               summed_xent)
     before = model.get_layer("fc1").kernel.numpy()
     initial_scale = float(optimizer.dynamic_scale.numpy())
@@ -100,7 +104,7 @@ def test_mixed_precision_free_training_keeps_a_finite_perturbation(mode, policy,
     data = mnist_input.MNISTData(mnist_data)
     model = mnist_model.Model()
     optimizer = precision.training_optimizer(keras.optimizers.Adam(1e-3, epsilon=1e-8))
-    step = training.FreeTrainStep(tf.distribute.get_strategy(), model, optimizer,
+    step = loop.FreeTrainStep(tf.distribute.get_strategy(), model, optimizer,
                                   pgd.AttackSettings(0.3, 1, 0.1, True), summed_xent, 4, 50)
     x, y = data.train_images[:50], data.train_labels[:50]
     for replay in range(8):
@@ -135,7 +139,7 @@ def test_xla_training_step_gives_the_same_weights(mnist_data):
         model = mnist_model.Model()
         model.set_weights(initial)
         attack = pgd.LinfPGDAttack(model, 0.3, 3, 0.1, True, "xent")
-        step = training.TrainStep(tf.distribute.get_strategy(), model,
+        step = loop.TrainStep(tf.distribute.get_strategy(), model,
                                   keras.optimizers.Adam(LEARNING_RATE, epsilon=1e-8),
                                   attack.settings, summed_xent, jit_compile=jit_compile)
         step(x, y, start, report=False)
@@ -154,13 +158,13 @@ def test_new_batch_sizes_and_checkpoints_reuse_the_traced_functions(mnist_data, 
     attack = pgd.LinfPGDAttack(model, 0.3, 2, 0.1, True, "xent", seed=0)
     for _ in range(2):
         checkpoints.load_latest_weights(model, mnist_fixture, mnist_model.tf1_variables)
-        evaluation.evaluate(model, attack, data.test_images, data.test_labels, 10, 4)
+        robustness.evaluate(model, attack, data.test_images, data.test_labels, 10, 4)
     attack.perturb(data.test_images[:7], data.test_labels[:7])
     assert attack._attack.experimental_get_tracing_count() == 1
-    scoring = evaluation.scoring_function(model, attack.strategy)
+    scoring = robustness.scoring_function(model, attack.strategy)
     assert scoring.function.experimental_get_tracing_count() == 1
     optimizer = keras.optimizers.Adam(1e-4, epsilon=1e-8)
-    step = training.TrainStep(tf.distribute.get_strategy(), model, optimizer, attack.settings,
+    step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer, attack.settings,
                               summed_xent)
     for report in (True, False, True, False):
         step(data.train_images[:10], data.train_labels[:10],

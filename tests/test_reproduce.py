@@ -14,10 +14,11 @@ import pytest
 from helpers import REPO, run_script, script_environment, shared_path
 from PIL import Image
 
-from common import checkpoints, pgd
-from common.errors import UserError
-from common.paper import Paper, Row
-from common.reproduce import Ledger, artifact_list
+from common.attacks import pgd
+from common.evaluation.paper import Paper, Row
+from common.evaluation.reproduce import Ledger, artifact_list
+from common.io import checkpoints
+from common.runtime.errors import UserError
 from mnist_challenge import mnist_input
 from mnist_challenge import model as mnist_model
 from mnist_challenge.challenge import MNIST

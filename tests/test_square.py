@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common import square
+from common.attacks import square
 
 
 def test_square_sizes_follow_the_reference_schedule():

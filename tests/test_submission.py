@@ -9,8 +9,8 @@ from helpers import PicklePayload
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import submission
-from common.errors import UserError
+from common.evaluation import submission
+from common.runtime.errors import UserError
 
 SHAPE = (6, 5)
 EPSILON = 0.3

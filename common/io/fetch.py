@@ -14,8 +14,8 @@ import sys
 import tempfile
 import zipfile
 
-from common import download
-from common.errors import UserError
+from common.io import download
+from common.runtime.errors import UserError
 
 # Checkpoints hardly compress; an archive expanding to more than this many times its size, plus
 # a margin for small files, is refused as a zip bomb.

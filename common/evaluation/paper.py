@@ -1,10 +1,10 @@
 """What the paper's tables and figures hold (Madry et al., ICLR 2018): the attack of each row,
 the value published for it, and the settings of the figures. Each challenge describes its own
-`Paper` in its challenge.py; common/reproduce.py computes it for any model."""
+`Paper` in its challenge.py; common/evaluation/reproduce.py computes it for any model."""
 
 import dataclasses
 
-from common.pgd import AttackSettings
+from common.attacks.pgd import AttackSettings
 
 # Each method's attack loss; Natural has no attack, FGSM is one step of epsilon.
 METHOD_LOSSES = {"Natural": None, "FGSM": "xent", "PGD": "xent", "Targeted": "targeted",

@@ -13,8 +13,8 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from common import devices, seeds
-from common.runs import next_classes, on_robust_examples
+from common.attacks.runs import next_classes, on_robust_examples
+from common.runtime import devices, seeds
 
 LOSSES = ("ce", "dlr", "dlr-targeted")
 FIRST_CHECKPOINT = 0.22  # p1

@@ -5,7 +5,7 @@ pixels, [width, height]."""
 import numpy as np
 from matplotlib.figure import Figure
 
-from common.files import written_in_place
+from common.io.files import written_in_place
 
 DPI = 100
 

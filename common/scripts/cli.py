@@ -5,8 +5,8 @@ import sys
 
 from absl import app, flags, logging
 
-from common import config as config_lib
-from common.errors import UserError
+from common.runtime.errors import UserError
+from common.scripts import config as config_lib
 
 
 def _fail(message):

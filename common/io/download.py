@@ -19,8 +19,8 @@ import urllib.request
 
 import tqdm
 
-from common.errors import UserError
-from common.files import written_in_place
+from common.io.files import written_in_place
+from common.runtime.errors import UserError
 
 BLOCK_BYTES = 1 << 20
 TIMEOUT_SECONDS = 60

@@ -12,7 +12,7 @@ import re
 
 import tensorflow as tf
 
-from common.errors import UserError
+from common.runtime.errors import UserError
 
 MAX_TO_KEEP = 3
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"

@@ -9,23 +9,16 @@ import keras
 import numpy as np
 from absl import flags
 
-from common import autoattack as autoattack_lib
-from common import (
-    checkpoints,
-    cli,
-    devices,
-    errors,
-    evaluation,
-    fetch,
-    overfitting,
-    pgd,
-    precision,
-    submission,
-    training,
-)
-from common import config as config_lib
-from common import reproduce as reproduce_lib
-from common.files import written_in_place
+from common.attacks import autoattack as autoattack_lib
+from common.attacks import pgd
+from common.evaluation import reproduce as reproduce_lib
+from common.evaluation import robustness, submission
+from common.io import checkpoints, fetch
+from common.io.files import written_in_place
+from common.runtime import devices, errors, precision
+from common.scripts import cli
+from common.scripts import config as config_lib
+from common.training import loop, overfitting
 
 FLAGS = flags.FLAGS
 
@@ -71,7 +64,7 @@ def train(challenge):
         if config["overfitting_check_steps"]:
             guard = overfitting.OverfittingGuard(strategy, model, challenge.held_out(data),
                                                  challenge.attack_settings(config), seed)
-        training.train(config, _train_step(challenge, config, strategy, model, optimizer),
+        loop.train(config, _train_step(challenge, config, strategy, model, optimizer),
                        lambda index: challenge.training_batch(data, index, batch_size, seed),
                        seed, challenge.summary_images, guard)
 
@@ -83,10 +76,10 @@ def _train_step(challenge, config, strategy, model, optimizer):
     settings = challenge.training_attack_settings(config)
     loss = challenge.loss(config, strategy.num_replicas_in_sync)
     if config["training_method"] == "free":
-        return training.FreeTrainStep(strategy, model, optimizer, settings, loss,
+        return loop.FreeTrainStep(strategy, model, optimizer, settings, loss,
                                       config["replay_m"], config["training_batch_size"],
                                       config["epsilon_ramp_steps"], config["jit_compile"])
-    return training.TrainStep(strategy, model, optimizer, settings, loss,
+    return loop.TrainStep(strategy, model, optimizer, settings, loss,
                               challenge.attack_training(config), config["epsilon_ramp_steps"],
                               config["jit_compile"])
 
@@ -106,10 +99,10 @@ def evaluate(challenge):
                 model, challenge.attack_settings(config), restarts=FLAGS.restarts,
                 seed=challenge.data_seed(config), jit_compile=config["jit_compile"],
                 strategy=strategy)
-            evaluation.eval_loop(
+            robustness.eval_loop(
                 config["model_dir"],
                 lambda path: checkpoints.load_weights(model, path, challenge.tf1_variables),
-                lambda: evaluation.evaluate(model, attack, images, labels,
+                lambda: robustness.evaluate(model, attack, images, labels,
                                             config["num_eval_examples"],
                                             config["eval_batch_size"]),
                 once=FLAGS.once)

@@ -11,9 +11,9 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from common import devices, precision, seeds
-from common.batching import batch_bounds
-from common.files import written_in_place
+from common.io.files import written_in_place
+from common.runtime import devices, precision, seeds
+from common.runtime.batching import batch_bounds
 
 LOSS_FUNCTIONS = ("xent", "cw", "margin", "targeted")
 CW_CONFIDENCE = 50.0

@@ -12,8 +12,8 @@ replica step under a `tf.distribute` strategy, with `training_batch_size` as the
 Beyond the original: a run resumes from the newest checkpoint in `model_dir` (data order and
 random starts are functions of the step, so it continues the same sequence), a last checkpoint
 is written at `max_num_training_steps`, a progress bar shows the rate and the time left, and
-an optional guard against catastrophic overfitting (common/overfitting.py) stops a run whose
-robustness collapses.
+an optional guard against catastrophic overfitting (common/training/overfitting.py) stops a
+run whose robustness collapses.
 """
 
 import dataclasses
@@ -28,9 +28,12 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from common import checkpoints, devices, overfitting, pgd, seeds
-from common.errors import UserError
-from common.files import written_in_place
+from common.attacks import pgd
+from common.io import checkpoints
+from common.io.files import written_in_place
+from common.runtime import devices, seeds
+from common.runtime.errors import UserError
+from common.training import overfitting
 
 PREFETCH_BATCHES = 2
 

@@ -13,7 +13,8 @@ import os
 
 import tensorflow as tf
 
-from common import devices, pgd, seeds
+from common.attacks import pgd
+from common.runtime import devices, seeds
 
 STEPS = 5
 MAX_DROP = 0.2

@@ -11,9 +11,9 @@ import os
 
 from absl import flags
 
-from common.errors import UserError
-from common.pgd import LOSS_FUNCTIONS
-from common.schedules import SHAPES as SCHEDULE_SHAPES
+from common.attacks.pgd import LOSS_FUNCTIONS
+from common.runtime.errors import UserError
+from common.training.schedules import SHAPES as SCHEDULE_SHAPES
 
 FLAGS = flags.FLAGS
 

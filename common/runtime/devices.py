@@ -8,7 +8,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from common.errors import UserError
+from common.runtime.errors import UserError
 
 
 def local_strategy(cpu_only=False):

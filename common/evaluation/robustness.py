@@ -15,9 +15,10 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from common import checkpoints, devices
-from common.batching import batch_bounds
-from common.errors import UserError
+from common.io import checkpoints
+from common.runtime import devices
+from common.runtime.batching import batch_bounds
+from common.runtime.errors import UserError
 
 POLL_SECONDS = 10
 

@@ -19,12 +19,12 @@ import time
 import numpy as np
 import tqdm
 
-from common.apgd import APGD, APGDSettings
-from common.batching import batch_bounds
-from common.errors import UserError
-from common.fab import FAB, FABSettings
-from common.files import written_in_place
-from common.square import Square, SquareSettings
+from common.attacks.apgd import APGD, APGDSettings
+from common.attacks.fab import FAB, FABSettings
+from common.attacks.square import Square, SquareSettings
+from common.io.files import written_in_place
+from common.runtime.batching import batch_bounds
+from common.runtime.errors import UserError
 
 VERSIONS = {
     "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),

@@ -1,6 +1,6 @@
 """What makes a challenge itself: each of mnist_challenge/ and cifar10_challenge/ describes itself
-once in its `challenge.py` with a `Challenge`, and the shared drivers (common/scripts.py) do the
-rest from that description."""
+once in its `challenge.py` with a `Challenge`, and the shared drivers
+(common/scripts/drivers.py) do the rest from that description."""
 
 import dataclasses
 import os
@@ -9,7 +9,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from common.pgd import AttackSettings
+from common.attacks.pgd import AttackSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Challenge:
     prediction_batch_size: int  # run_attack.py's batch
     model_urls: dict  # released model name -> zip URL
     published_sha256: dict  # released model name -> sha256 of its zip, where published
-    paper: Any  # the paper's tables and figures for this challenge (common.paper.Paper)
+    paper: Any  # the paper's tables and figures for this challenge (common.evaluation.paper.Paper)
 
     @property
     def config_path(self):

@@ -17,11 +17,13 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from common import devices, evaluation, figures, pgd, seeds
-from common.batching import batch_bounds
-from common.errors import UserError
-from common.files import written_in_place
-from common.paper import CITATION, Row
+from common.attacks import pgd
+from common.evaluation import figures, robustness
+from common.evaluation.paper import CITATION, Row
+from common.io.files import written_in_place
+from common.runtime import devices, seeds
+from common.runtime.batching import batch_bounds
+from common.runtime.errors import UserError
 
 TRACE_RESTARTS = 20  # Figure 1's random restarts per example
 LANDSCAPE_EXAMPLES = 5  # the first test images of Figures 1 and 2
@@ -191,7 +193,7 @@ def accuracy_under_attack(ledger, key, attack, score, x, y, batch_size):
 
 def _row_job(run, key, row, settings, attacked_model):
     """The accuracy of run.model under `row` crafted on `attacked_model`, at `settings`."""
-    score = evaluation.scoring_function(run.model, run.strategy)
+    score = robustness.scoring_function(run.model, run.strategy)
 
     def compute(ledger):
         attack = None if settings is None else run.attack(attacked_model, settings, row.restarts)
@@ -265,7 +267,7 @@ def landscape_jobs(run):
                                                             settings)),
         reduce_retracing=True))
     attack = run.attack(run.model, settings)
-    score = evaluation.scoring_function(run.model, run.strategy)
+    score = robustness.scoring_function(run.model, run.strategy)
     examples = range(min(LANDSCAPE_EXAMPLES, len(run.labels)))
     return [_trace_job(run, index, trace) for index in examples] + \
         [_histogram_job(run, index, attack, score) for index in examples]

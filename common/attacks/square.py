@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from common import devices
+from common.runtime import devices
 
 # The fraction of the image a square covers, halved at these query counts (the reference's
 # schedule, without rescaling to the number of queries).

@@ -12,10 +12,10 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from common import devices
-from common.batching import batch_bounds
-from common.errors import UserError
-from common.files import written_in_place
+from common.io.files import written_in_place
+from common.runtime import devices
+from common.runtime.batching import batch_bounds
+from common.runtime.errors import UserError
 
 TOLERANCE = 1e-4
 # numpy's own bound on a header's length; a longer one is refused unparsed.

@@ -17,8 +17,8 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from common import devices, seeds
-from common.runs import next_classes, on_robust_examples
+from common.attacks.runs import next_classes, on_robust_examples
+from common.runtime import devices, seeds
 
 SMALLEST_NORM = 1e-8
 

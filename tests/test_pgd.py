@@ -1,13 +1,13 @@
-"""The PGD engine: the epsilon ball, the pixel range, the losses (targeted and the margin loss
-too), the random start, restarts, reproducibility, the loss trace of Figure 1, and the unrolled
-loop of training mode against the graph loop."""
+"""The PGD engine: the epsilon ball (L-infinity and L2), the pixel range, the losses (targeted
+and the margin loss too), the random start, restarts, reproducibility, the loss trace of Figure 1,
+and the unrolled loop of training mode against the graph loop."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from common.attacks import pgd
+from common.attacks import losses, pgd
 
 
 def tiny_model(input_size=12, classes=3):
@@ -39,22 +39,37 @@ def test_settings_keep_the_original_attribute_names():
     assert again.settings == attack.settings
 
 
-def test_random_start_is_uniform_in_the_ball_and_clipped():
+def test_linf_random_start_is_uniform_in_the_ball_and_clipped():
     settings = pgd.AttackSettings(0.3, 1, 0.1, True, "xent", (0.0, 1.0))
-    x_nat = np.full((2000, 12), 0.9, np.float32)
-    start = pgd.start_point(x_nat, settings, np.random.default_rng(0))
-    assert start.dtype == np.float64
-    noise = np.random.default_rng(0).uniform(-0.3, 0.3, x_nat.shape)
-    np.testing.assert_array_equal(start, np.minimum(np.float64(np.float32(0.9)) + noise, 1.0))
-    assert abs(np.mean(start == 1.0) - 0.2 / 0.6) < 0.02
-    fixed = pgd.start_point(x_nat, pgd.AttackSettings(0.3, 1, 0.1, False), None)
-    np.testing.assert_array_equal(fixed, x_nat.astype(np.float64))
+    middle = np.full((2000, 12), 0.5, np.float32)
+    offsets = pgd.start_point(middle, settings, np.random.default_rng(0)) - 0.5
+    # U(-0.3, 0.3) per pixel: each decile of the interval holds a tenth of the pixels.
+    counts = np.histogram(offsets, bins=10, range=(-0.3, 0.3))[0] / offsets.size
+    np.testing.assert_allclose(counts, 0.1, atol=0.01)
+    near_top = pgd.start_point(np.full((2000, 12), 0.9, np.float32), settings,
+                               np.random.default_rng(1))
+    assert near_top.dtype == np.float64 and near_top.max() == 1.0
+    assert abs(np.mean(near_top == 1.0) - 0.2 / 0.6) < 0.02  # the part beyond 1 is clipped
+    assert not np.array_equal(pgd.start_point(middle, settings, np.random.default_rng(2)),
+                              pgd.start_point(middle, settings, np.random.default_rng(3)))
+    fixed = pgd.start_point(near_top, pgd.AttackSettings(0.3, 1, 0.1, False), None)
+    np.testing.assert_array_equal(fixed, near_top.astype(np.float32).astype(np.float64))
+
+
+def test_l2_random_start_is_uniform_in_the_ball():
+    settings = pgd.AttackSettings(2.0, 1, 0.1, True, "xent", (-100.0, 100.0), norm="L2")
+    x_nat = np.zeros((4000, 3), np.float32)
+    radii = np.linalg.norm(pgd.start_point(x_nat, settings, np.random.default_rng(0)), axis=1)
+    assert radii.max() <= 2.0
+    # Uniform in a 3-dimensional ball: P(radius <= r) = (r / 2) ** 3.
+    for fraction in (0.5, 0.8, 0.95):
+        assert abs(np.mean(radii <= 2.0 * fraction) - fraction ** 3) < 0.03
 
 
 def test_cw_loss_is_the_original_margin():
     logits = tf.constant([[1.0, 5.0, 2.0], [0.0, -1.0, 70.0]])
     labels = tf.constant([1, 0], tf.int64)
-    loss = pgd.per_example_loss(logits, labels, "cw").numpy()
+    loss = losses.per_example_loss(logits, labels, "cw").numpy()
     # -relu(correct - max wrong + 50): (5 - 2 + 50) and (0 - 70 + 50 < 0).
     np.testing.assert_allclose(loss, [-53.0, 0.0])
 
@@ -63,14 +78,17 @@ def test_margin_and_targeted_losses_by_hand():
     logits = tf.constant([[1.0, 5.0, 2.0], [0.0, -1.0, 70.0]])
     labels = tf.constant([1, 0], tf.int64)
     # The paper's CW: -relu(correct - max wrong), confidence 0: (5 - 2) and (0 - 70 < 0).
-    np.testing.assert_allclose(pgd.per_example_loss(logits, labels, "margin").numpy(),
+    np.testing.assert_allclose(losses.per_example_loss(logits, labels, "margin").numpy(),
                                [-3.0, 0.0])
-    targets = pgd.most_likely_wrong_class(logits, labels).numpy()
+    targets = losses.wrong_classes(logits, labels, 1).numpy()[:, 0]
     assert targets.tolist() == [2, 2]
-    np.testing.assert_allclose(pgd.most_likely_wrong_class(-logits, labels).numpy(), [0, 1])
-    xent = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
-    np.testing.assert_allclose(pgd.per_example_loss(logits, targets, "targeted").numpy(),
-                               -xent.numpy())
+    np.testing.assert_allclose(losses.wrong_classes(-logits, labels, 2).numpy(),
+                               [[0, 2], [1, 2]])
+    # -log softmax(logits)[target], by hand: [1, 5, 2] -> log(e + e^5 + e^2) - 2.
+    by_hand = [2 - np.log(np.exp(1) + np.exp(5) + np.exp(2)),
+               70 - np.log(1 + np.exp(-1) + np.exp(70))]
+    np.testing.assert_allclose(losses.per_example_loss(logits, labels, "targeted", targets),
+                               by_hand, rtol=1e-5)
 
 
 def test_targeted_pgd_moves_towards_the_most_likely_wrong_class():
@@ -79,7 +97,7 @@ def test_targeted_pgd_moves_towards_the_most_likely_wrong_class():
     model = tiny_model(classes=5)
     logits = model(x_nat)
     y = np.argmax(logits.numpy(), axis=1)
-    targets = pgd.most_likely_wrong_class(logits, y).numpy()
+    targets = losses.wrong_classes(logits, y, 1).numpy()[:, 0]
     attack = pgd.LinfPGDAttack(model, 0.3, 20, 0.03, True, "targeted", seed=1)
     predicted = np.argmax(model(attack.perturb(x_nat, y).astype(np.float32)).numpy(), axis=1)
     fooled = predicted != y
@@ -98,7 +116,7 @@ def test_the_loss_trace_follows_the_attack_step_by_step():
     assert trace.shape == (7, 16)
     for steps in (0, 3, 6):
         x = pgd.pgd_steps(model, x_nat, y, start, pgd.AttackSettings(0.2, steps, 0.05, True))
-        expected = pgd.per_example_loss(model(tf.cast(x, tf.float32)), y, "xent").numpy()
+        expected = losses.xent(model(tf.cast(x, tf.float32)), y).numpy()
         np.testing.assert_allclose(trace[steps], expected, rtol=1e-5, atol=1e-6)
     assert np.all(trace[-1] > trace[0])
 
@@ -138,7 +156,7 @@ def test_attack_raises_the_loss_and_seeds_reproduce():
     np.testing.assert_array_equal(first, again)
 
     def summed_loss(x):
-        return pgd.per_example_loss(model(x.astype(np.float32)), y, "xent").numpy().sum()
+        return losses.xent(model(x.astype(np.float32)), y).numpy().sum()
 
     assert summed_loss(first) > summed_loss(x_nat) + 1.0
 
@@ -154,17 +172,20 @@ def test_restarts_keep_the_strongest_start_per_example():
     x_nat = rng.uniform(0, 1, (200, 12)).astype(np.float32)
     model = tiny_model()
     y = np.argmax(model(x_nat).numpy(), axis=1)
-    one = pgd.LinfPGDAttack(model, 0.05, 3, 0.02, True, "xent", seed=9)
     many = pgd.LinfPGDAttack(model, 0.05, 3, 0.02, True, "xent", restarts=5, seed=9)
-    first_start = one.start_point(x_nat)
-    x_one = one.perturb(x_nat, y, start=first_start)
-    x_many = many.perturb(x_nat, y, start=first_start)
-    loss_one, wrong_one = (t.numpy() for t in one._score(x_one.astype(np.float32), y))
-    loss_many, wrong_many = (t.numpy() for t in many._score(x_many.astype(np.float32), y))
-    assert np.all(wrong_many >= wrong_one)
-    kept_first = ~wrong_one & ~wrong_many
-    assert np.all(loss_many[kept_first] >= loss_one[kept_first])
-    assert wrong_many.sum() > wrong_one.sum() or np.any(loss_many > loss_one)
+    # One restart at a time from the same seeded stream draws the same five starts.
+    one = pgd.LinfPGDAttack(model, 0.05, 3, 0.02, True, "xent", seed=9)
+    candidates = np.stack([one.perturb(x_nat, y) for _ in range(5)])
+    logits = np.stack([model(c.astype(np.float32)).numpy().astype(np.float64)
+                       for c in candidates])
+    shifted = logits - logits.max(axis=2, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(axis=2, keepdims=True))
+    xent = -np.take_along_axis(log_softmax, y[None, :, None], axis=2)[..., 0]
+    wrong = logits.argmax(axis=2) != y
+    # Per example: the misclassified restart of highest loss, else the restart of highest loss.
+    best = np.argmax(np.where(wrong.any(axis=0), np.where(wrong, xent, -np.inf), xent), axis=0)
+    assert len(set(best.tolist())) > 1  # the rule picks different restarts for different examples
+    np.testing.assert_array_equal(many.perturb(x_nat, y), candidates[best, np.arange(len(y))])
 
 
 def test_the_unrolled_loop_of_training_mode_equals_the_graph_loop():
@@ -181,3 +202,29 @@ def test_the_unrolled_loop_of_training_mode_equals_the_graph_loop():
         for training in (False, True)]
     np.testing.assert_array_equal(results[0], results[1])
     assert np.abs(results[0] - start).max() > 0.05
+
+
+def test_l2_pgd_stays_in_the_ball_and_the_range_and_raises_the_loss():
+    rng = np.random.default_rng(10)
+    x_nat = rng.uniform(0, 1, (64, 12)).astype(np.float32)
+    model = tiny_model()
+    y = np.argmax(model(x_nat).numpy(), axis=1)
+    x_adv = pgd.PGD(model, 0.5, steps=20, step_size=0.1, norm="L2", seed=1).perturb(x_nat, y)
+    assert x_adv.dtype == np.float32 and x_adv.shape == x_nat.shape
+    distances = np.linalg.norm(x_adv - x_nat, axis=1)
+    assert distances.max() <= 0.5 + 1e-5 and distances.max() > 0.45
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert losses.xent(model(x_adv), y).numpy().sum() > \
+        losses.xent(model(x_nat), y).numpy().sum() + 1.0
+
+
+def test_an_l2_step_moves_by_the_step_size_along_the_gradient():
+    """On a linear model the gradient of the margin is the difference of two weight rows: one
+    L2 step of size s from the centre moves exactly s along it."""
+    weights = np.array([[1.0, 2.0, 2.0], [0.0, 0.0, 0.0]], np.float32).T  # 3 inputs, 2 classes
+    model = lambda x: tf.matmul(x, weights)  # noqa: E731 (a plain callable as the model)
+    x_nat = np.full((1, 3), 0.5, np.float32)
+    attack = pgd.PGD(model, 10.0, steps=1, step_size=0.3, norm="L2", random_start=False,
+                     loss="margin", pixel_range=(-10, 10))
+    np.testing.assert_allclose(attack.perturb(x_nat, [0]) - x_nat, [[-0.1, -0.2, -0.2]],
+                               atol=1e-6)

@@ -262,10 +262,8 @@ def _histogram_job(run, index, attack, score):
 def landscape_jobs(run):
     """Figures 1 and 2 on the first LANDSCAPE_EXAMPLES test images, one job per image each."""
     settings = run.landscape_settings()
-    trace = devices.Spread(run.strategy, tf.function(
-        lambda x_nat, y, start: tf.transpose(pgd.loss_trace(run.model, x_nat, y, start,
-                                                            settings)),
-        reduce_retracing=True))
+    trace = devices.Spread(run.strategy, lambda x_nat, y, start: tf.transpose(
+        pgd.loss_trace(run.model, x_nat, y, start, settings)))
     attack = run.attack(run.model, settings)
     score = robustness.scoring_function(run.model, run.strategy)
     examples = range(min(LANDSCAPE_EXAMPLES, len(run.labels)))

@@ -33,10 +33,7 @@ def _xent_and_correct(model, x, labels):
 def scoring_function(model, strategy):
     """Per-example cross-entropy and correctness of `model`, spread over `strategy`'s replicas;
     traced once per model, for any batch size and every new checkpoint."""
-    return devices.Spread(strategy, tf.function(
-        lambda x, y: _xent_and_correct(model, x, y), input_signature=(
-            tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32),
-            tf.TensorSpec((None,), tf.int64))))
+    return devices.Spread(strategy, lambda x, y: _xent_and_correct(model, x, y))
 
 
 def evaluate(model, attack, images, labels, num_examples, batch_size):

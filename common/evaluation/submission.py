@@ -124,9 +124,7 @@ def check_array(x_adv, x_nat, epsilon, pixel_range, shape_text):
 def score(model, x_adv, labels, batch_size, strategy=None):
     """Accuracy of the model on the submission and its predicted labels (int64, as `pred.npy`),
     each batch spread over the replicas of `strategy` (a local MirroredStrategy: every GPU)."""
-    predict = devices.Spread(strategy or tf.distribute.get_strategy(), tf.function(
-        lambda x: tf.argmax(model(x, training=False), axis=1),
-        input_signature=[tf.TensorSpec((None,) + x_adv.shape[1:], tf.float32)]))
+    predict = devices.Spread(strategy, lambda x: tf.argmax(devices.call_model(model, x), axis=1))
     predictions = np.concatenate([predict(x_adv[first:end])
                                   for first, end in batch_bounds(len(x_adv), batch_size)])
     return np.mean(predictions == labels), predictions

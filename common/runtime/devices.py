@@ -68,39 +68,62 @@ def split_batch(strategy, batch):
 
 
 class Spread:
-    """Calls `function` (a `tf.function` taking any batch size, returning per-example tensors)
-    on one consecutive slice of the batch per replica of `strategy`, each on its device, and
-    returns the results concatenated in order as numpy arrays."""
+    """Calls `function` (taking tensors of any batch size, returning per-example tensors) on one
+    consecutive slice of the batch per replica of `strategy`, each on its device, and returns the
+    results concatenated in order as numpy arrays. The function is traced once per shape of one
+    example, so it serves inputs of any shape; `jit_compile` compiles it with XLA."""
 
-    def __init__(self, strategy, function):
-        self.strategy = strategy
-        self.function = function
-        self._distributed = tf.function(
-            lambda batch: strategy.run(lambda part: function(*part), args=(batch,)),
-            reduce_retracing=True)
+    def __init__(self, strategy, function, jit_compile=False):
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self._python_function = function
+        self._jit_compile = jit_compile
+        self._traced = {}
+
+    def _functions(self, arrays):
+        """(the function, its distributed call) for arrays of these example shapes."""
+        key = tuple((array.shape[1:], array.dtype.str) for array in arrays)
+        if key not in self._traced:
+            function = tf.function(self._python_function, jit_compile=self._jit_compile,
+                                   input_signature=tuple(
+                                       tf.TensorSpec((None, *array.shape[1:]), array.dtype)
+                                       for array in arrays))
+            strategy = self.strategy
+            distributed = tf.function(
+                lambda batch: strategy.run(lambda part: function(*part), args=(batch,)),
+                reduce_retracing=True)
+            self._traced[key] = function, distributed
+        return self._traced[key]
 
     def __call__(self, *arrays):
+        arrays = tuple(np.asarray(array) for array in arrays)
+        function, distributed = self._functions(arrays)
         strategy = self.strategy
         replicas = strategy.num_replicas_in_sync
         if replicas == 1:
             with strategy.scope():
-                return tf.nest.map_structure(lambda tensor: tensor.numpy(), self.function(*arrays))
+                return tf.nest.map_structure(lambda tensor: tensor.numpy(), function(*arrays))
         bounds = np.linspace(0, len(arrays[0]), replicas + 1).astype(int)
 
         def replica_slice(context):
             replica = context.replica_id_in_sync_group
             return tuple(array[bounds[replica]:bounds[replica + 1]] for array in arrays)
 
-        results = self._distributed(
-            strategy.experimental_distribute_values_from_function(replica_slice))
+        results = distributed(strategy.experimental_distribute_values_from_function(replica_slice))
         return tf.nest.map_structure(
             lambda result: np.concatenate([part.numpy() for part in
                                            strategy.experimental_local_results(result)]),
             results)
 
 
-def spread_logits(model, strategy):
-    """The model's float32 logits in evaluation mode, each batch spread over `strategy`."""
-    return Spread(strategy, tf.function(
-        lambda x: tf.cast(model(x, training=False), tf.float32),
-        input_signature=(tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32),)))
+def spread_logits(model, strategy=None):
+    """The float32 logits of `model` (a Keras model, in evaluation mode, or any callable), each
+    batch spread over `strategy`."""
+    return Spread(strategy, lambda x: tf.cast(call_model(model, x), tf.float32))
+
+
+def call_model(model, x, training=False):
+    """`model(x)`; a Keras model runs in evaluation mode unless `training`, a plain callable as
+    it is."""
+    if hasattr(model, "trainable_variables"):
+        return model(x, training=training)
+    return model(x)

@@ -7,6 +7,7 @@ import os
 
 import keras
 import numpy as np
+import tqdm
 from absl import flags
 
 from common.attacks import autoattack as autoattack_lib
@@ -16,6 +17,7 @@ from common.evaluation import robustness, submission
 from common.io import checkpoints, fetch
 from common.io.files import written_in_place
 from common.runtime import devices, errors, precision
+from common.runtime.batching import batch_bounds
 from common.scripts import cli
 from common.scripts import config as config_lib
 from common.training import loop, overfitting
@@ -128,11 +130,30 @@ def attack(challenge):
             seed=challenge.data_seed(config), jit_compile=config["jit_compile"],
             strategy=strategy)
         images, labels = _test_set(challenge, config)
-        x_adv = pgd.attack_test_set(attack, images, labels, config["num_eval_examples"],
+        x_adv = _attack_test_set(attack, images, labels, config["num_eval_examples"],
                                     config["eval_batch_size"])
-        pgd.store_attack(x_adv, config["store_adv_path"])
+        _store_attack(x_adv, config["store_adv_path"])
 
     cli.run(main, challenge.config_path)
+
+
+def _attack_test_set(attack, images, labels, num_examples, batch_size):
+    """Attacks the first `num_examples` images batch by batch, printing as the original script."""
+    bounds = batch_bounds(num_examples, batch_size)
+    print(f"Iterating over {len(bounds)} batches")
+    x_adv = []
+    for first, end in tqdm.tqdm(bounds, unit="batch"):
+        tqdm.tqdm.write(f"batch size: {end - first}")
+        x_adv.append(attack.perturb(images[first:end], labels[first:end]))
+    return np.concatenate(x_adv).astype(np.float32)
+
+
+def _store_attack(x_adv, path):
+    """Saves the attack as `path`, written whole or not at all, with the original's lines."""
+    print("Storing examples")
+    with written_in_place(path) as target:
+        np.save(target, x_adv)
+    print(f"Examples stored in {path}")
 
 
 def _score(challenge, config, model, strategy, x_adv_of):
@@ -246,7 +267,7 @@ def autoattack(challenge):
         state = autoattack_lib.evaluate(attacks, predict, x, y, settings,
                                         config["eval_batch_size"],
                                         os.path.splitext(store)[0] + ".autoattack-state.npz")
-        pgd.store_attack(state.x_adv, store)
+        _store_attack(state.x_adv, store)
         _autoattack_report(state, x, settings,
                            os.path.join(os.path.dirname(os.path.abspath(store)),
                                         "autoattack.json"))

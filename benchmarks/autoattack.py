@@ -17,6 +17,7 @@ from benchmarks.flops import forward_flops_per_example
 from benchmarks.peak import matmul_peak_gflops
 from benchmarks.timing import alternating_best_seconds
 from common.attacks import apgd, fab, pgd, square
+from common.attacks.threat_model import ThreatModel
 from mnist_challenge import model as mnist_model
 
 EPSILON, BATCH = 0.3, 200
@@ -37,13 +38,15 @@ def main():
     x = rng.uniform(0, 1, (BATCH, 784)).astype(np.float32)
     y = rng.integers(0, 10, BATCH)
     gradient_flops = 2 * forward_flops_per_example(model)
+    THREAT = ThreatModel(EPSILON)  # noqa: N806
     pgd_attack = pgd.LinfPGDAttack(model, EPSILON, PGD_STEPS, 0.01, True, "xent", seed=0)
-    apgd_ce = apgd.APGD(model, apgd.APGDSettings(EPSILON, loss="ce"))
-    apgd_t = apgd.APGD(model, apgd.APGDSettings(EPSILON, loss="dlr-targeted"))
-    fab_t = fab.FAB(model, fab.FABSettings(EPSILON))
+    apgd_ce = apgd.APGD(model, apgd.APGDSettings(THREAT))
+    apgd_t = apgd.APGD(model, apgd.APGDSettings(THREAT, loss="dlr-targeted"))
+    fab_t = fab.FAB(model, fab.FABSettings(THREAT))
     # A ball too small to break anything, so that every query runs.
-    square_attack = square.Square(model, square.SquareSettings(1e-3, num_queries=SQUARE_QUERIES),
-                                  (28, 28, 1))
+    square_attack = square.Square(
+        model, square.SquareSettings(ThreatModel(1e-3), num_queries=SQUARE_QUERIES),
+        image_shape=(28, 28, 1))
     targets = (y + 1) % 10
     runs = {
         "pgd": lambda: pgd_attack.perturb(x, y),

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common.attacks import apgd, pgd
+from common.attacks import apgd, losses, pgd
+from common.attacks.threat_model import ThreatModel
 from common.io import checkpoints
 from mnist_challenge import mnist_input
 from mnist_challenge import model as mnist_model
@@ -22,13 +23,13 @@ def test_dlr_losses_by_hand():
     logits = tf.constant([[1.0, 5.0, 2.0, 0.5], [1.0, 5.0, 2.0, 0.5]])
     labels = tf.constant([1, 2], tf.int64)
     # Label on top: -(5 - 2) / (5 - 1); label second: -(2 - 5) / (5 - 1).
-    np.testing.assert_allclose(apgd.dlr_loss(logits, labels).numpy(), [-0.75, 0.75], rtol=1e-6)
+    np.testing.assert_allclose(losses.dlr(logits, labels).numpy(), [-0.75, 0.75], rtol=1e-6)
     targets = tf.constant([3, 0], tf.int64)
     # -(z_y - z_t) / (z1 - (z3 + z4) / 2): -(5 - 0.5) / 4.25 and -(2 - 1) / 4.25.
-    np.testing.assert_allclose(apgd.targeted_dlr_loss(logits, labels, targets).numpy(),
+    np.testing.assert_allclose(losses.dlr_targeted(logits, labels, targets).numpy(),
                                [-4.5 / 4.25, -1 / 4.25], rtol=1e-6)
     moved = 3.0 * logits - 7.0
-    np.testing.assert_allclose(apgd.dlr_loss(moved, labels).numpy(), [-0.75, 0.75], rtol=1e-5)
+    np.testing.assert_allclose(losses.dlr(moved, labels).numpy(), [-0.75, 0.75], rtol=1e-5)
 
 
 def test_the_step_size_rule():
@@ -56,7 +57,7 @@ def test_on_a_loss_that_stops_rising_the_step_size_halves_at_every_checkpoint():
     model = linear_model([[0.0] * 6, [1.0, -2.0, 0.5, 3.0, -1.0, 2.0]])
     x = np.full((4, 6), 0.5, np.float32)
     y = np.zeros(4, np.int64)
-    settings = apgd.APGDSettings(0.1, (0.0, 1.0), 100, "ce")
+    settings = apgd.APGDSettings(ThreatModel(0.1), 100, "xent")
     noise = np.random.default_rng(0).uniform(-1, 1, x.shape).astype(np.float32)
     x_adv, robust, step_size = (t.numpy() for t in tf.function(apgd.apgd_steps)(
         model, tf.constant(x), tf.constant(y), tf.constant(y), tf.constant(noise), settings))
@@ -67,7 +68,7 @@ def test_on_a_loss_that_stops_rising_the_step_size_halves_at_every_checkpoint():
 
 
 @pytest.mark.parametrize("pixel_range, epsilon, loss", [
-    ((0.0, 1.0), 0.3, "ce"), ((0.0, 255.0), 8.0, "dlr"), ((0.0, 255.0), 8.0, "dlr-targeted")])
+    ((0.0, 1.0), 0.3, "xent"), ((0.0, 255.0), 8.0, "dlr"), ((0.0, 255.0), 8.0, "dlr-targeted")])
 def test_results_stay_in_the_ball_and_the_pixel_range(pixel_range, epsilon, loss):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((12,))
@@ -75,7 +76,8 @@ def test_results_stay_in_the_ball_and_the_pixel_range(pixel_range, epsilon, loss
     rng = np.random.default_rng(1)
     x = rng.uniform(*pixel_range, (32, 12)).astype(np.float32)
     y = rng.integers(0, 10, 32)
-    attack = apgd.APGD(model, apgd.APGDSettings(epsilon, pixel_range, 20, loss), seed=3)
+    threat = ThreatModel(epsilon, "Linf", pixel_range)
+    attack = apgd.APGD(model, apgd.APGDSettings(threat, 20, loss), seed=3)
     x_adv, robust = attack.attack(x, y, targets=(y + 1) % 10)
     assert np.all(np.abs(x_adv - x) <= epsilon * (1 + 1e-6))
     assert x_adv.min() >= pixel_range[0] and x_adv.max() <= pixel_range[1]
@@ -95,7 +97,7 @@ def test_apgd_is_at_least_as_strong_as_pgd_on_the_mnist_fixture(mnist_data, mnis
     epsilon = 0.05
     x_pgd = pgd.LinfPGDAttack(model, epsilon, 40, 0.01, True, "xent", seed=0).perturb(x, y)
     pgd_accuracy = np.mean(np.argmax(model(x_pgd.astype(np.float32)).numpy(), axis=1) == y)
-    x_apgd, robust = apgd.APGD(model, apgd.APGDSettings(epsilon), seed=0).attack(x, y)
+    x_apgd, robust = apgd.APGD(model, apgd.APGDSettings(ThreatModel(epsilon)), seed=0).attack(x, y)
     apgd_accuracy = np.mean(np.argmax(model(x_apgd).numpy(), axis=1) == y)
     assert apgd_accuracy == np.mean(robust)
     assert 0 < apgd_accuracy <= pgd_accuracy < 1, (apgd_accuracy, pgd_accuracy)
@@ -112,10 +114,12 @@ def test_apgd_t_keeps_the_clean_image_where_it_fails_and_the_break_where_it_succ
     bias = keras.layers.Lambda(lambda logits: logits + tf.constant([[4.0, 3.0, 2.0, 0.0, -1.0]]))
     model = keras.Sequential([model, bias])
     model.build((None, 4))
-    attack = apgd.APGD(model, apgd.APGDSettings(0.3, (-10.0, 10.0), 10, "dlr-targeted"))
+    attack = apgd.APGD(model, apgd.APGDSettings(ThreatModel(0.3, "Linf", (-10.0, 10.0)), 10,
+                                                    "dlr-targeted"))
     x_adv, robust = attack.targeted(x, np.array([0]), num_targets=2)
     assert robust.all()
     np.testing.assert_array_equal(x_adv, x)
-    attack = apgd.APGD(model, apgd.APGDSettings(5.0, (-10.0, 10.0), 10, "dlr-targeted"))
+    attack = apgd.APGD(model, apgd.APGDSettings(ThreatModel(5.0, "Linf", (-10.0, 10.0)), 10,
+                                                    "dlr-targeted"))
     x_adv, robust = attack.targeted(x, np.array([0]), num_targets=3)
     assert not robust.any() and np.argmax(model(x_adv).numpy()) == 3

@@ -119,7 +119,7 @@ def script_cases(tmp_path):
         (f"{mnist}/train.py", [f"--model_dir={a_file}"],
          "config key 'model_dir' must name a folder"),
         (f"{cifar}/autoattack.py", ["--attacks=apgd-ce,pgd"],
-         "--attacks must name each of its attacks once"),
+         "--attacks: name each attack once"),
         (f"{mnist}/autoattack.py", ["--version=plus", "--attacks=apgd-ce"],
          "either --version or --attacks, not both"),
         (f"{cifar}/autoattack.py", ["--seed=-1"], "flag --seed=-1"),

@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from common.attacks import fab
+from common.attacks.threat_model import ThreatModel
 
 
 def smallest_step_by_bisection(point, weights, needed, pixel_range):
@@ -33,8 +34,8 @@ def test_the_projection_is_the_smallest_step_within_the_range():
     weights = rng.normal(size=(60, 20)).astype(np.float32)
     weights[:, :3] = 0
     biases = (weights * points).sum(1) + 2 * rng.normal(size=60).astype(np.float32)
-    steps = fab.project_linf(tf.constant(points), tf.constant(weights), tf.constant(biases),
-                             (0.0, 1.0)).numpy()
+    steps = fab.project_onto_hyperplane(tf.constant(points), tf.constant(weights),
+                                       tf.constant(biases), (0.0, 1.0)).numpy()
     moved = points + steps
     assert moved.min() >= 0 and moved.max() <= 1 and np.all(steps[:, :3] == 0)
     checked = 0
@@ -72,7 +73,8 @@ def test_fab_finds_the_smallest_perturbation_of_a_linear_model():
     labels = tf.zeros(16, tf.int64)
     for targeted in (True, False):
         x_adv, distance = fab.fab_steps(model, tf.constant(x), labels, tf.ones(16, tf.int64),
-                                        tf.zeros_like(x), fab.FABSettings(0.1), targeted)
+                                        tf.zeros_like(x), fab.FABSettings(ThreatModel(0.1)),
+                                        targeted)
         assert np.all(distance.numpy() >= needed * (1 - 1e-5))
         assert np.all(distance.numpy() <= needed * 1.01)
         assert np.all(np.argmax(model(x_adv).numpy(), axis=1) == 1)
@@ -82,9 +84,32 @@ def test_fab_and_fab_t_break_exactly_the_examples_within_epsilon():
     model, signs = linear_model()
     needed = np.linspace(0.05, 0.15, 16)
     x = (0.5 - needed[:, None] * signs).astype(np.float32)
-    attack = fab.FAB(model, fab.FABSettings(0.1), seed=2)
+    attack = fab.FAB(model, fab.FABSettings(ThreatModel(0.1)), seed=2)
     for x_adv, robust in (attack.targeted(x, np.zeros(16, np.int64), num_targets=1),
                           attack.untargeted(x, np.zeros(16, np.int64), restarts=3)):
         np.testing.assert_array_equal(robust, needed * 1.01 > 0.1)
         np.testing.assert_array_equal(x_adv[robust], x[robust])
         assert np.all(np.abs(x_adv - x).max(axis=1) <= 0.1 + 1e-6)
+
+
+def test_the_l2_projection_is_the_orthogonal_step_or_clipped_by_the_range():
+    """Far from the range's bounds the smallest L2 step onto w.x = b is (b - w.x) w / |w|^2;
+    where the range stops a coordinate, the others take up the rest."""
+    rng = np.random.default_rng(1)
+    points = rng.uniform(-1, 1, (20, 6)).astype(np.float32)
+    weights = rng.normal(size=(20, 6)).astype(np.float32)
+    biases = (weights * points).sum(1) + rng.normal(size=20).astype(np.float32)
+    needed = biases - (weights * points).sum(1)
+    free = fab.project_onto_hyperplane(tf.constant(points), tf.constant(weights),
+                                       tf.constant(biases), (-100.0, 100.0), "L2").numpy()
+    np.testing.assert_allclose(free, needed[:, None] * weights /
+                               (weights ** 2).sum(1, keepdims=True), rtol=1e-4, atol=1e-5)
+    boxed = fab.project_onto_hyperplane(tf.constant(points), tf.constant(weights),
+                                        tf.constant(biases), (-1.0, 1.0), "L2").numpy()
+    moved = points + boxed
+    assert moved.min() >= -1 - 1e-6 and moved.max() <= 1 + 1e-6
+    reached = np.abs((weights * moved).sum(1) - biases) < 1e-4
+    assert reached.any()
+    # A reached projection in the box is no longer than the free one only where nothing clips.
+    assert np.all(np.linalg.norm(boxed, axis=1)[reached] >=
+                  np.linalg.norm(free, axis=1)[reached] * (1 - 1e-4))

@@ -6,11 +6,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common.attacks import square
+from common.attacks import losses, square
+from common.attacks.threat_model import ThreatModel
 
 
 def test_square_sizes_follow_the_reference_schedule():
-    settings = square.SquareSettings(0.3)
+    settings = square.SquareSettings(ThreatModel(0.3))
     assert [square.square_fraction(query, 0.8) for query in (0, 10, 11, 50, 51, 8001)] == \
         [0.8, 0.8, 0.4, 0.4, 0.2, 0.8 / 512]
     sizes = square.square_sizes(settings, 28, 28)
@@ -20,7 +21,7 @@ def test_square_sizes_follow_the_reference_schedule():
 
 def test_margin():
     logits = tf.constant([[1.0, 4.0, 2.0], [5.0, 0.0, -1.0]])
-    np.testing.assert_allclose(square.margin(logits, tf.constant([1, 1], tf.int64)).numpy(),
+    np.testing.assert_allclose(losses.logit_margin(logits, tf.constant([1, 1], tf.int64)).numpy(),
                                [2.0, -5.0])
 
 
@@ -38,7 +39,7 @@ def test_on_a_linear_model_it_finds_what_the_closed_form_allows():
     needed = np.linspace(0.05, 0.15, 16)
     x = (0.5 - needed[:, None] * np.sign(weights)).reshape(16, 8, 8, 1).astype(np.float32)
     epsilon = 0.1
-    attack = square.Square(model, square.SquareSettings(epsilon, (0.0, 1.0)), (8, 8, 1), seed=1)
+    attack = square.Square(model, square.SquareSettings(ThreatModel(epsilon)), seed=1)
     x_adv, robust = attack.attack(x, np.zeros(16, np.int64))
     assert np.all(np.abs(x_adv - x) <= epsilon * (1 + 1e-6))
     np.testing.assert_array_equal(robust[needed > epsilon], True)

@@ -1,7 +1,7 @@
-"""Auto-PGD (Croce & Hein, ICML 2020, Algorithm 1) in the L-infinity norm, with the parameters of
-their reference implementation (fra31/auto-attack, `autopgd_base.py`).
+"""Auto-PGD (Croce & Hein, ICML 2020, Algorithm 1) in the L-infinity or L2 norm, with the
+parameters of their reference implementation (fra31/auto-attack, `autopgd_base.py`).
 
-From a random point of the epsilon ball, 100 steps of PGD with momentum: the step size starts at
+From a random point on the epsilon sphere, 100 steps of PGD with momentum: the step size starts at
 2 epsilon and is halved at checkpoints where the loss rose in at most 75% of the steps since the
 last one, or where it was not halved at the last checkpoint and the best loss has not improved
 since; after a halving the attack continues from its best point. A point counts as broken as soon
@@ -13,16 +13,17 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from common.attacks.runs import next_classes, on_robust_examples
+from common.attacks import losses
+from common.attacks.runs import on_robust_examples
+from common.attacks.threat_model import ThreatModel
 from common.runtime import devices, seeds
 
-LOSSES = ("ce", "dlr", "dlr-targeted")
+LOSSES = ("xent", "dlr", "dlr-targeted")
 FIRST_CHECKPOINT = 0.22  # p1
 CHECKPOINT_DECREASE = 0.03  # the interval shrinks by this much at each checkpoint...
 MIN_CHECKPOINT_INTERVAL = 0.06  # ...down to this
 MOMENTUM = 0.75
 RHO = 0.75  # the fraction of rising steps below which the step size is halved
-DENOMINATOR_FLOOR = 1e-12
 
 
 def checkpoint_intervals(num_iterations):
@@ -41,48 +42,11 @@ def checkpoint_intervals(num_iterations):
     return intervals
 
 
-def _take(logits, labels):
-    return tf.gather(logits, labels, axis=1, batch_dims=1)
-
-
-def dlr_loss(logits, labels):
-    """The Difference of Logits Ratio: -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3), pi the
-    logits sorted in decreasing order; invariant to shifting and scaling the logits."""
-    ranked = tf.math.top_k(logits, k=3).values
-    top_is_label = tf.equal(tf.argmax(logits, axis=1), labels)
-    best_other = tf.where(top_is_label, ranked[:, 1], ranked[:, 0])
-    return -(_take(logits, labels) - best_other) / (
-        ranked[:, 0] - ranked[:, 2] + DENOMINATOR_FLOOR)
-
-
-def targeted_dlr_loss(logits, labels, targets):
-    """The targeted DLR: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)."""
-    ranked = tf.math.top_k(logits, k=4).values
-    return -(_take(logits, labels) - _take(logits, targets)) / (
-        ranked[:, 0] - 0.5 * (ranked[:, 2] + ranked[:, 3]) + DENOMINATOR_FLOOR)
-
-
-def per_example_loss(logits, labels, targets, loss):
-    if loss == "ce":
-        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-    if loss == "dlr":
-        return dlr_loss(logits, labels)
-    return targeted_dlr_loss(logits, labels, targets)
-
-
-def random_start(x_nat, noise, epsilon, pixel_range):
-    """The reference's start: `x + epsilon * t / max|t|` per example, t ~ U[-1, 1]^d, clipped."""
-    scale = tf.reduce_max(tf.abs(tf.reshape(noise, (tf.shape(noise)[0], -1))), axis=1)
-    scale = tf.reshape(scale, (-1,) + (1,) * (len(x_nat.shape) - 1))
-    return tf.clip_by_value(x_nat + epsilon * noise / scale, *pixel_range)
-
-
 @dataclasses.dataclass(frozen=True)
 class APGDSettings:
-    epsilon: float
-    pixel_range: tuple = (0.0, 1.0)
+    threat_model: ThreatModel
     num_iterations: int = 100
-    loss: str = "ce"
+    loss: str = "xent"
     # Gradients averaged over this many passes (expectation over transformation), for models
     # whose outputs are random (AutoAttack's 'rand' version uses 20).
     eot_iterations: int = 1
@@ -109,14 +73,13 @@ def _per_example(mask, like):
 
 
 def apgd_steps(model, x_nat, labels, targets, noise, settings):
-    """One run of APGD from the random start given by `noise` (U[-1, 1], the shape of `x_nat`).
+    """One run of APGD from the random start given by `noise` (the shape of `x_nat`; U[-1, 1]
+    for L-infinity, standard normal for L2).
 
     Returns the last misclassified iterate of each example (its start where none was), whether
     the example stayed correctly classified throughout, and its final step size.
     """
-    low, high = settings.pixel_range
-    lower = tf.maximum(x_nat - settings.epsilon, low)
-    upper = tf.minimum(x_nat + settings.epsilon, high)
+    threat = settings.threat_model
     intervals = checkpoint_intervals(settings.num_iterations)
     interval_at = tf.constant([intervals.get(i, 0) for i in range(settings.num_iterations)],
                               tf.float32)
@@ -126,8 +89,8 @@ def apgd_steps(model, x_nat, labels, targets, noise, settings):
         for _ in range(settings.eot_iterations):
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                logits = tf.cast(model(x, training=False), tf.float32)
-                loss = per_example_loss(logits, labels, targets, settings.loss)
+                logits = tf.cast(devices.call_model(model, x), tf.float32)
+                loss = losses.per_example_loss(logits, labels, settings.loss, targets)
                 total = tf.reduce_sum(loss)
             gradient += tape.gradient(total, x)
         return loss, gradient / settings.eot_iterations, logits
@@ -135,12 +98,12 @@ def apgd_steps(model, x_nat, labels, targets, noise, settings):
     def correct(logits):
         return tf.equal(tf.argmax(logits, axis=1), labels)
 
-    x_adv = random_start(x_nat, noise, settings.epsilon, settings.pixel_range)
+    x_adv = threat.start_on_sphere(x_nat, noise)
     loss, gradient, logits = loss_and_gradient(x_adv)
     robust = correct(logits)
     x_broken = x_adv
     x_best, gradient_best, loss_best = x_adv, gradient, loss
-    step_size = tf.fill(tf.shape(loss), tf.constant(2.0 * settings.epsilon, tf.float32))
+    step_size = tf.fill(tf.shape(loss), tf.constant(2.0 * threat.epsilon, tf.float32))
     x_previous = x_adv
     # The reference compares the first step's loss with a zero-initialised entry.
     previous_loss = tf.zeros_like(loss)
@@ -149,12 +112,10 @@ def apgd_steps(model, x_nat, labels, targets, noise, settings):
     halved_at_checkpoint = tf.ones_like(robust)
     for iteration in tf.range(settings.num_iterations):
         momentum = tf.where(iteration > 0, MOMENTUM, 1.0)
-        step = _per_example(step_size, x_adv) * tf.sign(gradient)
-        z = tf.clip_by_value(x_adv + step, lower, upper)
+        z = threat.project(threat.step(x_adv, gradient, step_size), x_nat)
         moved = x_adv - x_previous
         x_previous = x_adv
-        x_adv = tf.clip_by_value(x_adv + (z - x_adv) * momentum + moved * (1 - momentum),
-                                 lower, upper)
+        x_adv = threat.project(x_adv + (z - x_adv) * momentum + moved * (1 - momentum), x_nat)
         loss, gradient, logits = loss_and_gradient(x_adv)
         misclassified = tf.logical_not(correct(logits))
         robust = tf.logical_and(robust, tf.logical_not(misclassified))
@@ -179,31 +140,28 @@ def apgd_steps(model, x_nat, labels, targets, noise, settings):
 
 
 class APGD:
-    """APGD on a Keras model. `attack(x, y, targets, run)` is one run; `untargeted(x, y)` and
-    `targeted(x, y)` are APGD-CE (or APGD-DLR) and APGD-T as AutoAttack runs them, returning the
-    adversarial examples (the clean image where the attack failed) and which examples stayed
-    robust. The random starts are drawn on the host from `seed`, one stream per run, so a run is
-    reproducible; each batch is spread over the replicas of `strategy`."""
+    """APGD on a Keras model or callable. `attack(x, y, targets, run)` is one run;
+    `untargeted(x, y)` and `targeted(x, y)` are APGD-CE (or APGD-DLR) and APGD-T as AutoAttack
+    runs them, returning the adversarial examples (the clean image where the attack failed) and
+    which examples stayed robust. The random starts are drawn on the host from `seed`, one stream
+    per run, so a run is reproducible; each batch is spread over the replicas of `strategy`."""
 
     def __init__(self, model, settings, seed=0, strategy=None, jit_compile=False):
         self.model = model
         self.settings = settings
         self.seed = seed
-        image_shape = tuple(model.input_shape[1:])
-        self._run = tf.function(
-            lambda x, y, targets, noise: apgd_steps(model, x, y, targets, noise, settings),
-            input_signature=(tf.TensorSpec((None,) + image_shape, tf.float32),
-                             tf.TensorSpec((None,), tf.int64), tf.TensorSpec((None,), tf.int64),
-                             tf.TensorSpec((None,) + image_shape, tf.float32)),
-            jit_compile=jit_compile)
-        strategy = strategy or tf.distribute.get_strategy()
-        self._spread = devices.Spread(strategy, self._run)
+        self._spread = devices.Spread(
+            strategy, lambda x, y, targets, noise: apgd_steps(model, x, y, targets, noise,
+                                                              settings), jit_compile)
         self._logits = devices.spread_logits(model, strategy)
 
     def noise(self, shape, run):
-        """U[-1, 1] noise of the random start of `run` (a restart or target index)."""
-        return seeds.generator(self.seed, seeds.APGD_STARTS, run).uniform(
-            -1, 1, shape).astype(np.float32)
+        """The noise of the random start of `run` (a restart or target index): U[-1, 1] for
+        L-infinity, standard normal for L2, as the reference draws them."""
+        rng = seeds.generator(self.seed, seeds.APGD_STARTS, run)
+        if self.settings.threat_model.norm == "Linf":
+            return rng.uniform(-1, 1, shape).astype(np.float32)
+        return rng.standard_normal(shape).astype(np.float32)
 
     def attack(self, x, y, targets=None, run=0):
         """(adversarial examples, robust) of one run; `targets` for the targeted DLR loss."""
@@ -229,11 +187,11 @@ class APGD:
         return self._runs(x, y, [(y, run) for run in range(restarts)])
 
     def targeted(self, x, y, num_targets=9):
-        """APGD-T: the targeted DLR run towards the class of the 2nd, then the 3rd... then the
-        (num_targets + 1)-th highest clean logit, each on the examples still robust."""
+        """APGD-T: the targeted DLR run towards the most likely wrong class of the clean image,
+        then the next... up to `num_targets` classes, each on the examples still robust."""
         if self.settings.loss != "dlr-targeted":
             raise ValueError("APGD-T needs the loss 'dlr-targeted'")
         x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
-        targets = next_classes(self._logits(x), num_targets)
+        targets = losses.wrong_classes(self._logits(x), y, num_targets).numpy()
         return self._runs(x, y, [(targets[:, rank - 1], rank)
                                  for rank in range(1, num_targets + 1)])

@@ -1,14 +1,17 @@
 """AutoAttack (Croce & Hein, ICML 2020): the standard robustness evaluation, an ensemble of
-parameter-free attacks, each run on the points that all the attacks before it failed to break.
+parameter-free attacks, each run on the points that all the attacks before it failed to break,
+for any Keras model or callable that returns logits, in the L-infinity or L2 norm.
 
 `standard` runs APGD-CE, APGD-T, FAB-T and Square; `plus` adds APGD-DLR and untargeted FAB with
 5 restarts each; `rand` (for models with random outputs) runs APGD-CE and APGD-DLR with gradients
 averaged over 20 passes; a custom list runs the named attacks with the reference's constructor
-defaults. A point is robust only if every attack fails on it.
+defaults. A point is robust only if every attack fails on it. The targeted attacks aim at the
+min(9, classes - 1) most likely wrong classes. The Square attack runs in the L-infinity norm only
+so far: in L2 the versions run without it (the reference's L2 Square is not ported yet).
 
-The evaluation keeps a state file, rewritten whole after every batch, so that a killed run
-resumes where it stopped: the attacks done, the batches done of the attack under way, and every
-adversarial example found.
+With a state path, the evaluation keeps a state file, rewritten whole after every batch, so that
+a killed run resumes where it stopped: the attacks done, the batches done of the attack under
+way, and every adversarial example found. Nothing is written or printed otherwise.
 """
 
 import dataclasses
@@ -22,7 +25,9 @@ import tqdm
 from common.attacks.apgd import APGD, APGDSettings
 from common.attacks.fab import FAB, FABSettings
 from common.attacks.square import Square, SquareSettings
+from common.attacks.threat_model import ThreatModel
 from common.io.files import written_in_place
+from common.runtime import devices
 from common.runtime.batching import batch_bounds
 from common.runtime.errors import UserError
 
@@ -32,8 +37,7 @@ VERSIONS = {
     "rand": ("apgd-ce", "apgd-dlr"),
 }
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
-TARGET_CLASSES = 9
-NUM_CLASSES = 10
+MAX_TARGET_CLASSES = 9
 # Restarts of APGD-CE, APGD-DLR and FAB, and gradient passes of APGD, per version; a custom list
 # takes the reference's constructor defaults (5 restarts).
 RESTARTS = {"standard": 1, "plus": 5, "rand": 1, "custom": 5}
@@ -41,54 +45,139 @@ EOT_ITERATIONS = {"rand": 20}
 CLEAN, ROBUST = "clean", ""
 
 
-def attack_list(version, attacks):
-    """(version, attack names) from the `--version` and `--attacks` flags (None where unset)."""
-    if version is not None and attacks is not None:
-        raise UserError("give either --version or --attacks, not both")
-    if attacks is None:
-        version = version or "standard"
-        if version not in VERSIONS:
-            raise UserError(f"unknown AutoAttack version {version!r}: use one of "
-                            f"{', '.join(VERSIONS)}")
-        return version, VERSIONS[version]
-    names = tuple(name.strip() for name in attacks.split(","))
+def check_attacks(attacks):
+    """The attack names of a custom list, each once; UserError otherwise."""
+    names = tuple(attacks)
     unknown = [name for name in names if name not in ATTACKS]
     if unknown or not names or len(set(names)) != len(names):
-        raise UserError(f"--attacks must name each of its attacks once, from "
-                        f"{', '.join(ATTACKS)}; got {attacks!r}")
-    return "custom", names
+        raise UserError(f"name each attack once, from {', '.join(ATTACKS)}; got {names}")
+    return names
 
 
 def check_logits(logits):
-    """Refuses model outputs that are not the logits of 10 classes."""
-    if logits.ndim != 2 or logits.shape[1] != NUM_CLASSES:
+    """Refuses model outputs that are not the logits of at least 2 classes."""
+    if logits.ndim != 2 or logits.shape[1] < 2:
         raise UserError(f"the model's outputs have shape {logits.shape[1:]}: AutoAttack needs "
-                        f"the logits of {NUM_CLASSES} classes")
+                        "a vector of logits per example, of 2 classes or more")
     if np.all(logits >= 0) and np.allclose(logits.sum(axis=1), 1, atol=1e-4):
         raise UserError("the model's outputs are probabilities (they sum to 1): AutoAttack "
-                        "needs logits")
+                        "needs logits (remove the final softmax)")
+    return logits.shape[1]
 
 
-def build_attacks(names, version, model, epsilon, pixel_range, image_shape, seed, strategy):
-    """{name: attack(x, y) -> (adversarial examples, robust)} for the named attacks."""
-    restarts = RESTARTS[version]
-    eot = EOT_ITERATIONS.get(version, 1)
+@dataclasses.dataclass
+class Result:
+    """What an evaluation found: `robust` per example, `x_adv` (float32, the shape of x; the
+    clean image where every attack failed), the accuracy after each attack in the order run
+    (`clean` first), and per example the attack that broke it (`clean`: misclassified without
+    attack; the empty string: none)."""
 
-    def apgd(loss):
-        return APGD(model, APGDSettings(epsilon, pixel_range, loss=loss, eot_iterations=eot),
-                    seed, strategy)
+    robust: np.ndarray
+    x_adv: np.ndarray
+    accuracy_after: dict
+    broken_by: np.ndarray
+    seconds: float
 
-    fab = FAB(model, FABSettings(epsilon, pixel_range), seed, strategy)
-    builders = {
-        "apgd-ce": lambda: lambda x, y: apgd("ce").untargeted(x, y, restarts),
-        "apgd-dlr": lambda: lambda x, y: apgd("dlr").untargeted(x, y, restarts),
-        "apgd-t": lambda: lambda x, y: apgd("dlr-targeted").targeted(x, y, TARGET_CLASSES),
-        "fab": lambda: lambda x, y: fab.untargeted(x, y, restarts),
-        "fab-t": lambda: lambda x, y: fab.targeted(x, y, TARGET_CLASSES),
-        "square": lambda: Square(model, SquareSettings(epsilon, pixel_range), image_shape, seed,
-                                 strategy).attack,
-    }
-    return {name: builders[name]() for name in names}
+    @property
+    def robust_accuracy(self):
+        return float(np.mean(self.robust))
+
+    @property
+    def clean_accuracy(self):
+        return self.accuracy_after[CLEAN]
+
+
+class AutoAttack:
+    """AutoAttack on `model` (a Keras model or a callable returning logits) within `epsilon` in
+    `norm`, inputs in `pixel_range`: `evaluate(x, y)` returns a Result.
+
+    `version` is standard, plus or rand; `attacks` (a list of names) runs those instead. `seed`
+    seeds every random start; each batch is spread over the replicas of `strategy` (by default
+    the current one). `image_shape` (HWC) tells Square how one input is an image where the input
+    is not one already (flat MNIST: (28, 28, 1)). `log` (a callable taking a line), where given,
+    receives the reference's report lines; `progress` shows a progress bar per attack.
+    """
+
+    def __init__(self, model, norm="Linf", epsilon=None, version="standard", attacks=None,
+                 pixel_range=(0.0, 1.0), seed=0, strategy=None, image_shape=None, log=None,
+                 progress=False):
+        if epsilon is None:
+            raise ValueError("AutoAttack needs epsilon, the radius of the threat model")
+        if attacks is not None:
+            version, names = "custom", check_attacks(attacks)
+        elif version in VERSIONS:
+            names = VERSIONS[version]
+        else:
+            raise UserError(f"unknown AutoAttack version {version!r}: use one of "
+                            f"{', '.join(VERSIONS)}")
+        self.model = model
+        self.threat_model = ThreatModel(epsilon, norm, pixel_range)
+        if norm != "Linf" and "square" in names:
+            if attacks is not None:
+                raise UserError("the Square attack runs in the L-infinity norm only so far")
+            names = tuple(name for name in names if name != "square")
+        self.version, self.attacks = version, names
+        self.seed = seed
+        self.strategy = strategy
+        self.image_shape = image_shape
+        self.log = log or (lambda line: None)
+        self.progress = progress
+        self._logits = devices.spread_logits(model, strategy)
+        self._built = {}
+
+    @property
+    def settings(self):
+        """What defines a run: a state file of other settings is refused."""
+        return {"norm": self.threat_model.norm, "epsilon": self.threat_model.epsilon,
+                "pixel_range": list(self.threat_model.pixel_range), "version": self.version,
+                "attacks": list(self.attacks), "seed": self.seed}
+
+    def _attack(self, name, classes):
+        """The attack `name` as a function (x, y) -> (adversarial examples, robust), built once
+        per evaluation's number of classes."""
+        if (name, classes) in self._built:
+            return self._built[(name, classes)]
+        restarts, eot = RESTARTS[self.version], EOT_ITERATIONS.get(self.version, 1)
+        targets = min(MAX_TARGET_CLASSES, classes - 1)
+        threat, model, seed, strategy = self.threat_model, self.model, self.seed, self.strategy
+
+        def apgd(loss):
+            return APGD(model, APGDSettings(threat, loss=loss, eot_iterations=eot), seed, strategy)
+
+        if name in ("apgd-ce", "apgd-dlr"):
+            attack = apgd("xent" if name == "apgd-ce" else "dlr")
+            run = lambda x, y: attack.untargeted(x, y, restarts)  # noqa: E731
+        elif name == "apgd-t":
+            attack = apgd("dlr-targeted")
+            run = lambda x, y: attack.targeted(x, y, targets)  # noqa: E731
+        elif name in ("fab", "fab-t"):
+            attack = FAB(model, FABSettings(threat), seed, strategy)
+            run = (lambda x, y: attack.targeted(x, y, targets)) if name == "fab-t" else \
+                (lambda x, y: attack.untargeted(x, y, restarts))
+        else:
+            run = Square(model, SquareSettings(threat), seed, strategy, self.image_shape).attack
+        self._built[(name, classes)] = run
+        return run
+
+    def evaluate(self, x, y, batch_size=500, state_path=None, run_info=None):
+        """Runs the attacks on `x` (any shape, batch first) and labels `y`, `batch_size` examples
+        at a time. With `state_path`, resumes from the state file there where it holds a run of
+        the same settings (and `run_info`, a JSON-able dict the caller adds to them)."""
+        x = np.asarray(x, np.float32)
+        y = np.asarray(y, np.int64)
+        if len(x) != len(y) or not len(x):
+            raise ValueError(f"x and y must hold the same number of examples, at least one; got "
+                             f"{len(x)} and {len(y)}")
+        classes = check_logits(self._logits(x[:batch_size]))
+        attacks = {name: self._attack(name, classes) for name in self.attacks}
+        settings = {**self.settings, **(run_info or {})}
+        state = run_attacks(attacks, self._logits, x, y, settings, batch_size, state_path,
+                            self.log, self.progress)
+        accuracy_after = {CLEAN: float(np.mean(state.broken_by != CLEAN))}
+        accuracy_after.update((result["attack"], result["robust_accuracy"])
+                              for result in state.results)
+        return Result(state.robust, state.x_adv, accuracy_after, state.broken_by.astype(str),
+                      state.seconds)
 
 
 @dataclasses.dataclass
@@ -131,7 +220,7 @@ class State:
                             "to start again") from error
         if state.settings != settings:
             raise UserError(f"the AutoAttack state file {path} belongs to another run "
-                            f"({state.settings}); remove it, or give another store_adv_path")
+                            f"({state.settings}); remove it, or give another path")
         return state
 
 
@@ -140,14 +229,14 @@ def _predictions(predict, x, batch_size):
                            for first, end in batch_bounds(len(x), batch_size)])
 
 
-def _run_attack(name, attack, predict, x, y, state, batch_size, state_path):
+def _run_attack(name, attack, predict, x, y, state, batch_size, save, progress):
     """Runs one attack, batch by batch, on the points robust when it started; a point is broken
     where the model misclassifies the example the attack returns, as in the reference."""
     if state.todo is None:
         state.todo, state.batches_done = np.flatnonzero(state.robust), 0
     bounds = batch_bounds(len(state.todo), batch_size)
-    progress = tqdm.tqdm(bounds, desc=name, unit="batch", initial=state.batches_done,
-                         total=len(bounds), leave=False)
+    bar = tqdm.tqdm(bounds, desc=name, unit="batch", initial=state.batches_done,
+                    total=len(bounds), leave=False, disable=not progress)
     for first, end in bounds[state.batches_done:]:
         started = time.perf_counter()
         indices = state.todo[first:end]
@@ -158,46 +247,55 @@ def _run_attack(name, attack, predict, x, y, state, batch_size, state_path):
         state.broken_by[broken] = name
         state.batches_done += 1
         state.seconds += time.perf_counter() - started
-        state.save(state_path)
-        progress.update(1)
-    progress.close()
+        save(state)
+        bar.update(1)
+    bar.close()
     state.results.append({"attack": name, "robust_accuracy": float(np.mean(state.robust)),
                           "seconds_total": state.seconds})
     state.todo = None
-    state.save(state_path)
+    save(state)
 
 
-def evaluate(attacks, predict, x, y, settings, batch_size, state_path):
-    """Runs the attacks (a dict in order) on `x`, `y`, resuming from `state_path` where it holds
-    a run of the same `settings`; prints as the reference does and returns the final State.
+def run_attacks(attacks, predict, x, y, settings, batch_size, state_path=None, log=None,
+                progress=False):
+    """Runs the attacks (a dict name -> attack(x, y), in order) on `x`, `y`; returns the final
+    State. `predict(x)` gives the model's logits. With `state_path`, resumes from the state file
+    there where it holds a run of the same `settings`, and rewrites it after every batch. `log`
+    receives the reference's report lines.
 
-    `predict(x)` gives the model's logits. An attack returns the clean image for the points it
-    did not break, so `x_adv` holds the clean image wherever every attack failed.
+    An attack returns the clean image for the points it did not break, so `x_adv` holds the clean
+    image wherever every attack failed.
     """
+    log = log or (lambda line: None)
     settings = json.loads(json.dumps(settings))
-    if os.path.exists(state_path):
+    if state_path is not None and os.path.exists(state_path):
         state = State.load(state_path, settings)
-        print(f"resuming from {state_path}: "
-              f"{', '.join(result['attack'] for result in state.results) or 'no attack'} done")
+        log(f"resuming from {state_path}: "
+            f"{', '.join(result['attack'] for result in state.results) or 'no attack'} done")
     else:
         correct = _predictions(predict, x, batch_size) == y
         state = State(settings, np.array(x, np.float32),
                       np.where(correct, ROBUST, CLEAN).astype(object))
-        state.save(state_path)
-    print(f"initial accuracy: {np.mean(state.broken_by != CLEAN):.2%}")
+    save = (lambda current: current.save(state_path)) if state_path is not None \
+        else (lambda current: None)
+    save(state)
+    log(f"initial accuracy: {np.mean(state.broken_by != CLEAN):.2%}")
     done = [result["attack"] for result in state.results]
     for result in state.results:
-        print(f"robust accuracy after {result['attack'].upper()}: "
-              f"{result['robust_accuracy']:.2%} (total time {result['seconds_total']:.1f} s)")
+        log(f"robust accuracy after {result['attack'].upper()}: "
+            f"{result['robust_accuracy']:.2%} (total time {result['seconds_total']:.1f} s)")
     for name, attack in attacks.items():
         if name in done:
             continue
-        _run_attack(name, attack, predict, x, y, state, batch_size, state_path)
-        print(f"robust accuracy after {name.upper()}: {np.mean(state.robust):.2%} "
-              f"(total time {state.seconds:.1f} s)")
-    distance = np.abs(state.x_adv - x).reshape(len(x), -1).max(axis=1)
-    print(f"max Linf perturbation: {distance.max():.5f}, nan in tensor: "
-          f"{int(np.isnan(state.x_adv).sum())}, max: {state.x_adv.max():.5f}, "
-          f"min: {state.x_adv.min():.5f}")
-    print(f"robust accuracy: {np.mean(state.robust):.2%}")
+        _run_attack(name, attack, predict, x, y, state, batch_size, save, progress)
+        log(f"robust accuracy after {name.upper()}: {np.mean(state.robust):.2%} "
+            f"(total time {state.seconds:.1f} s)")
+    norm = settings.get("norm", "Linf")
+    difference = (state.x_adv - x).reshape(len(x), -1)
+    distance = np.abs(difference).max(axis=1) if norm == "Linf" else \
+        np.sqrt((difference.astype(np.float64) ** 2).sum(axis=1))
+    log(f"max {norm} perturbation: {distance.max():.5f}, nan in tensor: "
+        f"{int(np.isnan(state.x_adv).sum())}, max: {state.x_adv.max():.5f}, "
+        f"min: {state.x_adv.min():.5f}")
+    log(f"robust accuracy: {np.mean(state.robust):.2%}")
     return state

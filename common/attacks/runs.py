@@ -1,5 +1,5 @@
 """What APGD and FAB share as AutoAttack runs them: runs one after another, each on the examples
-still robust, and the targets of their targeted versions."""
+still robust."""
 
 import numpy as np
 
@@ -19,7 +19,3 @@ def on_robust_examples(x, runs, attack):
         robust[todo[broken]] = False
     return x_adv, robust
 
-
-def next_classes(logits, count):
-    """Per example, the classes of the 2nd to the (count + 1)-th highest logits, in that order."""
-    return np.argsort(-logits, axis=1, kind="stable")[:, 1:count + 1]

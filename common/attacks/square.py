@@ -14,6 +14,8 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
+from common.attacks import losses
+from common.attacks.threat_model import ThreatModel
 from common.runtime import devices
 
 # The fraction of the image a square covers, halved at these query counts (the reference's
@@ -23,8 +25,7 @@ HALVING_QUERIES = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 @dataclasses.dataclass(frozen=True)
 class SquareSettings:
-    epsilon: float
-    pixel_range: tuple = (0.0, 1.0)
+    threat_model: ThreatModel
     num_queries: int = 5000
     p_init: float = 0.8
 
@@ -40,18 +41,11 @@ def square_sizes(settings, height, width):
             for query in range(settings.num_queries)]
 
 
-def margin(logits, labels):
-    """The true class's logit minus the highest other logit: negative once misclassified."""
-    true_logit = tf.gather(logits, labels, axis=1, batch_dims=1)
-    others = tf.where(tf.one_hot(labels, tf.shape(logits)[1]) > 0, -np.inf, logits)
-    return true_logit - tf.reduce_max(others, axis=1)
-
-
 def square_queries(predict, x_nat, labels, settings, seed):
     """Square's queries on images `x_nat` (NHWC); `predict(images)` gives logits. Returns the
     best images found and their margins (negative: broken)."""
-    low, high = settings.pixel_range
-    epsilon = settings.epsilon
+    low, high = settings.threat_model.pixel_range
+    epsilon = settings.threat_model.epsilon
     height, width, channels = x_nat.shape[1:]
     sizes = tf.constant(square_sizes(settings, height, width), tf.int32)
     lower = tf.maximum(x_nat - epsilon, low)
@@ -59,7 +53,7 @@ def square_queries(predict, x_nat, labels, settings, seed):
     stripes = tf.sign(tf.random.stateless_uniform(
         (tf.shape(x_nat)[0], 1, width, channels), [seed, -1], -1.0, 1.0))
     x_best = tf.clip_by_value(x_nat + epsilon * stripes, low, high)
-    margin_best = margin(predict(x_best), labels)
+    margin_best = losses.logit_margin(predict(x_best), labels)
     rows, columns = tf.range(height)[:, None], tf.range(width)[None, :]
     query = tf.constant(0)
     while query < settings.num_queries and tf.reduce_any(margin_best > 0):
@@ -74,7 +68,7 @@ def square_queries(predict, x_nat, labels, settings, seed):
                                                     -1.0, 1.0))
         delta = tf.cast(window, tf.float32)[:, :, None] * (2 * epsilon) * signs
         x_new = tf.clip_by_value(x_best + delta, lower, upper)
-        new_margin = margin(predict(x_new), labels)
+        new_margin = losses.logit_margin(predict(x_new), labels)
         accept = tf.logical_and(margin_best > 0, new_margin < margin_best)
         x_best = tf.where(accept[:, None, None, None], x_new, x_best)
         margin_best = tf.where(accept, new_margin, margin_best)
@@ -83,29 +77,39 @@ def square_queries(predict, x_nat, labels, settings, seed):
 
 
 class Square:
-    """Square on a Keras model whose inputs hold images of `image_shape` (HWC), flat or not:
-    `attack(x, y)` returns the adversarial examples (the clean image where the attack failed,
-    in the model's input shape) and which examples stayed robust."""
+    """Square on a Keras model or callable: `attack(x, y)` returns the adversarial examples (the
+    clean image where the attack failed, in the shape of `x`) and which examples stayed robust.
 
-    def __init__(self, model, settings, image_shape, seed=0, strategy=None):
+    The windows are squares of an image: `image_shape` (HWC) says how one input is one; by
+    default an input of rank 3 is that image, and any other (a flat vector, say) is read as an
+    image of one row and one channel."""
+
+    def __init__(self, model, settings, seed=0, strategy=None, image_shape=None):
+        if settings.threat_model.norm != "Linf":
+            raise ValueError("the Square attack here runs in the L-infinity norm only")
         self.settings = settings
-        input_shape = tuple(model.input_shape[1:])
-
-        def predict(images):
-            flat = tf.reshape(images, (-1,) + input_shape)
-            return tf.cast(model(flat, training=False), tf.float32)
 
         def run(x, y):
-            images = tf.reshape(x, (-1,) + tuple(image_shape))
+            shape = image_shape or _as_image(x.shape[1:])
+            images = tf.reshape(x, (-1, *shape))
+
+            def predict(candidates):
+                return tf.cast(devices.call_model(model, tf.reshape(candidates, tf.shape(x))),
+                               tf.float32)
+
             x_adv, margins = square_queries(predict, images, y, settings, seed)
             return tf.reshape(x_adv, tf.shape(x)), margins
 
-        self._spread = devices.Spread(strategy or tf.distribute.get_strategy(), tf.function(
-            run, input_signature=(tf.TensorSpec((None,) + input_shape, tf.float32),
-                                  tf.TensorSpec((None,), tf.int64))))
+        self._spread = devices.Spread(strategy, run)
 
     def attack(self, x, y):
         x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
         x_adv, margins = self._spread(x, y)
         robust = margins > 0
         return np.where(robust.reshape((-1,) + (1,) * (x.ndim - 1)), x, x_adv), robust
+
+
+def _as_image(example_shape):
+    if len(example_shape) == 3:
+        return tuple(example_shape)
+    return (1, int(np.prod(example_shape)), 1)

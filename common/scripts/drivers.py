@@ -10,8 +10,8 @@ import numpy as np
 import tqdm
 from absl import flags
 
+from common.attacks import AutoAttack, pgd
 from common.attacks import autoattack as autoattack_lib
-from common.attacks import pgd
 from common.evaluation import reproduce as reproduce_lib
 from common.evaluation import robustness, submission
 from common.io import checkpoints, fetch
@@ -219,20 +219,39 @@ def summary(challenge):
             challenge.config_path)
 
 
-def _autoattack_report(state, x, settings, path):
+def _autoattack_report(result, x, settings, path):
     """autoattack.json: settings, package versions, accuracies, and what broke each example."""
+    attacks = [{"attack": name, "robust_accuracy": accuracy}
+               for name, accuracy in result.accuracy_after.items() if name != autoattack_lib.CLEAN]
     report = {
         "settings": settings,
         "versions": reproduce_lib.package_versions(),
-        "clean_accuracy": float(np.mean(state.broken_by != autoattack_lib.CLEAN)),
-        "robust_accuracy": float(np.mean(state.robust)),
-        "attacks": state.results,
-        "max_perturbation": float(np.abs(state.x_adv - x).max()),
-        "broken_by": [str(name) or None for name in state.broken_by],
+        "clean_accuracy": result.clean_accuracy,
+        "robust_accuracy": result.robust_accuracy,
+        "attacks": attacks,
+        "seconds": result.seconds,
+        "max_perturbation": float(np.abs(result.x_adv - x).max()),
+        "broken_by": [str(name) or None for name in result.broken_by],
     }
     with written_in_place(path, "w") as target:
         json.dump(report, target, indent=1)
     print(f"Report written in {path}")
+
+
+def _autoattack_choice(version, attacks):
+    """(version, attack names or None) from the `--version` and `--attacks` flags."""
+    if version is not None and attacks is not None:
+        raise errors.UserError("give either --version or --attacks, not both")
+    if attacks is None:
+        version = version or "standard"
+        if version not in autoattack_lib.VERSIONS:
+            raise errors.UserError(f"unknown AutoAttack version {version!r}: use one of "
+                                   f"{', '.join(autoattack_lib.VERSIONS)}")
+        return version, None
+    try:
+        return "custom", autoattack_lib.check_attacks(name.strip() for name in attacks.split(","))
+    except errors.UserError as error:
+        raise errors.UserError(f"--attacks: {error}") from error
 
 
 def autoattack(challenge):
@@ -246,29 +265,24 @@ def autoattack(challenge):
 
     def main(argv):
         config = _config()
-        version, names = autoattack_lib.attack_list(FLAGS.version, FLAGS.attacks)
+        version, names = _autoattack_choice(FLAGS.version, FLAGS.attacks)
         strategy = devices.local_strategy()
         model = _restored_model(challenge, config, strategy, "No model found")
         images, labels = _test_set(challenge, config)
         count = config["num_eval_examples"]
         x, y = images[:count], labels[:count]
-        predict = devices.spread_logits(model, strategy)
-        autoattack_lib.check_logits(predict(x[:config["eval_batch_size"]]))
         store = config["store_adv_path"]
-        settings = {"challenge": challenge.name,
+        attack = AutoAttack(model, "Linf", config["epsilon"], version, names,
+                            challenge.pixel_range, FLAGS.seed, strategy, challenge.image_shape,
+                            log=print, progress=True)
+        run_info = {"challenge": challenge.name,
                     "checkpoint": checkpoints.latest_checkpoint(config["model_dir"]),
-                    "epsilon": config["epsilon"], "pixel_range": challenge.pixel_range,
-                    "version": version, "attacks": names, "seed": FLAGS.seed,
                     "num_examples": count, "batch_size": config["eval_batch_size"]}
-        print(f"using {version} version including {', '.join(names)}.")
-        attacks = autoattack_lib.build_attacks(names, version, model, config["epsilon"],
-                                               challenge.pixel_range, challenge.image_shape,
-                                               FLAGS.seed, strategy)
-        state = autoattack_lib.evaluate(attacks, predict, x, y, settings,
-                                        config["eval_batch_size"],
-                                        os.path.splitext(store)[0] + ".autoattack-state.npz")
-        _store_attack(state.x_adv, store)
-        _autoattack_report(state, x, settings,
+        print(f"using {attack.version} version including {', '.join(attack.attacks)}.")
+        result = attack.evaluate(x, y, config["eval_batch_size"],
+                                 os.path.splitext(store)[0] + ".autoattack-state.npz", run_info)
+        _store_attack(result.x_adv, store)
+        _autoattack_report(result, x, {**attack.settings, **run_info},
                            os.path.join(os.path.dirname(os.path.abspath(store)),
                                         "autoattack.json"))
 

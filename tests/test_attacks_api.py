@@ -122,3 +122,14 @@ def test_a_linear_model_is_broken_exactly_where_a_boundary_is_within_epsilon(nor
                                      -tf.linalg.matvec(inputs, w)], axis=1)
     result = AutoAttack(model, norm, epsilon, pixel_range=(-100, 100)).evaluate(x, y, 60)
     np.testing.assert_array_equal(result.robust[keep], distance[keep] > epsilon)
+
+
+def test_the_readme_example_runs_as_written():
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    section = readme.split("## Use it on your own model", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (the README's own code)
+    assert 0 <= namespace["linf"].robust_accuracy <= namespace["linf"].clean_accuracy
+    assert namespace["x_adv"].shape == (64, 8, 8, 1)
+    assert list(namespace["l2"].accuracy_after) == ["clean", "apgd-ce", "apgd-t", "fab-t"]

@@ -31,8 +31,7 @@ def reference_mlp(saved):
 @pytest.mark.parametrize("norm", ["Linf", "L2"])
 def test_standard_autoattack_agrees_with_the_reference(norm):
     """fra31/auto-attack's standard evaluation of the same model on the same 200 images
-    (tests/fixtures/README.md): robust accuracy within 1 point after each attack. (In L2 the
-    Square attack is not ported yet: AutoAttack runs without it there.)"""
+    (tests/fixtures/README.md): robust accuracy within 1 point after each attack."""
     with np.load(FIXTURE, allow_pickle=False) as saved:
         saved = dict(saved)
     prefix = norm.lower() + "_"
@@ -41,9 +40,8 @@ def test_standard_autoattack_agrees_with_the_reference(norm):
                                                                       batch_size=200)
     reference = dict(zip((str(name) for name in saved["attacks"]),
                          saved[prefix + "accuracy_after"]))
-    expected = list(reference) if norm == "Linf" else list(reference)[:-1]
-    assert list(result.accuracy_after) == expected
-    for name in expected:
+    assert list(result.accuracy_after) == list(reference)
+    for name in reference:
         assert abs(result.accuracy_after[name] - reference[name]) <= 0.01, name
     assert np.mean(result.robust == saved[prefix + "robust"]) >= 0.97
     distances = (result.x_adv - saved["x"]).reshape(len(saved["x"]), -1)
@@ -75,8 +73,7 @@ def test_a_subclassed_model_on_images_in_0_255():
         assert x_adv.dtype == np.float32 and x_adv.shape == x.shape
         assert x_adv.min() >= 0 and x_adv.max() <= 255
         result = AutoAttack(model, norm, epsilon, pixel_range=(0, 255)).evaluate(x, y, 6)
-        assert list(result.accuracy_after) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"][
-            :5 if norm == "Linf" else 4]
+        assert list(result.accuracy_after) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
         assert 0 <= result.robust_accuracy <= 1 and result.robust.shape == (12,)
 
 
@@ -132,4 +129,5 @@ def test_the_readme_example_runs_as_written():
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (the README's own code)
     assert 0 <= namespace["linf"].robust_accuracy <= namespace["linf"].clean_accuracy
     assert namespace["x_adv"].shape == (64, 8, 8, 1)
-    assert list(namespace["l2"].accuracy_after) == ["clean", "apgd-ce", "apgd-t", "fab-t"]
+    assert list(namespace["l2"].accuracy_after) == ["clean", "apgd-ce", "apgd-t", "fab-t",
+                                                    "square"]

@@ -45,3 +45,35 @@ def test_on_a_linear_model_it_finds_what_the_closed_form_allows():
     np.testing.assert_array_equal(robust[needed > epsilon], True)
     np.testing.assert_array_equal(robust[needed < 0.7 * epsilon], False)
     np.testing.assert_array_equal(np.argmax(model(x_adv).numpy(), axis=1)[~robust], 1)
+
+
+def test_l2_square_on_a_linear_model_finds_what_the_closed_form_allows():
+    """Logits (0, w.x + b), true class 0: an example x = 1/2 - t w / |w|_2 with b = -w.1 / 2 needs
+    an L2 perturbation of at least t (far from the pixel bounds)."""
+    rng = np.random.default_rng(1)
+    weights = rng.normal(size=64)
+    inputs = keras.Input((8, 8, 1))
+    dense = keras.layers.Dense(2)
+    model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
+    dense.kernel.assign(np.stack([np.zeros(64), weights], axis=1).astype(np.float32))
+    dense.bias.assign(np.array([0.0, -weights.sum() / 2], np.float32))
+    needed = np.linspace(0.2, 0.6, 16)
+    unit = weights / np.linalg.norm(weights)
+    x = (0.5 - needed[:, None] * unit).reshape(16, 8, 8, 1).astype(np.float32)
+    epsilon = 0.4
+    attack = square.Square(model, square.SquareSettings(ThreatModel(epsilon, "L2")), seed=1)
+    x_adv, robust = attack.attack(x, np.zeros(16, np.int64))
+    assert np.all(np.linalg.norm((x_adv - x).reshape(16, -1), axis=1) <= epsilon * (1 + 1e-5))
+    np.testing.assert_array_equal(robust[needed > epsilon], True)
+    np.testing.assert_array_equal(robust[needed < 0.6 * epsilon], False)
+    np.testing.assert_array_equal(np.argmax(model(x_adv).numpy(), axis=1)[~robust], 1)
+
+
+def test_the_l2_window_is_the_references():
+    """The reference's eta(5) (fra31/auto-attack, square.py), up to its random transpose: rings
+    of weight 1/(k+1)^2 around the centre of each half, the lower half negative, unit norm."""
+    window = square.l2_window(5)
+    np.testing.assert_allclose(np.sqrt((window ** 2).sum()), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(window[:2, 2], [0.160, 0.602], atol=1e-3)
+    np.testing.assert_allclose(window[2:, 2], [-0.148, -0.558, -0.148], atol=1e-3)
+    np.testing.assert_allclose(window[1], [0.049, 0.160, 0.602, 0.160, 0.049], atol=1e-3)

@@ -6,8 +6,7 @@ for any Keras model or callable that returns logits, in the L-infinity or L2 nor
 5 restarts each; `rand` (for models with random outputs) runs APGD-CE and APGD-DLR with gradients
 averaged over 20 passes; a custom list runs the named attacks with the reference's constructor
 defaults. A point is robust only if every attack fails on it. The targeted attacks aim at the
-min(9, classes - 1) most likely wrong classes. The Square attack runs in the L-infinity norm only
-so far: in L2 the versions run without it (the reference's L2 Square is not ported yet).
+min(9, classes - 1) most likely wrong classes.
 
 With a state path, the evaluation keeps a state file, rewritten whole after every batch, so that
 a killed run resumes where it stopped: the attacks done, the batches done of the attack under
@@ -112,10 +111,6 @@ class AutoAttack:
                             f"{', '.join(VERSIONS)}")
         self.model = model
         self.threat_model = ThreatModel(epsilon, norm, pixel_range)
-        if norm != "Linf" and "square" in names:
-            if attacks is not None:
-                raise UserError("the Square attack runs in the L-infinity norm only so far")
-            names = tuple(name for name in names if name != "square")
         self.version, self.attacks = version, names
         self.seed = seed
         self.strategy = strategy

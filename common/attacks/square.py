@@ -76,6 +76,119 @@ def square_queries(predict, x_nat, labels, settings, seed):
     return x_best, margin_best
 
 
+def l2_square_sizes(settings, height, width):
+    """The side of each L2 query's windows: odd, at least 3, at most the image's side."""
+    sides = []
+    for query in range(settings.num_queries):
+        side = max(int(round(np.sqrt(square_fraction(query, settings.p_init) * height * width))),
+                   3)
+        side += 1 - side % 2
+        sides.append(min(side, height, width))
+    return sides
+
+
+def _centred_rings(rows, columns):
+    """A rows x columns pattern of nested rectangles around the centre, the k-th ring weighted
+    1 / (k + 1)^2, of unit L2 norm: most of its mass at the centre."""
+    pattern = np.zeros((rows, columns))
+    top, left = rows // 2, columns // 2
+    for ring in range(max(rows // 2 + 1, columns // 2 + 1)):
+        pattern[max(top, 0):min(top + 2 * ring + 1, rows),
+                max(left, 0):min(left + 2 * ring + 1, columns)] += 1.0 / (ring + 1) ** 2
+        top, left = top - 1, left - 1
+    return pattern / max(np.sqrt((pattern ** 2).sum()), 1e-12)
+
+
+def l2_window(side):
+    """The reference's L2 window of `side`: rings of + above rings of -, of unit L2 norm."""
+    window = np.concatenate([_centred_rings(side // 2, side),
+                             -_centred_rings(side - side // 2, side)])
+    return window / np.sqrt((window ** 2).sum())
+
+
+def _sum_over_pixels(x):
+    return tf.reduce_sum(x, axis=(1, 2), keepdims=True)
+
+
+def _l2_norms(x):
+    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=(1, 2, 3), keepdims=True))
+
+
+def l2_square_queries(predict, x_nat, labels, settings, seed):
+    """Square's L2 queries (the reference's rules): from a grid of windows of random signs, each
+    query moves the perturbation's mass out of one window and into another, where it sets a new
+    window of random signs per channel, keeping the total norm at epsilon."""
+    low, high = settings.threat_model.pixel_range
+    epsilon = settings.threat_model.epsilon
+    height, width, channels = x_nat.shape[1:]
+    batch = tf.shape(x_nat)[0]
+    sides = l2_square_sizes(settings, height, width)
+    biggest = max(sides)
+    # Every window used, padded to the biggest side, and its transpose: [side index, flip].
+    distinct = sorted(set(sides))
+    windows = np.zeros((len(distinct), 2, biggest, biggest), np.float32)
+    for index, side in enumerate(distinct):
+        windows[index, 0, :side, :side] = l2_window(side)
+        windows[index, 1, :side, :side] = l2_window(side).T
+    windows = tf.constant(windows)
+    side_index = tf.constant([distinct.index(side) for side in sides], tf.int32)
+    side_of = tf.constant(sides, tf.int32)
+
+    def placed(pattern, top, left):
+        """The biggest x biggest `pattern` placed at (top, left) in a height x width image."""
+        full = tf.pad(pattern, [[top, height - top], [left, width - left]])
+        return tf.reshape(full[:height, :width], (height, width, 1))
+
+    def signs(shape, stream):
+        return tf.sign(tf.random.stateless_uniform(shape, stream, -1.0, 1.0))
+
+    def normalized(delta):
+        return delta / (_l2_norms(delta) + 1e-12)
+
+    # The start: a grid of windows of side height // 5 with random signs per channel.
+    grid = max(height // 5, 1)
+    first = max((height - grid * 5) // 2, 0)
+    start_window = np.zeros((biggest + grid, biggest + grid), np.float32)
+    start_window[:grid, :grid] = l2_window(grid)
+    init = tf.zeros_like(x_nat)
+    for row in range(first, first + grid * (height // grid), grid):
+        for column in range(first, first + grid * (width // grid), grid):
+            init += placed(start_window[:biggest, :biggest], row, column)[None] * signs(
+                (batch, 1, 1, channels), [seed, -1 - row * width - column])
+    x_best = tf.clip_by_value(x_nat + normalized(init) * epsilon, low, high)
+    margin_best = losses.logit_margin(predict(x_best), labels)
+    query = tf.constant(0)
+    while query < settings.num_queries and tf.reduce_any(margin_best > 0):
+        side = side_of[query]
+        draws = tf.random.stateless_uniform((5,), [seed, query], 0, 2**30, tf.int32)
+        # As the reference, the last position of a window is never drawn.
+        spread = tf.maximum(height - side, 1), tf.maximum(width - side, 1)
+        top, left = draws[0] % spread[0], draws[1] % spread[1]
+        top_2, left_2 = draws[2] % spread[0], draws[3] % spread[1]
+        square = tf.pad(tf.ones((side, side)), [[0, biggest - side], [0, biggest - side]])
+        window_1 = placed(square, top, left)
+        window_2 = placed(square, top_2, left_2)
+        delta = x_best - x_nat
+        norm_window_1 = tf.sqrt(_sum_over_pixels(tf.square(delta * window_1)))
+        norm_image = _l2_norms(delta)
+        both = tf.maximum(window_1, window_2)
+        norm_windows = tf.sqrt(_sum_over_pixels(tf.square(delta * both)))
+        pattern = placed(windows[side_index[query], draws[4] % 2], top, left)
+        fresh = pattern[None] * signs((batch, 1, 1, channels), [seed, query + 2**20])
+        fresh += delta * window_1 / (norm_window_1 + 1e-12)
+        room = tf.maximum(epsilon ** 2 - tf.square(norm_image), 0.0) / channels
+        fresh *= tf.sqrt(room + tf.square(norm_windows)) / (
+            tf.sqrt(_sum_over_pixels(tf.square(fresh))) + 1e-12)
+        delta = delta * (1 - window_2) * (1 - window_1) + fresh
+        x_new = tf.clip_by_value(x_nat + normalized(delta) * epsilon, low, high)
+        new_margin = losses.logit_margin(predict(x_new), labels)
+        accept = tf.logical_and(margin_best > 0, new_margin < margin_best)
+        x_best = tf.where(accept[:, None, None, None], x_new, x_best)
+        margin_best = tf.where(accept, new_margin, margin_best)
+        query += 1
+    return x_best, margin_best
+
+
 class Square:
     """Square on a Keras model or callable: `attack(x, y)` returns the adversarial examples (the
     clean image where the attack failed, in the shape of `x`) and which examples stayed robust.
@@ -85,9 +198,8 @@ class Square:
     image of one row and one channel."""
 
     def __init__(self, model, settings, seed=0, strategy=None, image_shape=None):
-        if settings.threat_model.norm != "Linf":
-            raise ValueError("the Square attack here runs in the L-infinity norm only")
         self.settings = settings
+        queries = square_queries if settings.threat_model.norm == "Linf" else l2_square_queries
 
         def run(x, y):
             shape = image_shape or _as_image(x.shape[1:])
@@ -97,7 +209,7 @@ class Square:
                 return tf.cast(devices.call_model(model, tf.reshape(candidates, tf.shape(x))),
                                tf.float32)
 
-            x_adv, margins = square_queries(predict, images, y, settings, seed)
+            x_adv, margins = queries(predict, images, y, settings, seed)
             return tf.reshape(x_adv, tf.shape(x)), margins
 
         self._spread = devices.Spread(strategy, run)

@@ -71,6 +71,15 @@ class ThreatModel:
         and added in `x`'s (PGD keeps a float64 iterate, as the original's numpy loop)."""
         return x + tf.cast(_scale(step_size, gradient) * self.direction(gradient), x.dtype)
 
+    def within_ball(self, delta):
+        """The perturbation `delta` brought back into the ball: clipped to +-epsilon
+        (L-infinity) or rescaled to a norm of at most epsilon (L2)."""
+        epsilon = tf.cast(self.epsilon, delta.dtype)
+        if self.norm == "Linf":
+            return tf.clip_by_value(delta, -epsilon, epsilon)
+        length = _per_example(self.norms(delta), delta)
+        return delta * tf.minimum(epsilon, length) / (length + NORM_FLOOR)
+
     def project(self, x, x_nat):
         """The point of the ball around `x_nat` and of the pixel range nearest to `x` (for L2:
         the perturbation rescaled to at most epsilon, then clipped to the pixel range)."""
@@ -81,10 +90,7 @@ class ThreatModel:
             upper = tf.minimum(tf.cast(x_nat + self.epsilon, x.dtype), high)
             return tf.clip_by_value(x, lower, upper)
         x_nat = tf.cast(x_nat, x.dtype)
-        delta = x - x_nat
-        length = _per_example(self.norms(delta), delta)
-        shrink = tf.minimum(tf.cast(self.epsilon, x.dtype), length) / (length + NORM_FLOOR)
-        return tf.clip_by_value(x_nat + delta * shrink, low, high)
+        return tf.clip_by_value(x_nat + self.within_ball(x - x_nat), low, high)
 
     def uniform_start(self, x_nat, rng):
         """PGD's random start, drawn on the host in float64 from the numpy generator `rng`: for
@@ -99,6 +105,22 @@ class ThreatModel:
             radius = self.epsilon * rng.uniform(size=(len(x_nat), 1)) ** (1 / direction.shape[1])
             noise = (direction * radius).reshape(x_nat.shape)
         return np.clip(x_nat + noise, *self.pixel_range)
+
+    def random_start(self, x_nat, seed, dtype=tf.float64):
+        """`uniform_start`'s distribution drawn inside a graph, from a stateless `seed` (two
+        integers): the start of training through `fit`, where no host generator can run."""
+        x_nat = tf.cast(tf.cast(x_nat, tf.float32), dtype)
+        if self.norm == "Linf":
+            noise = tf.random.stateless_uniform(tf.shape(x_nat), seed, -self.epsilon,
+                                                self.epsilon, dtype)
+        else:
+            direction = self.normalized(tf.random.stateless_normal(tf.shape(x_nat), seed,
+                                                                   dtype=dtype))
+            size = tf.cast(tf.reduce_prod(tf.shape(x_nat)[1:]), dtype)
+            radius = self.epsilon * tf.random.stateless_uniform(
+                tf.shape(x_nat)[:1], seed + 1, dtype=dtype) ** (1 / size)
+            noise = direction * _per_example(radius, direction)
+        return tf.clip_by_value(x_nat + noise, *self.pixel_range)
 
     def start_on_sphere(self, x_nat, noise, radius=1.0):
         """`x_nat` plus `noise` scaled to norm `radius` x epsilon, clipped to the pixel range:

@@ -151,13 +151,12 @@ class FreeTrainStep(TrainStep):
         return np.zeros((0, *x_batch.shape[1:]))
 
     def _replica_step(self, x_nat, labels, perturbation, scale, report):
-        epsilon = self.settings.epsilon * scale
-        x_adv = tf.clip_by_value(x_nat + perturbation, *self.settings.pixel_range)
+        threat = self.settings.threat_model.scaled(scale)
+        x_adv = tf.clip_by_value(x_nat + perturbation, *threat.pixel_range)
         metrics = _natural_metrics(self.model, x_nat, labels, report)
         logits, gradient = self._update(x_adv, labels, input_gradient=True)
         gradient = tf.where(tf.math.is_finite(gradient), gradient, tf.zeros_like(gradient))
-        perturbation = tf.clip_by_value(perturbation + epsilon * tf.sign(gradient),
-                                        -epsilon, epsilon)
+        perturbation = threat.within_ball(threat.step(perturbation, gradient, threat.epsilon))
         return {**metrics, **_adversarial_metrics(logits, labels)}, x_adv, perturbation
 
     def _distributed_step(self, x_nat, labels, perturbation, scale, report):

@@ -3,7 +3,7 @@
 import os
 
 from cifar10_challenge import cifar10_input, model
-from common.training import objectives, overfitting, schedules
+from common.training import objectives, overfitting
 from common.scripts.challenge import Challenge
 from common.evaluation.paper import Paper, Row
 from common.training.momentum import TF1Momentum
@@ -11,31 +11,49 @@ from common.training.momentum import TF1Momentum
 MODELS_URL = "https://github.com/MadryProj/cifar10_challenge_models/raw/master/"
 
 
-def loss(config, num_replicas):
-    """Mean cross-entropy plus weight decay on the kernels named DW, as the original."""
-    return objectives.xent_with_weight_decay(config["weight_decay"], config["training_batch_size"],
-                                         num_replicas, model.decayed_kernels)
+class CIFAR10Challenge(Challenge):
+    """CIFAR-10: the residual network of `filters`, images in [0, 255], TF1's Momentum on the
+    mean cross-entropy with weight decay, batch norm in training mode during training's attack
+    (as the original, by default)."""
+
+    def create_model(self, config, on_cpu):
+        return model.Model("eval", config["filters"], on_cpu)
+
+    def tf1_variables(self, network):
+        return model.tf1_variables(network)
+
+    def load_data(self, data_path):
+        return cifar10_input.CIFAR10Data(data_path)
+
+    def training_batch(self, data, step, batch_size, seed):
+        return cifar10_input.training_batch(data, step, batch_size, seed)
+
+    def held_out(self, data):
+        # CIFAR-10 has no validation split: the guard attacks the first training images, as
+        # they are (Wong et al. check a training batch too).
+        return (data.train_images[:overfitting.EXAMPLES].astype("float32"),
+                data.train_labels[:overfitting.EXAMPLES])
+
+    def loss(self, config, num_replicas):
+        """Mean cross-entropy plus weight decay on the kernels named DW, as the original."""
+        return objectives.xent_with_weight_decay(
+            config["weight_decay"], config["training_batch_size"], num_replicas,
+            model.decayed_kernels)
+
+    def optimizer(self, config):
+        return TF1Momentum(self.learning_rate(config), config["momentum"])
+
+    def attack_training(self, config):
+        return config["attack_batch_norm"] == "train"
 
 
-CIFAR10 = Challenge(
+CIFAR10 = CIFAR10Challenge(
     name="CIFAR-10",
     folder=os.path.dirname(os.path.abspath(__file__)),
     pixel_range=(0.0, 255.0),
     image_shape=(32, 32, 3),
-    create_model=lambda config, on_cpu: model.Model("eval", config["filters"], on_cpu),
-    tf1_variables=model.tf1_variables,
-    load_data=cifar10_input.CIFAR10Data,
-    test_set=lambda data: (data.test_images.astype("float32"), data.test_labels),
-    training_batch=cifar10_input.training_batch,
-    # CIFAR-10 has no validation split: the guard attacks the first training images, as they
-    # are (Wong et al. check a training batch too).
-    held_out=lambda data: (data.train_images[:overfitting.EXAMPLES].astype("float32"),
-                           data.train_labels[:overfitting.EXAMPLES]),
     attack_keys=("num_steps", "step_size"),
     seed_keys=("tf_random_seed", "np_random_seed"),
-    loss=loss,
-    optimizer=lambda config: TF1Momentum(schedules.learning_rate(config), config["momentum"]),
-    attack_training=lambda config: config["attack_batch_norm"] == "train",
     submission_shape_text="(10000, 32, 32, 3)",
     prediction_batch_size=100,
     model_urls={name: f"{MODELS_URL}{name}.zip" for name in ("natural", "adv_trained", "secret")},

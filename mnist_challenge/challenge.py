@@ -4,7 +4,6 @@ import os
 
 import keras
 
-from common.training import objectives, schedules
 from common.scripts.challenge import Challenge
 from common.evaluation.paper import Paper, Row
 from mnist_challenge import mnist_input, model
@@ -12,29 +11,37 @@ from mnist_challenge import mnist_input, model
 MODELS_URL = "https://github.com/MadryLab/mnist_challenge_models/raw/master/"
 
 
-def training_batch(data, step, batch_size, seed):
-    indices = mnist_input.batch_indices(step, batch_size, len(data.train_labels), seed)
-    return data.train_images[indices], data.train_labels[indices]
+class MNISTChallenge(Challenge):
+    """MNIST: the original's network, flat images in [0, 1], Adam on the summed cross-entropy."""
+
+    def create_model(self, config, on_cpu):
+        return model.Model(on_cpu)
+
+    def tf1_variables(self, network):
+        return model.tf1_variables(network)
+
+    def load_data(self, data_path):
+        return mnist_input.MNISTData(data_path)
+
+    def training_batch(self, data, step, batch_size, seed):
+        indices = mnist_input.batch_indices(step, batch_size, len(data.train_labels), seed)
+        return data.train_images[indices], data.train_labels[indices]
+
+    def held_out(self, data):
+        return data.validation_images, data.validation_labels
+
+    def optimizer(self, config):
+        # Adam with TF1's defaults (Keras' own epsilon is 1e-7); the original's rate is 1e-4.
+        return keras.optimizers.Adam(learning_rate=self.learning_rate(config), epsilon=1e-8)
 
 
-MNIST = Challenge(
+MNIST = MNISTChallenge(
     name="MNIST",
     folder=os.path.dirname(os.path.abspath(__file__)),
     pixel_range=(0.0, 1.0),
     image_shape=(28, 28, 1),
-    create_model=lambda config, on_cpu: model.Model(on_cpu),
-    tf1_variables=model.tf1_variables,
-    load_data=mnist_input.MNISTData,
-    test_set=lambda data: (data.test_images, data.test_labels),
-    training_batch=training_batch,
-    held_out=lambda data: (data.validation_images, data.validation_labels),
     attack_keys=("k", "a"),
     seed_keys=("random_seed", "random_seed"),
-    loss=lambda config, num_replicas: objectives.summed_xent,
-    # Adam with TF1's defaults (Keras' own epsilon is 1e-7); the original's rate is 1e-4.
-    optimizer=lambda config: keras.optimizers.Adam(
-        learning_rate=schedules.learning_rate(config), epsilon=1e-8),
-    attack_training=lambda config: False,
     submission_shape_text="(10000,784)",
     prediction_batch_size=64,
     model_urls={name: f"{MODELS_URL}{name}.zip" for name in ("natural", "adv_trained", "secret")},

@@ -121,7 +121,8 @@ def test_a_linear_model_is_broken_exactly_where_a_boundary_is_within_epsilon(nor
     np.testing.assert_array_equal(result.robust[keep], distance[keep] > epsilon)
 
 
-def test_the_readme_example_runs_as_written():
+def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where BackupAndRestore keeps its folder while fit runs
     readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
     section = readme.split("## Use it on your own model", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
@@ -131,3 +132,5 @@ def test_the_readme_example_runs_as_written():
     assert namespace["x_adv"].shape == (64, 8, 8, 1)
     assert list(namespace["l2"].accuracy_after) == ["clean", "apgd-ce", "apgd-t", "fab-t",
                                                     "square"]
+    assert namespace["trainer"].optimizer.iterations.numpy() == 8  # 2 epochs of 4 batches
+    assert not os.listdir(tmp_path), "BackupAndRestore removes its folder after a whole run"

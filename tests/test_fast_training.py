@@ -132,10 +132,10 @@ def test_the_cyclic_schedule_at_its_corners():
         assert float(cyclic(step)) == pytest.approx(rate, rel=1e-6, abs=1e-12), step
     assert float(schedules.PiecewiseLinear([[0, 0.1]])(123)) == pytest.approx(0.1)
     config = load(MNIST)
-    assert schedules.learning_rate(config) == 1e-4
+    assert MNIST.learning_rate(config) == 1e-4
     linear = load(MNIST, "--learning_rate_schedule=piecewise_linear",
                   "--step_size_schedule=[[0,0],[10,0.002],[20,0]]")
-    assert float(schedules.learning_rate(linear)(15)) == pytest.approx(0.001)
+    assert float(MNIST.learning_rate(linear)(15)) == pytest.approx(0.001)
 
 
 def test_the_optimizer_follows_the_cyclic_schedule(batch, initial_weights):

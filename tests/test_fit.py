@@ -95,7 +95,7 @@ def test_the_guard_stops_a_collapse_and_puts_back_the_last_good_weights():
     adversarial = fit.AdversarialModel(model, PGD(model, EPSILON, steps=3), "fgsm_rs")
     adversarial.compile(optimizer=keras.optimizers.SGD(1e-4),
                         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    guard = fit.OverfittingGuard(data(40, seed=1), PGD(model, 0.01), every=2)
+    guard = fit.OverfittingGuardCallback(data(40, seed=1), PGD(model, 0.01), every=2)
     kept = {}
 
     class Collapse(keras.callbacks.Callback):

@@ -25,7 +25,7 @@ LEARNING_RATE = 1e-4
 @pytest.fixture
 def policy():
     """Sets a precision policy for the test; float32 again afterwards."""
-    yield lambda name: precision.set_precision({"precision": name})
+    yield precision.set_precision
     keras.mixed_precision.set_global_policy("float32")
 
 

@@ -106,10 +106,14 @@ class Job:
 @dataclasses.dataclass
 class Reproduction:
     """One reproduce.py run: the model (and the transfer's source), the first test images, and
-    the config's attack settings."""
+    the config's attack (`attack_settings`), batch size, seed and XLA choice."""
 
     challenge: object
-    config: dict
+    attack_settings: object  # the config's PGD (common.attacks.pgd.AttackSettings)
+    batch_size: int
+    seed: int
+    jit_compile: bool
+    model_dir: str
     model: object
     strategy: object
     out_dir: str
@@ -126,23 +130,14 @@ class Reproduction:
     def paper(self):
         return self.challenge.paper
 
-    @property
-    def batch_size(self):
-        return self.config["eval_batch_size"]
-
-    @property
-    def seed(self):
-        return self.challenge.data_seed(self.config)
-
     def attack(self, model, settings, restarts=1):
         return pgd.LinfPGDAttack.from_settings(model, settings, restarts=restarts, seed=self.seed,
-                                               jit_compile=self.config["jit_compile"],
+                                               jit_compile=self.jit_compile,
                                                strategy=self.strategy)
 
     def row_settings(self, row, epsilon=None, step_size=None):
-        epsilon = self.config["epsilon"] if epsilon is None else epsilon
-        step_size = self.challenge.attack_settings(self.config).step_size \
-            if step_size is None else step_size
+        epsilon = self.attack_settings.epsilon if epsilon is None else epsilon
+        step_size = self.attack_settings.step_size if step_size is None else step_size
         return row.settings(epsilon, step_size, self.challenge.pixel_range)
 
     def settings(self, artifact):
@@ -150,8 +145,8 @@ class Reproduction:
         settings = {"artifact": artifact, "challenge": self.challenge.name,
                     "checkpoint": self.checkpoint, "num_examples": len(self.labels),
                     "batch_size": self.batch_size, "seed": self.seed,
-                    "epsilon": self.config["epsilon"],
-                    "step_size": self.challenge.attack_settings(self.config).step_size}
+                    "epsilon": self.attack_settings.epsilon,
+                    "step_size": self.attack_settings.step_size}
         if artifact == "transfer":
             settings.update(source=self.source_name, source_checkpoint=self.source_checkpoint)
         if artifact == "loss_landscape":
@@ -161,8 +156,7 @@ class Reproduction:
 
     def landscape_settings(self):
         """The config's PGD on the cross-entropy, from random starts."""
-        return dataclasses.replace(self.challenge.attack_settings(self.config),
-                                   loss_func="xent", random_start=True)
+        return dataclasses.replace(self.attack_settings, loss_func="xent", random_start=True)
 
 
 def accuracy_under_attack(ledger, key, attack, score, x, y, batch_size):
@@ -326,9 +320,9 @@ def reproduce(run, names):
 
 def _header(run, artifact, results):
     return {"artifact": artifact, "source": CITATION, "challenge": run.challenge.name,
-            "model_dir": run.config["model_dir"], "checkpoint": run.checkpoint,
+            "model_dir": run.model_dir, "checkpoint": run.checkpoint,
             "num_examples": len(run.labels), "batch_size": run.batch_size, "seed": run.seed,
-            "epsilon": run.config["epsilon"], "versions": package_versions(),
+            "epsilon": run.attack_settings.epsilon, "versions": package_versions(),
             "seconds": sum(result.get("seconds", 0.0) for result in results.values())}
 
 

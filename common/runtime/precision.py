@@ -13,9 +13,10 @@ import keras
 FLOAT16_ATTACK_LOSS_SCALE = 1024.0
 
 
-def set_precision(config):
-    """Makes the config's precision the policy of every model built from now on."""
-    keras.mixed_precision.set_global_policy(config["precision"])
+def set_precision(name):
+    """Makes `name` (float32, mixed_float16 or mixed_bfloat16) the policy of every model built
+    from now on."""
+    keras.mixed_precision.set_global_policy(name)
 
 
 def computes_in_float16():

@@ -4,44 +4,72 @@ once in its `challenge.py` with a `Challenge`, and the shared drivers
 
 import dataclasses
 import os
-from collections.abc import Callable
 from typing import Any
 
 import tensorflow as tf
 
 from common.attacks.pgd import AttackSettings
+from common.training import objectives, schedules
 
 
 @dataclasses.dataclass(frozen=True)
 class Challenge:
-    """One challenge: its model, data, pixel range, config keys, training objective and
-    released models."""
+    """One challenge: its facts as fields, its model, data and training as methods. Each
+    challenge is a subclass that overrides the methods whose default does not fit it."""
 
     name: str
     folder: str  # holds config.json; fetch_model.py unzips the released models here
     pixel_range: tuple
-    image_shape: tuple  # of one image, for summaries (the model's input may be flat)
-    # create_model(config, on_cpu): the network, with the CPU-tuned layers where `on_cpu`.
-    create_model: Callable[[dict, bool], Any]
-    # tf1_variables(model): the released TF1 checkpoints' variable names -> the model's variables.
-    tf1_variables: Callable[[Any], dict]
-    load_data: Callable[[str], Any]  # data_path -> the dataset
-    test_set: Callable[[Any], tuple]  # dataset -> (float32 images, int64 labels), file order
-    # training_batch(dataset, step, batch_size, seed) -> the global batch (x, y) of `step`.
-    training_batch: Callable[[Any, int, int, int], tuple]
-    # held_out(dataset) -> (images, labels) the overfitting guard attacks, in the model's input.
-    held_out: Callable[[Any], tuple]
+    image_shape: tuple  # of one image, for summaries and Square (the model's input may be flat)
     attack_keys: tuple  # the config keys of (steps, step size)
     seed_keys: tuple  # the config keys of (initial weights seed, data and random-starts seed)
-    # loss(config, num_replicas) -> loss_fn(labels, logits, model) of one replica.
-    loss: Callable[[dict, int], Callable]
-    optimizer: Callable[[dict], Any]  # config -> the training optimizer
-    attack_training: Callable[[dict], bool]  # config -> does training's attack use train mode
     submission_shape_text: str  # how run_attack.py prints the expected shape
     prediction_batch_size: int  # run_attack.py's batch
     model_urls: dict  # released model name -> zip URL
     published_sha256: dict  # released model name -> sha256 of its zip, where published
-    paper: Any  # the paper's tables and figures for this challenge (common.evaluation.paper.Paper)
+    paper: Any  # the paper's tables and figures for this challenge (common.evaluation.paper)
+
+    def create_model(self, config, on_cpu):
+        """The network of `config`, with the CPU-tuned layers where `on_cpu`."""
+        raise NotImplementedError
+
+    def tf1_variables(self, model):
+        """The released TF1 checkpoints' variable names -> the model's variables."""
+        raise NotImplementedError
+
+    def load_data(self, data_path):
+        """The dataset in `data_path` (its official files, downloaded where missing)."""
+        raise NotImplementedError
+
+    def training_batch(self, data, step, batch_size, seed):
+        """The global training batch (x, y) of `step`."""
+        raise NotImplementedError
+
+    def held_out(self, data):
+        """(images, labels) the overfitting guard attacks, in the model's input shape."""
+        raise NotImplementedError
+
+    def optimizer(self, config):
+        """The training optimizer."""
+        raise NotImplementedError
+
+    def test_set(self, data):
+        """(float32 images, int64 labels) of the test set, in file order."""
+        return data.test_images.astype("float32"), data.test_labels
+
+    def loss(self, config, num_replicas):
+        """loss_fn(labels, logits, model) of one replica; by default the cross-entropy summed
+        over the batch (MNIST's objective)."""
+        return objectives.summed_xent
+
+    def attack_training(self, config):
+        """Whether training's attack runs the model in training mode (its batch norm)."""
+        return False
+
+    def learning_rate(self, config):
+        """The config's learning rate schedule."""
+        return schedules.learning_rate(config["learning_rate_schedule"],
+                                       config["step_size_schedule"])
 
     @property
     def config_path(self):

@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 
 def _config():
     config = config_lib.load_config()
-    precision.set_precision(config)
+    precision.set_precision(config["precision"])
     return config
 
 
@@ -66,9 +66,10 @@ def train(challenge):
         if config["overfitting_check_steps"]:
             guard = overfitting.OverfittingGuard(strategy, model, challenge.held_out(data),
                                                  challenge.attack_settings(config), seed)
-        loop.train(config, _train_step(challenge, config, strategy, model, optimizer),
-                       lambda index: challenge.training_batch(data, index, batch_size, seed),
-                       seed, challenge.summary_images, guard)
+        train_step = _train_step(challenge, config, strategy, model, optimizer)
+        loop.train(loop.LoopSettings.from_config(config), train_step,
+                   lambda index: challenge.training_batch(data, index, batch_size, seed),
+                   seed, challenge.summary_images, guard)
 
     cli.run(main, challenge.config_path)
 
@@ -310,8 +311,10 @@ def reproduce(challenge):
         strategy = devices.local_strategy()
         model = _restored_model(challenge, config, strategy, "No model found")
         run = reproduce_lib.Reproduction(
-            challenge, config, model, strategy, out_dir,
-            checkpoints.latest_checkpoint(config["model_dir"]), FLAGS.restarts)
+            challenge, challenge.attack_settings(config), config["eval_batch_size"],
+            challenge.data_seed(config), config["jit_compile"], config["model_dir"], model,
+            strategy, out_dir, checkpoints.latest_checkpoint(config["model_dir"]),
+            FLAGS.restarts)
         if "transfer" in names:
             _add_source(run, challenge, config, strategy)
         run.images, run.labels = _first_test_images(challenge, config)

@@ -1,6 +1,6 @@
 """Adversarial training of any Keras model with `fit`: `AdversarialModel` wraps the model so that
-each training step attacks its batch first, and `OverfittingGuard` is the catastrophic-overfitting
-guard as a Keras callback.
+each training step attacks its batch first, and `OverfittingGuardCallback` is the
+catastrophic-overfitting guard as a Keras callback.
 
 The methods are the challenge loop's (common/training/loop.py), with the same attack code:
 `pgd` trains on the PGD attack of `attack` (a `common.attacks.PGD`); `fgsm_rs` on one step of
@@ -130,7 +130,7 @@ def training_settings(settings, method, fgsm_step_size=None):
     return settings
 
 
-class OverfittingGuard(keras.callbacks.Callback):
+class OverfittingGuardCallback(keras.callbacks.Callback):
     """Stops `fit` when robustness collapses (Wong et al., 2020): every `every` steps it attacks
     `held_out` (images, labels) with PGD-5 of epsilon / 4 steps from random starts in the
     attack's ball; a drop of more than `max_drop` from the last check stops training and puts

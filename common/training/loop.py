@@ -38,6 +38,29 @@ from common.training import overfitting
 PREFETCH_BATCHES = 2
 
 
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """What the training loop needs of a run's config: where it writes, how long it runs, and
+    the cadence of its reports, summaries, checkpoints and overfitting checks (0: none);
+    `config_copy` is what it saves as `model_dir/config.json` for later runs to read."""
+
+    model_dir: str
+    batch_size: int
+    max_steps: int
+    output_steps: int
+    summary_steps: int
+    checkpoint_steps: int
+    overfitting_check_steps: int = 0
+    config_copy: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config["model_dir"], config["training_batch_size"],
+                   config["max_num_training_steps"], config["num_output_steps"],
+                   config["num_summary_steps"], config["num_checkpoint_steps"],
+                   config["overfitting_check_steps"], dict(config))
+
+
 class TrainStep:
     """One distributed training step on an attacked batch: `pgd` and `fgsm_rs`.
 
@@ -248,29 +271,27 @@ def _summarize(writer, step, metrics, batch_size, images):
         tf.summary.image("images adv train", images, max_outputs=3)
 
 
-def train(config, train_step, batch_for_step, seed, to_images, guard=None):
-    """The training loop: `train_step` a TrainStep, `batch_for_step(index) -> (x, y)` the global
-    batch of an index (a step, or with replays the step // replays), `seed` for the random
-    starts, `to_images(x)` for the image summary in [0, 1], `guard` an OverfittingGuard or None.
+def train(settings, train_step, batch_for_step, seed, to_images, guard=None):
+    """The training loop of `settings` (a LoopSettings): `train_step` a TrainStep,
+    `batch_for_step(index) -> (x, y)` the global batch of an index (a step, or with replays the
+    step // replays), `seed` for the random starts, `to_images(x)` for the image summary in
+    [0, 1], `guard` an OverfittingGuard or None.
 
     Every task of a multi-worker cluster runs it alike (all take part in saving, which may
     all-reduce); only the chief writes into `model_dir`, the others into a private temporary
     folder removed at the end, and all resume from the chief's newest checkpoint.
     """
     chief = devices.is_chief(train_step.strategy)
-    model_dir = config["model_dir"]
-    write_dir = model_dir if chief else tempfile.mkdtemp(prefix="madry-worker-")
+    write_dir = settings.model_dir if chief else tempfile.mkdtemp(prefix="madry-worker-")
     try:
-        _train(config, train_step, batch_for_step, seed, to_images, guard, chief, write_dir)
+        _train(settings, train_step, batch_for_step, seed, to_images, guard, chief, write_dir)
     finally:
         if not chief:
             shutil.rmtree(write_dir, ignore_errors=True)
 
 
-def _train(config, train_step, batch_for_step, seed, to_images, guard, chief, write_dir):
-    model_dir = config["model_dir"]
-    batch_size = config["training_batch_size"]
-    max_steps = config["max_num_training_steps"]
+def _train(settings, train_step, batch_for_step, seed, to_images, guard, chief, write_dir):
+    model_dir, batch_size, max_steps = settings.model_dir, settings.batch_size, settings.max_steps
     os.makedirs(write_dir, exist_ok=True)
     global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
     state = dict(train_step.state)
@@ -289,7 +310,7 @@ def _train(config, train_step, batch_for_step, seed, to_images, guard, chief, wr
         report_line(f"Resuming from {checkpoints.latest_checkpoint(model_dir)} at step "
                     f"{first_step}")
     if chief:
-        _write_config(config, model_dir)
+        _write_config(settings.config_copy, model_dir)
     writer = tf.summary.create_file_writer(model_dir) if chief else tf.summary.create_noop_writer()
     guard_manager = overfitting.last_good_manager(checkpoint, write_dir) if guard else None
     batches = _batches(train_step, batch_for_step, first_step, max_steps, seed)
@@ -300,14 +321,14 @@ def _train(config, train_step, batch_for_step, seed, to_images, guard, chief, wr
     for step in range(first_step, max_steps):
         x_batch, y_batch, x_start = next(batches)
         if step > first_step or step == 0:
-            if guard is not None and step % config["overfitting_check_steps"] == 0:
+            if guard is not None and step % settings.overfitting_check_steps == 0:
                 stopped = _overfitting_stops(guard, step, checkpoint, manager, guard_manager,
                                              report_line, writer)
                 if stopped:
                     break
-            if step % config["num_checkpoint_steps"] == 0:
+            if step % settings.checkpoint_steps == 0:
                 manager.save(checkpoint_number=step)
-        report = step % config["num_output_steps"] == 0
+        report = step % settings.output_steps == 0
         start = time.perf_counter()
         metrics, images = train_step(x_batch, y_batch, x_start, report, step)
         metrics = {name: value.numpy() for name, value in metrics.items()}
@@ -315,10 +336,10 @@ def _train(config, train_step, batch_for_step, seed, to_images, guard, chief, wr
         if report:
             rate = None
             if step > first_step:
-                rate = config["num_output_steps"] * batch_size / training_time
+                rate = settings.output_steps * batch_size / training_time
                 training_time = 0.0
             _report(report_line, step, metrics, batch_size, rate)
-        if step % config["num_summary_steps"] == 0:
+        if step % settings.summary_steps == 0:
             _summarize(writer, step, metrics, batch_size, to_images(images))
         global_step.assign(step + 1)
         progress.update(1)

@@ -41,8 +41,8 @@ class PiecewiseLinear(keras.optimizers.schedules.LearningRateSchedule):
         return {"step_size_schedule": self.step_size_schedule}
 
 
-def learning_rate(config):
-    """The config's learning rate: `step_size_schedule` read as `learning_rate_schedule` says."""
-    if config["learning_rate_schedule"] == "piecewise_linear":
-        return PiecewiseLinear(config["step_size_schedule"])
-    return piecewise_constant(config["step_size_schedule"])
+def learning_rate(shape, step_size_schedule):
+    """The learning rate of `step_size_schedule` read as `shape` (one of SHAPES) says."""
+    if shape == "piecewise_linear":
+        return PiecewiseLinear(step_size_schedule)
+    return piecewise_constant(step_size_schedule)

@@ -106,7 +106,7 @@ def test_the_original_run_attack_function_and_imports_from_inside_the_folder(mod
         "import run_attack, mnist_challenge.challenge as challenge, dataclasses\n"
         "mnist = dataclasses.replace(challenge.MNIST, folder=sys.argv[2])\n"
         "import inspect; print(inspect.signature(run_attack.run_attack))\n"
-        "run = run_attack.scripts.run_attack_function(mnist)\n"
+        "run = run_attack.drivers.run_attack_function(mnist)\n"
         "model = Model()\n"
         "attack = LinfPGDAttack(model, 0.3, 1, 0.01, True, 'xent')\n"
         "x = np.load(sys.argv[1])\n"

@@ -25,17 +25,23 @@ def test_margin():
                                [2.0, -5.0])
 
 
+def linear_model(weights):
+    """Logits (0, w.x - sum(w) / 2) on 8x8 images: class 1 once w.(x - 1/2) > 0."""
+    inputs = keras.Input((8, 8, 1))
+    dense = keras.layers.Dense(2)
+    model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
+    dense.kernel.assign(np.stack([np.zeros(64), weights], axis=1).astype(np.float32))
+    dense.bias.assign(np.array([0.0, -weights.sum() / 2], np.float32))
+    return model
+
+
 def test_on_a_linear_model_it_finds_what_the_closed_form_allows():
     """Logits (0, w.x + b), true class 0: broken once w.x + b > 0, so an example needs at least
     -(w.x + b) / |w|_1 in the L-infinity norm (away from the pixel bounds). With
     b = -sum(w) / 2 and x = 1/2 - t sign(w), that is t."""
     rng = np.random.default_rng(0)
     weights = rng.choice([-1.0, 1.0], 64) * rng.uniform(0.5, 1.5, 64)
-    inputs = keras.Input((8, 8, 1))
-    dense = keras.layers.Dense(2)
-    model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
-    dense.kernel.assign(np.stack([np.zeros(64), weights], axis=1).astype(np.float32))
-    dense.bias.assign(np.array([0.0, -weights.sum() / 2], np.float32))
+    model = linear_model(weights)
     needed = np.linspace(0.05, 0.15, 16)
     x = (0.5 - needed[:, None] * np.sign(weights)).reshape(16, 8, 8, 1).astype(np.float32)
     epsilon = 0.1
@@ -52,11 +58,7 @@ def test_l2_square_on_a_linear_model_finds_what_the_closed_form_allows():
     an L2 perturbation of at least t (far from the pixel bounds)."""
     rng = np.random.default_rng(1)
     weights = rng.normal(size=64)
-    inputs = keras.Input((8, 8, 1))
-    dense = keras.layers.Dense(2)
-    model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
-    dense.kernel.assign(np.stack([np.zeros(64), weights], axis=1).astype(np.float32))
-    dense.bias.assign(np.array([0.0, -weights.sum() / 2], np.float32))
+    model = linear_model(weights)
     needed = np.linspace(0.2, 0.6, 16)
     unit = weights / np.linalg.norm(weights)
     x = (0.5 - needed[:, None] * unit).reshape(16, 8, 8, 1).astype(np.float32)

@@ -52,11 +52,9 @@ def square_queries(predict, x_nat, labels, settings, seed):
     upper = tf.minimum(x_nat + epsilon, high)
     stripes = tf.sign(tf.random.stateless_uniform(
         (tf.shape(x_nat)[0], 1, width, channels), [seed, -1], -1.0, 1.0))
-    x_best = tf.clip_by_value(x_nat + epsilon * stripes, low, high)
-    margin_best = losses.logit_margin(predict(x_best), labels)
     rows, columns = tf.range(height)[:, None], tf.range(width)[None, :]
-    query = tf.constant(0)
-    while query < settings.num_queries and tf.reduce_any(margin_best > 0):
+
+    def propose(query, x_best):
         side = sizes[query]
         corner = tf.random.stateless_uniform((2,), [seed, query], 0, 2**30, tf.int32)
         # As the reference, the last position of the window is never drawn.
@@ -67,7 +65,22 @@ def square_queries(predict, x_nat, labels, settings, seed):
         signs = tf.sign(tf.random.stateless_uniform((channels,), [seed, query + 2**20],
                                                     -1.0, 1.0))
         delta = tf.cast(window, tf.float32)[:, :, None] * (2 * epsilon) * signs
-        x_new = tf.clip_by_value(x_best + delta, lower, upper)
+        return tf.clip_by_value(x_best + delta, lower, upper)
+
+    return _search(predict, tf.clip_by_value(x_nat + epsilon * stripes, low, high), labels,
+                   settings.num_queries, propose)
+
+
+def _search(predict, x_start, labels, num_queries, propose):
+    """Square's random search from `x_start`: `propose(query, x_best)` gives each query's
+    candidate images, each kept where it lowers the margin of an example not broken yet; the
+    search ends after `num_queries` or once every example is broken. Returns the best images
+    and their margins (negative: broken)."""
+    x_best = x_start
+    margin_best = losses.logit_margin(predict(x_best), labels)
+    query = tf.constant(0)
+    while query < num_queries and tf.reduce_any(margin_best > 0):
+        x_new = propose(query, x_best)
         new_margin = losses.logit_margin(predict(x_new), labels)
         accept = tf.logical_and(margin_best > 0, new_margin < margin_best)
         x_best = tf.where(accept[:, None, None, None], x_new, x_best)
@@ -155,10 +168,8 @@ def l2_square_queries(predict, x_nat, labels, settings, seed):
         for column in range(first, first + grid * (width // grid), grid):
             init += placed(start_window[:biggest, :biggest], row, column)[None] * signs(
                 (batch, 1, 1, channels), [seed, -1 - row * width - column])
-    x_best = tf.clip_by_value(x_nat + normalized(init) * epsilon, low, high)
-    margin_best = losses.logit_margin(predict(x_best), labels)
-    query = tf.constant(0)
-    while query < settings.num_queries and tf.reduce_any(margin_best > 0):
+
+    def propose(query, x_best):
         side = side_of[query]
         draws = tf.random.stateless_uniform((5,), [seed, query], 0, 2**30, tf.int32)
         # As the reference, the last position of a window is never drawn.
@@ -180,13 +191,10 @@ def l2_square_queries(predict, x_nat, labels, settings, seed):
         fresh *= tf.sqrt(room + tf.square(norm_windows)) / (
             tf.sqrt(_sum_over_pixels(tf.square(fresh))) + 1e-12)
         delta = delta * (1 - window_2) * (1 - window_1) + fresh
-        x_new = tf.clip_by_value(x_nat + normalized(delta) * epsilon, low, high)
-        new_margin = losses.logit_margin(predict(x_new), labels)
-        accept = tf.logical_and(margin_best > 0, new_margin < margin_best)
-        x_best = tf.where(accept[:, None, None, None], x_new, x_best)
-        margin_best = tf.where(accept, new_margin, margin_best)
-        query += 1
-    return x_best, margin_best
+        return tf.clip_by_value(x_nat + normalized(delta) * epsilon, low, high)
+
+    return _search(predict, tf.clip_by_value(x_nat + normalized(init) * epsilon, low, high),
+                   labels, settings.num_queries, propose)
 
 
 class Square:

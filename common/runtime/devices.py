@@ -94,6 +94,11 @@ class Spread:
             self._traced[key] = function, distributed
         return self._traced[key]
 
+    def tracing_count(self):
+        """How often the function was traced, over every example shape it has seen."""
+        return sum(function.experimental_get_tracing_count()
+                   for function, _ in self._traced.values())
+
     def __call__(self, *arrays):
         arrays = tuple(np.asarray(array) for array in arrays)
         function, distributed = self._functions(arrays)

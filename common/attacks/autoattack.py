@@ -25,7 +25,7 @@ from common.attacks.apgd import APGD, APGDSettings
 from common.attacks.fab import FAB, FABSettings
 from common.attacks.square import Square, SquareSettings
 from common.attacks.threat_model import ThreatModel
-from common.io.files import written_in_place
+from common.io.files import read_state, written_in_place
 from common.runtime import devices
 from common.runtime.batching import batch_bounds
 from common.runtime.errors import UserError
@@ -92,9 +92,10 @@ class AutoAttack:
 
     `version` is standard, plus or rand; `attacks` (a list of names) runs those instead. `seed`
     seeds every random start; each batch is spread over the replicas of `strategy` (by default
-    the current one). `image_shape` (HWC) tells Square how one input is an image where the input
-    is not one already (flat MNIST: (28, 28, 1)). `log` (a callable taking a line), where given,
-    receives the reference's report lines; `progress` shows a progress bar per attack.
+    the one in scope, else every local GPU). `image_shape` (HWC) tells Square how one input is
+    an image where the input is not one already (flat MNIST: (28, 28, 1)). `log` (a callable
+    taking a line), where given, receives the reference's report lines; `progress` shows a
+    progress bar per attack.
     """
 
     def __init__(self, model, norm="Linf", epsilon=None, version="standard", attacks=None,
@@ -204,19 +205,15 @@ class State:
     @classmethod
     def load(cls, path, settings):
         """The state saved at `path` if it belongs to a run of `settings`, else UserError."""
-        try:
+
+        def read(path):
             with np.load(path, allow_pickle=False) as saved:
                 meta = json.loads(str(saved["meta"]))
-                state = cls(meta["settings"], saved["x_adv"], saved["broken_by"].astype(object),
-                            meta["results"], saved["todo"] if saved["has_todo"] else None,
-                            meta["batches_done"], meta["seconds"])
-        except (OSError, ValueError, KeyError) as error:
-            raise UserError(f"cannot read the AutoAttack state file {path}: {error}; remove it "
-                            "to start again") from error
-        if state.settings != settings:
-            raise UserError(f"the AutoAttack state file {path} belongs to another run "
-                            f"({state.settings}); remove it, or give another path")
-        return state
+                return cls(meta["settings"], saved["x_adv"], saved["broken_by"].astype(object),
+                           meta["results"], saved["todo"] if saved["has_todo"] else None,
+                           meta["batches_done"], meta["seconds"])
+
+        return read_state(path, settings, read, "AutoAttack state file", "give another path")
 
 
 def _predictions(predict, x, batch_size):

@@ -122,7 +122,8 @@ class PGD:
     cw, margin or targeted: see common/attacks/losses.py). With `restarts`, each example keeps
     the restart that misclassifies it, or else has the highest loss. Random starts come from
     `seed` (None: a fresh seed); each batch is spread over the replicas of `strategy` (by default
-    the current one); `jit_compile` compiles the steps with XLA. Inputs of any shape.
+    the one in scope, else every local GPU: devices.default_strategy); `jit_compile` compiles the
+    steps with XLA. Inputs of any shape.
     """
 
     def __init__(self, model, epsilon, steps=40, step_size=None, norm="Linf", random_start=True,
@@ -140,7 +141,7 @@ class PGD:
         self.restarts = int(restarts)
         self.rng = np.random.default_rng() if seed is None else \
             seeds.generator(seed, seeds.ATTACK_STARTS)
-        self.strategy = strategy or tf.distribute.get_strategy()
+        self.strategy = strategy or devices.default_strategy()
         self._spread_attack = devices.Spread(self.strategy, self._attack_batch, jit_compile)
         self._spread_score = devices.Spread(self.strategy, self._score_batch)
 

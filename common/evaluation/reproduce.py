@@ -20,7 +20,7 @@ import tqdm
 from common.attacks import pgd
 from common.evaluation import figures, robustness
 from common.evaluation.paper import CITATION, Row
-from common.io.files import written_in_place
+from common.io.files import read_state, written_in_place
 from common.runtime import devices, seeds
 from common.runtime.batching import batch_bounds
 from common.runtime.errors import UserError
@@ -71,17 +71,13 @@ class Ledger:
         settings = json.loads(json.dumps(settings))
         if not os.path.exists(path):
             return cls(path, settings)
-        try:
+
+        def read(path):
             with open(path) as source:
                 saved = json.load(source)
-            ledger = cls(path, saved["settings"], saved["results"], saved["partial"])
-        except (ValueError, KeyError, TypeError) as error:
-            raise UserError(f"cannot read the state file {path}: {error}; remove it to start "
-                            "again") from error
-        if ledger.settings != settings:
-            raise UserError(f"the state file {path} belongs to another run "
-                            f"({ledger.settings}); remove it, or give another --out_dir")
-        return ledger
+            return cls(path, saved["settings"], saved["results"], saved["partial"])
+
+        return read_state(path, settings, read, "state file", "give another --out_dir")
 
     def save(self):
         with written_in_place(self.path, "w") as target:

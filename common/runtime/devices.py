@@ -2,6 +2,7 @@
 strategy (one machine or a cluster named by `TF_CONFIG`), the chief task of a cluster, and
 `Spread`, which runs a function on one consecutive slice of a batch per local device."""
 
+import functools
 import json
 import os
 
@@ -15,6 +16,20 @@ def local_strategy(cpu_only=False):
     """MirroredStrategy over the local devices: all visible GPUs, or the CPU where there is none
     (or where `cpu_only`)."""
     return tf.distribute.MirroredStrategy(["/cpu:0"] if cpu_only else None)
+
+
+def default_strategy():
+    """The strategy of the attacks when the caller names none: the one in scope, if any; else
+    over several local GPUs, one MirroredStrategy for the whole process (strategies made anew
+    would number their collectives alike and collide); else the default, one device."""
+    if tf.distribute.has_strategy() or len(tf.config.list_logical_devices("GPU")) < 2:
+        return tf.distribute.get_strategy()
+    return _local_gpus_strategy()
+
+
+@functools.cache
+def _local_gpus_strategy():
+    return local_strategy()
 
 
 def cluster_size():
@@ -74,7 +89,7 @@ class Spread:
     example, so it serves inputs of any shape; `jit_compile` compiles it with XLA."""
 
     def __init__(self, strategy, function, jit_compile=False):
-        self.strategy = strategy or tf.distribute.get_strategy()
+        self.strategy = strategy or default_strategy()
         self._python_function = function
         self._jit_compile = jit_compile
         self._traced = {}

@@ -72,15 +72,18 @@ def test_a_free_fit_step_equals_the_challenge_loops_replays():
                                atol=1e-6)
 
 
-def test_two_replicas_take_the_step_of_one_device(two_replicas):
+@pytest.mark.parametrize("method, options", [("pgd", {}),
+                                             ("free", {"replays": 2, "batch_size": 32})])
+def test_two_replicas_take_the_step_of_one_device(two_replicas, method, options):
     x, y = data()
     one = compiled(small_model(), PGD(small_model(), EPSILON, steps=3, random_start=False),
-                   "pgd")
-    one.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+                   method, **options)
+    one.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
     with two_replicas.scope():
         model = small_model()
-        two = compiled(model, PGD(model, EPSILON, steps=3, random_start=False), "pgd")
-    two.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+        two = compiled(model, PGD(model, EPSILON, steps=3, random_start=False), method,
+                       **options)
+    two.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
     for mine, other in zip(two.model.get_weights(), one.model.get_weights()):
         np.testing.assert_allclose(mine, other, atol=1e-5)
 

@@ -14,15 +14,8 @@ divisor is 1: the loss is then the plain margin between the two logits.
 import tensorflow as tf
 
 LOSSES = ("xent", "cw", "margin", "targeted", "dlr", "dlr-targeted")
-TARGETED = ("targeted", "dlr-targeted")  # the losses that aim at a target class
 CW_CONFIDENCE = 50.0
 DENOMINATOR_FLOOR = 1e-12
-
-
-def check_loss(name):
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}: use one of {', '.join(LOSSES)}")
-    return name
 
 
 def _take(logits, classes):
@@ -77,6 +70,8 @@ def dlr_targeted(logits, labels, targets):
 
 def per_example_loss(logits, labels, loss, targets=None):
     """The loss named `loss` per example; `targets` for the targeted ones."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
     if loss == "xent":
         return xent(logits, labels)
     if loss == "targeted":

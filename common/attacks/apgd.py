@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from common.attacks import losses
 from common.attacks.runs import on_robust_examples
-from common.attacks.threat_model import ThreatModel
+from common.attacks.threat_model import ThreatModel, per_example
 from common.runtime import devices, seeds
 
 LOSSES = ("xent", "dlr", "dlr-targeted")
@@ -67,11 +67,6 @@ def halve_step(rising, interval, halved_at_last, best_at_last, best):
     return tf.logical_or(oscillating, stuck)
 
 
-def _per_example(mask, like):
-    """`mask` (one value per example) shaped to broadcast against `like`."""
-    return tf.reshape(mask, (-1,) + (1,) * (len(like.shape) - 1))
-
-
 def apgd_steps(model, x_nat, labels, targets, noise, settings):
     """One run of APGD from the random start given by `noise` (the shape of `x_nat`; U[-1, 1]
     for L-infinity, standard normal for L2).
@@ -119,10 +114,10 @@ def apgd_steps(model, x_nat, labels, targets, noise, settings):
         loss, gradient, logits = loss_and_gradient(x_adv)
         misclassified = tf.logical_not(correct(logits))
         robust = tf.logical_and(robust, tf.logical_not(misclassified))
-        x_broken = tf.where(_per_example(misclassified, x_adv), x_adv, x_broken)
+        x_broken = tf.where(per_example(misclassified, x_adv), x_adv, x_broken)
         improved = loss > loss_best
-        x_best = tf.where(_per_example(improved, x_adv), x_adv, x_best)
-        gradient_best = tf.where(_per_example(improved, x_adv), gradient, gradient_best)
+        x_best = tf.where(per_example(improved, x_adv), x_adv, x_best)
+        gradient_best = tf.where(per_example(improved, x_adv), gradient, gradient_best)
         loss_best = tf.where(improved, loss, loss_best)
         rising += tf.cast(loss > previous_loss, tf.float32)
         previous_loss = loss
@@ -133,8 +128,8 @@ def apgd_steps(model, x_nat, labels, targets, noise, settings):
             halved_at_checkpoint = halve
             loss_best_at_checkpoint = loss_best
             step_size = tf.where(halve, step_size / 2, step_size)
-            x_adv = tf.where(_per_example(halve, x_adv), x_best, x_adv)
-            gradient = tf.where(_per_example(halve, x_adv), gradient_best, gradient)
+            x_adv = tf.where(per_example(halve, x_adv), x_best, x_adv)
+            gradient = tf.where(per_example(halve, x_adv), gradient_best, gradient)
             rising = tf.zeros_like(rising)
     return x_broken, robust, step_size
 

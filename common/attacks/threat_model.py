@@ -16,7 +16,7 @@ NORMS = ("Linf", "L2")
 NORM_FLOOR = 1e-12  # added to a norm before dividing by it, as the reference does
 
 
-def _per_example(values, like):
+def per_example(values, like):
     """One value per example, shaped to broadcast against `like`."""
     return tf.reshape(values, (-1,) + (1,) * (len(like.shape) - 1))
 
@@ -57,7 +57,7 @@ class ThreatModel:
 
     def normalized(self, x):
         """`x` divided per example by its norm: the unit direction a step or start takes."""
-        return x / (_per_example(self.norms(x), x) + NORM_FLOOR)
+        return x / (per_example(self.norms(x), x) + NORM_FLOOR)
 
     def direction(self, gradient):
         """The steepest-ascent direction of unit size: the gradient's sign (L-infinity) or the
@@ -77,7 +77,7 @@ class ThreatModel:
         epsilon = tf.cast(self.epsilon, delta.dtype)
         if self.norm == "Linf":
             return tf.clip_by_value(delta, -epsilon, epsilon)
-        length = _per_example(self.norms(delta), delta)
+        length = per_example(self.norms(delta), delta)
         return delta * tf.minimum(epsilon, length) / (length + NORM_FLOOR)
 
     def project(self, x, x_nat):
@@ -119,7 +119,7 @@ class ThreatModel:
             size = tf.cast(tf.reduce_prod(tf.shape(x_nat)[1:]), dtype)
             radius = self.epsilon * tf.random.stateless_uniform(
                 tf.shape(x_nat)[:1], seed + 1, dtype=dtype) ** (1 / size)
-            noise = direction * _per_example(radius, direction)
+            noise = direction * per_example(radius, direction)
         return tf.clip_by_value(x_nat + noise, *self.pixel_range)
 
     def start_on_sphere(self, x_nat, noise, radius=1.0):
@@ -132,4 +132,4 @@ class ThreatModel:
 def _scale(value, like):
     """A scalar or one value per example, ready to multiply `like`."""
     value = tf.cast(value, like.dtype)
-    return value if value.shape.rank == 0 else _per_example(value, like)
+    return value if value.shape.rank == 0 else per_example(value, like)

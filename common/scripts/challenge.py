@@ -9,7 +9,7 @@ from typing import Any
 import tensorflow as tf
 
 from common.attacks.pgd import AttackSettings
-from common.training import objectives, schedules
+from common.training import fit, objectives, schedules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +87,7 @@ class Challenge:
         training, the config's epsilon ball."""
         settings = self.attack_settings(config)
         if config["training_method"] == "fgsm_rs":
-            return dataclasses.replace(settings, num_steps=1,
-                                       step_size=config["fgsm_step_size"], random_start=True)
+            return fit.training_settings(settings, "fgsm_rs", config["fgsm_step_size"])
         if config["training_method"] == "pgd" and config["training_attack"]:
             steps, step_size = config["training_attack"]
             return dataclasses.replace(settings, num_steps=steps, step_size=float(step_size))

@@ -3,7 +3,6 @@ the examples still robust, a killed run resumed to the same end, and the script 
 MNIST TF1 fixture against PGD, its printed lines, report and submission."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -131,7 +130,7 @@ def test_the_script_on_the_mnist_fixture(tmp_path, mnist_data, mnist_fixture):
     after = [line for line in lines if line.startswith("robust accuracy after ")]
     assert [line.split(":")[0] for line in after] == [
         f"robust accuracy after {name}" for name in ("APGD-CE", "APGD-T", "FAB-T", "SQUARE")]
-    report = json.load(open(tmp_path / "aa" / "autoattack.json"))
+    report = json.load(open(tmp_path / "aa" / "attack.json"))  # named after --store_adv_path
     accuracies = [entry["robust_accuracy"] for entry in report["attacks"]]
     assert accuracies == sorted(accuracies, reverse=True)
     assert f"robust accuracy: {100 * report['robust_accuracy']:.2f}%" in lines
@@ -163,5 +162,6 @@ def test_the_script_on_the_mnist_fixture(tmp_path, mnist_data, mnist_fixture):
     expected = (robust.sum() + rest.sum()) / 10000
     assert f"Accuracy: {100 * expected:.2f}%" in scored.stdout
 
-    # The state file a rerun resumes from (resuming itself is tested above, in-process).
-    assert os.path.exists(os.path.splitext(store)[0] + ".autoattack-state.npz")
+    # The state a rerun would resume from (resuming is tested above, in-process) is gone once
+    # the run finished, so that a run with other settings starts afresh.
+    assert sorted(path.name for path in store.parent.iterdir()) == ["attack.json", "attack.npy"]

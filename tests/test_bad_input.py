@@ -139,7 +139,7 @@ def script_cases(tmp_path):
          [*on_fixture, f"--source_model_dir={cifar_model}"],
          "--source_model_dir: TF1 checkpoint"),
         (f"{mnist}/reproduce.py", [*on_fixture[:2], f"--out_dir={a_file}"],
-         f"--out_dir {a_file} is a file, not a folder"),
+         f"the --out_dir {a_file} is a file"),
         (f"{cifar}/reproduce.py", ["--artifacts=filters,table"],
          "from table, transfer, eps_sweep, loss_landscape;"),
     ]

@@ -42,19 +42,21 @@ def mnist_out(tmp_path_factory):
     process = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "mnist_challenge/reproduce.py"), *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=script_environment())
-    state = out_dir / "table.state.json"
     deadline = time.monotonic() + 300
     while process.poll() is None and time.monotonic() < deadline:
-        if state.exists() and len(json.loads(state.read_text())["results"]) >= 5:
+        states = list(out_dir.glob("table.state-*.json"))
+        if states and len(json.loads(states[0].read_text())["results"]) >= 5:
             break
         time.sleep(0.05)
     assert process.poll() is None, "the run ended before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    done = len(json.loads(state.read_text())["results"])
+    done = len(json.loads(states[0].read_text())["results"])
     assert 5 <= done < 9 and not (out_dir / "table.json").exists()
     result = run_script("mnist_challenge/reproduce.py", *args)
     assert result.returncode == 0, result.stderr[-3000:]
+    # A finished run leaves no state: the next run, with any settings, starts afresh.
+    assert not list(out_dir.glob("*.state*")), list(out_dir.glob("*.state*"))
     return out_dir, done, result.stdout
 
 

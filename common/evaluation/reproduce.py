@@ -20,7 +20,7 @@ import tqdm
 from common.attacks import pgd
 from common.evaluation import figures, robustness
 from common.evaluation.paper import CITATION, Row
-from common.io.files import read_state, written_in_place
+from common.io.files import keyed_path, read_state, written_in_place
 from common.runtime import devices, seeds
 from common.runtime.batching import batch_bounds
 from common.runtime.errors import UserError
@@ -51,11 +51,6 @@ def artifact_list(text, paper, source_model_dir):
     return names
 
 
-def check_out_dir(path):
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--out_dir {path} is a file, not a folder")
-
-
 @dataclasses.dataclass
 class Ledger:
     """An artifact's state file: finished results by job key, and per job under way its
@@ -78,6 +73,11 @@ class Ledger:
             return cls(path, saved["settings"], saved["results"], saved["partial"])
 
         return read_state(path, settings, read, "state file", "give another --out_dir")
+
+    def remove(self):
+        """Ends the run: its results are written, so another run starts afresh."""
+        if os.path.exists(self.path):
+            os.remove(self.path)
 
     def save(self):
         with written_in_place(self.path, "w") as target:
@@ -288,8 +288,9 @@ def _duration(seconds):
 def reproduce(run, names):
     """Computes the artifacts `names` for `run`, resuming from their state files, printing a time
     estimate first, and writes each artifact's files once its jobs are done."""
-    ledgers = {name: Ledger.open(os.path.join(run.out_dir, f"{name}.state.json"),
-                                 run.settings(name)) for name in names}
+    ledgers = {name: Ledger.open(keyed_path(os.path.join(run.out_dir, f"{name}.state.json"),
+                                            run.settings(name)), run.settings(name))
+               for name in names}
     jobs = {name: JOBS[name](run) for name in names}
     todo = {name: [job for job in jobs[name] if job.key not in ledgers[name].results]
             for name in names}
@@ -311,6 +312,7 @@ def reproduce(run, names):
             accuracy = f": {100 * result['accuracy']:.2f}%" if "accuracy" in result else ""
             print(f"{name}, {job.key}{accuracy} ({result['seconds']:.1f} s)")
         paths = WRITERS[name](run, ledgers[name].results)
+        ledgers[name].remove()
         print(f"{name} written: {', '.join(paths)}")
 
 

@@ -22,6 +22,8 @@ TOLERANCE = 1e-4
 MAX_HEADER_BYTES = 10000
 
 
+PREDICTIONS_PATH = "pred.npy"  # in the current folder, as the original
+
 def _read_header(submission, path):
     """(shape, fortran_order, dtype) from an open `.npy` file's header."""
     try:
@@ -133,6 +135,6 @@ def score(model, x_adv, labels, batch_size, strategy=None):
 def report_score(accuracy, predictions):
     """The original's last lines: the accuracy, and the predictions in ./pred.npy."""
     print(f"Accuracy: {100.0 * accuracy:.2f}%")
-    with written_in_place("pred.npy") as target:
+    with written_in_place(PREDICTIONS_PATH) as target:
         np.save(target, predictions)
-    print("Output saved at pred.npy")
+    print(f"Output saved at {PREDICTIONS_PATH}")

@@ -139,7 +139,21 @@ def load_weights(model, path, tf1_variables):
     except READ_ERRORS as error:
         raise _unreadable(path, error) from error
     except (AssertionError, ValueError) as error:
-        raise UserError(f"checkpoint {path} does not fit this model: {error}") from error
+        raise UserError(f"checkpoint {path} does not fit this model: {_mismatch(error)}") \
+            from error
+
+
+def _mismatch(error):
+    """What TensorFlow's long error for a weight of the wrong shape says, in one short line
+    (its message goes on to print the weight's every value)."""
+    text = str(error)
+    shapes = re.search(r"variable\.shape=(\(.*?\)), Received: value\.shape=(\(.*?\))", text)
+    name = re.search(r"<Variable path=([^,]+),", text)
+    if not shapes:
+        return text.strip().splitlines()[0][:300]
+    where = f"{name.group(1)} " if name else "a weight "
+    return (f"{where}has shape {shapes.group(1)} in the model, {shapes.group(2)} in the "
+            "checkpoint; was it trained with other architecture settings (filters)?")
 
 
 def load_latest_weights(model, model_dir, tf1_variables):

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import zipfile
 
-from common.io import download
+from common.io import download, files
 from common.runtime.errors import UserError
 
 # Checkpoints hardly compress; an archive expanding to more than this many times its size, plus
@@ -89,6 +89,7 @@ def fetch_model(argv, urls, digests, destination, expected_sha256=None):
         print(f"Usage: python fetch_model.py [{', '.join(urls)}]")
         sys.exit(1)
     name = argv[1]
+    files.check_writable_folder(destination, "model folder")
     print("Downloading models")
     url = urls[name]
     try:

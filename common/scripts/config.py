@@ -20,6 +20,12 @@ FLAGS = flags.FLAGS
 TRAINING_METHODS = ("pgd", "fgsm_rs", "free")
 PATH_KEYS = ("model_dir", "data_path", "store_adv_path")
 TEST_SET_SIZE = 10000
+# The keys that fix the network's shape: a checkpoint loads only into the architecture it was
+# trained with, so the config.json that training saves in model_dir decides them.
+ARCHITECTURE_KEYS = ("filters",)
+# What the help of a list flag shows as an example.
+EXAMPLES = {"filters": [16, 16, 32, 64], "step_size_schedule": [[0, 0.1], [40000, 0.01]],
+            "training_attack": [3, 0.2]}
 
 
 def _non_empty(value):
@@ -202,20 +208,27 @@ def _read_with_paths(path):
 
 def define_flags(default_config_path, flag_values=FLAGS):
     """Defines `--config` and one override flag per key of the challenge's own config.json."""
-    flags.DEFINE_string("config", default_config_path, "Path of the JSON config file.",
+    flags.DEFINE_string("config", default_config_path, "Path of the JSON config file; keys it "
+                        "leaves out take the challenge's config.json values.",
                         flag_values=flag_values)
-    for key, value in _read_json(default_config_path).items():
+    for key in _read_json(default_config_path):
         kind, _, meaning = RULES[key]
-        help_text = f"{meaning} (config default: {json.dumps(value)})"
         if kind is bool:
-            flags.DEFINE_boolean(key, None, help_text, flag_values=flag_values)
+            flags.DEFINE_boolean(key, None, meaning, flag_values=flag_values)
         elif kind is int:
-            flags.DEFINE_integer(key, None, help_text, flag_values=flag_values)
+            flags.DEFINE_integer(key, None, meaning, flag_values=flag_values)
         elif kind is float:
-            flags.DEFINE_float(key, None, help_text, flag_values=flag_values)
+            flags.DEFINE_float(key, None, meaning, flag_values=flag_values)
+        elif kind is list:
+            flags.DEFINE_string(key, None, f"{meaning} Given as JSON, such as "
+                                f"--{key}='{json.dumps(EXAMPLES[key])}'.", flag_values=flag_values)
         else:
-            flags.DEFINE_string(key, None, help_text + " Lists are given as JSON.",
-                                flag_values=flag_values)
+            flags.DEFINE_string(key, None, meaning, flag_values=flag_values)
+
+
+def shown_value(key, value):
+    """A config value as it is written on the command line."""
+    return json.dumps(value) if RULES[key][0] is list else value
 
 
 def _overrides(keys, flag_values):
@@ -236,11 +249,13 @@ def _overrides(keys, flag_values):
     return values
 
 
-def load_config(flag_values=FLAGS):
-    """The config selected by `--config`, with the flag overrides applied, checked.
+def load_config(flag_values=FLAGS, check=True):
+    """The config selected by `--config`, with the flag overrides applied, checked (unless not
+    `check`: the values as they come, for `--help`).
 
     Keys missing from the file take the challenge's defaults; relative paths in the file are
-    relative to the file's folder.
+    relative to the file's folder. A `model_dir` holding the config.json that training saved
+    there gives the architecture keys (ARCHITECTURE_KEYS).
     """
     defaults = _read_with_paths(flag_values["config"].default)
     path = os.path.abspath(flag_values.config)
@@ -248,8 +263,39 @@ def load_config(flag_values=FLAGS):
     for key in values:
         if key not in defaults:
             raise UserError(f"unknown config key '{key}' in {path}")
-    config = {**defaults, **values, **_overrides(defaults, flag_values)}
-    return _check_paths(validate(config))
+    overrides = _overrides(defaults, flag_values)
+    config = {**defaults, **values, **overrides}
+    if not check:
+        return config
+    return _check_paths(_with_saved_architecture(validate(config), overrides))
+
+
+def read_config_file(path):
+    """A config file's values as they are (paths made relative to its folder), unchecked."""
+    return _read_with_paths(path)
+
+
+def _with_saved_architecture(config, overrides):
+    """`config` with the architecture keys of the config.json saved in its model_dir, where there
+    is one: the checkpoints there fit no other architecture. A flag giving another value is
+    refused."""
+    saved_path = os.path.join(config["model_dir"], "config.json")
+    if not os.path.isfile(saved_path):
+        return config
+    saved = _read_json(saved_path)
+    for key in ARCHITECTURE_KEYS:
+        if key not in config or key not in saved:
+            continue
+        try:
+            value = validate({key: saved[key]})[key]
+        except UserError as error:
+            raise UserError(f"{saved_path}: {error}") from error
+        if key in overrides and overrides[key] != value:
+            raise UserError(f"--{key}={shown_value(key, overrides[key])} does not fit the model "
+                            f"in {config['model_dir']}: it was trained with {key} "
+                            f"{shown_value(key, value)} ({saved_path})")
+        config[key] = value
+    return config
 
 
 def default_config(path):

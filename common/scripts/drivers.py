@@ -14,7 +14,7 @@ from common.attacks import AutoAttack, pgd
 from common.attacks import autoattack as autoattack_lib
 from common.evaluation import reproduce as reproduce_lib
 from common.evaluation import robustness, submission
-from common.io import checkpoints, fetch
+from common.io import checkpoints, fetch, files
 from common.io.files import written_in_place
 from common.runtime import devices, errors, precision
 from common.runtime.batching import batch_bounds
@@ -55,6 +55,7 @@ def train(challenge):
 
     def main(argv):
         config = _config()
+        files.check_writable_folder(config["model_dir"], "model_dir")
         keras.utils.set_random_seed(challenge.weights_seed(config))
         data = challenge.load_data(config["data_path"])
         strategy = devices.training_strategy()
@@ -94,6 +95,8 @@ def evaluate(challenge):
 
     def main(argv):
         config = _config()
+        files.check_writable_folder(os.path.join(config["model_dir"], "eval"),
+                                    "summaries folder")
         images, labels = _test_set(challenge, config)
         strategy = devices.local_strategy(cpu_only=config["eval_on_cpu"])
         model = _model(challenge, config, strategy)
@@ -124,8 +127,9 @@ def attack(challenge):
 
     def main(argv):
         config = _config()
+        files.check_writable(config["store_adv_path"], "store_adv_path")
         strategy = devices.local_strategy()
-        model = _restored_model(challenge, config, strategy, "No model found")
+        model = _restored_model(challenge, config, strategy, _no_model(config))
         attack = pgd.LinfPGDAttack.from_settings(
             model, challenge.attack_settings(config), restarts=FLAGS.restarts,
             seed=challenge.data_seed(config), jit_compile=config["jit_compile"],
@@ -136,6 +140,10 @@ def attack(challenge):
         _store_attack(x_adv, config["store_adv_path"])
 
     cli.run(main, challenge.config_path)
+
+
+def _no_model(config):
+    return f"No model found in {config['model_dir']}"
 
 
 def _attack_test_set(attack, images, labels, num_examples, batch_size):
@@ -157,10 +165,12 @@ def _store_attack(x_adv, path):
     print(f"Examples stored in {path}")
 
 
-def _score(challenge, config, model, strategy, x_adv_of):
+def _score(challenge, config, model, strategy, x_adv_of, count=None):
     """Checks the attack (`x_adv_of(test_images)` loads and checks it), prints the accuracy and
-    saves `pred.npy`; returns the accuracy."""
+    saves `pred.npy`; returns the accuracy. With `count`, the attack is of the first `count`
+    test images only."""
     images, labels = _test_set(challenge, config)
+    images, labels = images[:count], labels[:count]
     x_adv = x_adv_of(images)
     accuracy, predictions = submission.score(model, x_adv, labels,
                                              challenge.prediction_batch_size, strategy)
@@ -173,13 +183,23 @@ def score(challenge):
 
     def main(argv):
         config = _config()
+        count = FLAGS.num_eval_examples  # given on the command line; else all 10,000 images
+        files.check_writable(submission.PREDICTIONS_PATH, "predictions file")
         strategy = devices.local_strategy()
-        model = _restored_model(challenge, config, strategy, "No checkpoint found")
+        model = _restored_model(challenge, config, strategy,
+                                f"No checkpoint found in {config['model_dir']}")
         _score(challenge, config, model, strategy, lambda images: submission.load_and_check(
             config["store_adv_path"], images, config["epsilon"], challenge.pixel_range,
-            challenge.submission_shape_text))
+            _shape_text(challenge, count)), count)
 
     cli.run(main, challenge.config_path)
+
+
+def _shape_text(challenge, count):
+    """How the expected shape is printed: the challenge's own text, with `count` images."""
+    if count is None:
+        return challenge.submission_shape_text
+    return challenge.submission_shape_text.replace(str(config_lib.TEST_SET_SIZE), str(count))
 
 
 def run_attack_function(challenge):
@@ -255,9 +275,19 @@ def _autoattack_choice(version, attacks):
         raise errors.UserError(f"--attacks: {error}") from error
 
 
+def _autoattack_store(config):
+    """AutoAttack's output: `--store_adv_path` where given on the command line, else
+    autoattack.npy beside the config's store_adv_path (never pgd_attack.py's own file)."""
+    if FLAGS["store_adv_path"].present:
+        return config["store_adv_path"]
+    return os.path.join(os.path.dirname(config["store_adv_path"]), "autoattack.npy")
+
+
 def autoattack(challenge):
     """autoattack.py: AutoAttack on the first `num_eval_examples` test images of the model in
-    `model_dir`; writes the adversarial examples to `store_adv_path` and autoattack.json."""
+    `model_dir`; writes the adversarial examples to autoattack.npy (or `--store_adv_path`) and
+    its report beside them (autoattack.json). Its state, kept while it runs so that a rerun
+    resumes, is named by its settings and removed at the end."""
     flags.DEFINE_string("version", None, "AutoAttack's version: standard (the default), plus or "
                         "rand.")
     flags.DEFINE_string("attacks", None, "A comma list of attacks to run instead of a version, "
@@ -267,12 +297,15 @@ def autoattack(challenge):
     def main(argv):
         config = _config()
         version, names = _autoattack_choice(FLAGS.version, FLAGS.attacks)
+        store = _autoattack_store(config)
+        report_path = os.path.splitext(store)[0] + ".json"
+        files.check_writable(store, "output file")
+        files.check_writable(report_path, "report")
         strategy = devices.local_strategy()
-        model = _restored_model(challenge, config, strategy, "No model found")
+        model = _restored_model(challenge, config, strategy, _no_model(config))
         images, labels = _test_set(challenge, config)
         count = config["num_eval_examples"]
         x, y = images[:count], labels[:count]
-        store = config["store_adv_path"]
         attack = AutoAttack(model, "Linf", config["epsilon"], version, names,
                             challenge.pixel_range, FLAGS.seed, strategy, challenge.image_shape,
                             log=print, progress=True)
@@ -280,12 +313,12 @@ def autoattack(challenge):
                     "checkpoint": checkpoints.latest_checkpoint(config["model_dir"]),
                     "num_examples": count, "batch_size": config["eval_batch_size"]}
         print(f"using {attack.version} version including {', '.join(attack.attacks)}.")
-        result = attack.evaluate(x, y, config["eval_batch_size"],
-                                 os.path.splitext(store)[0] + ".autoattack-state.npz", run_info)
+        state = files.keyed_path(os.path.splitext(store)[0] + ".state.npz",
+                                 {**attack.settings, **run_info})
+        result = attack.evaluate(x, y, config["eval_batch_size"], state, run_info)
         _store_attack(result.x_adv, store)
-        _autoattack_report(result, x, {**attack.settings, **run_info},
-                           os.path.join(os.path.dirname(os.path.abspath(store)),
-                                        "autoattack.json"))
+        _autoattack_report(result, x, {**attack.settings, **run_info}, report_path)
+        os.remove(state)
 
     cli.run(main, challenge.config_path)
 
@@ -307,9 +340,10 @@ def reproduce(challenge):
         config = _config()
         names = reproduce_lib.artifact_list(FLAGS.artifacts, paper, FLAGS.source_model_dir)
         out_dir = FLAGS.out_dir or os.path.join(config["model_dir"], "paper")
-        reproduce_lib.check_out_dir(out_dir)
+        if os.path.exists(out_dir):
+            files.check_writable_folder(out_dir, "--out_dir")
         strategy = devices.local_strategy()
-        model = _restored_model(challenge, config, strategy, "No model found")
+        model = _restored_model(challenge, config, strategy, _no_model(config))
         run = reproduce_lib.Reproduction(
             challenge, challenge.attack_settings(config), config["eval_batch_size"],
             challenge.data_seed(config), config["jit_compile"], config["model_dir"], model,
@@ -317,8 +351,8 @@ def reproduce(challenge):
             FLAGS.restarts)
         if "transfer" in names:
             _add_source(run, challenge, config, strategy)
+        files.check_writable_folder(out_dir, "--out_dir")  # made once the models are found
         run.images, run.labels = _first_test_images(challenge, config)
-        os.makedirs(out_dir, exist_ok=True)
         reproduce_lib.reproduce(run, names)
 
     cli.run(main, challenge.config_path)

@@ -1,5 +1,9 @@
-"""Test set-up: the repository on sys.path, two logical CPUs, and the fixtures of the shared
-data and TF1 checkpoints (helpers live in helpers.py)."""
+"""Test set-up: the repository on sys.path, two logical CPUs, and the fixtures of the data and TF1
+checkpoints (helpers live in helpers.py).
+
+The datasets come from ../shared/data where it has them, else from a cache ($MADRY_TEST_DATA,
+by default ~/.cache/madry-challenges) that the data readers' own downloader fills once per
+machine; the TF1 checkpoints only from ../shared/fixtures."""
 
 import os
 import sys

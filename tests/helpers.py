@@ -1,7 +1,9 @@
-"""What many tests use: paths to `../shared`, the real scripts run as a user runs them, and
-readers of what those scripts write."""
+"""What many tests use: paths to `../shared` (the datasets downloaded into a cache where it has
+none), the real scripts run as a user runs them, and readers of what those scripts write."""
 
 import concurrent.futures
+import contextlib
+import dataclasses
 import http.server
 import os
 import shutil
@@ -10,20 +12,152 @@ import subprocess
 import sys
 import threading
 import time
+from unittest import mock
 
 import pytest
-import tensorflow as tf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared")
+# The folder the datasets are downloaded into where ../shared has no copy.
+DATA_CACHE_VARIABLE = "MADRY_TEST_DATA"
+DATASETS = ("mnist", "cifar10")
 
 
 def shared_path(*parts):
-    """A path under ../shared; fails the test, naming the path, where it is missing."""
-    path = os.path.join(SHARED, *parts)
+    """A path under ../shared; fails the test, naming the path, where it is missing.
+
+    `shared_path("data", NAME, ...)` of a dataset in DATASETS resolves through `dataset_path`, so
+    that a machine without ../shared/data downloads the dataset once, into a cache.
+    """
+    if len(parts) >= 2 and parts[0] == "data" and parts[1] in DATASETS:
+        path = os.path.join(dataset_path(parts[1]), *parts[2:])
+    else:
+        path = os.path.join(SHARED, *parts)
     if not os.path.exists(path):
         pytest.fail(f"shared test material missing: {path} (the tests need ../shared beside "
                     "the checkout)")
+    return path
+
+
+def data_cache():
+    """The folder that holds the downloaded datasets: $MADRY_TEST_DATA where set, else
+    ~/.cache/madry-challenges."""
+    return os.environ.get(DATA_CACHE_VARIABLE) or \
+        os.path.join(os.path.expanduser("~"), ".cache", "madry-challenges")
+
+
+def official_base_urls():
+    """{dataset: the address its official files are served under}, as the data readers have
+    them."""
+    from cifar10_challenge import cifar10_input
+    from mnist_challenge import mnist_input
+
+    return {"mnist": mnist_input.SOURCE_URL,
+            "cifar10": cifar10_input.ARCHIVE.url.rsplit("/", 1)[0] + "/"}
+
+
+def _fetch_mnist(folder, base_url):
+    """The reader's own download of its missing files into `folder`, from `base_url`."""
+    from mnist_challenge import mnist_input
+
+    files = [dataclasses.replace(file, url=base_url + file.name)
+             for file in mnist_input.OFFICIAL_FILES]
+    with mock.patch.object(mnist_input, "OFFICIAL_FILES", files):
+        mnist_input._fetch_missing(folder)
+
+
+def _fetch_cifar10(folder, base_url):
+    """The reader's own download and unpacking of the official archive into `folder`, from
+    `base_url`, where any file is missing."""
+    from cifar10_challenge import cifar10_input
+
+    archive = cifar10_input.ARCHIVE
+    with mock.patch.object(cifar10_input, "ARCHIVE",
+                           dataclasses.replace(archive, url=base_url + archive.name)):
+        cifar10_input._fetch_missing(folder)
+
+
+def _wrong_content(name, folder):
+    """The files of dataset `name` in `folder` whose content is not the official one, by the
+    checksums the downloader records (MNIST's; CIFAR-10's files are checked as one archive, when
+    downloaded)."""
+    from common.io import download
+
+    if name != "mnist":
+        return []
+    return [file for file, md5 in download.MNIST_CONTENT_MD5.items()
+            if os.path.exists(os.path.join(folder, file))
+            and download.gunzipped_md5(os.path.join(folder, file)) != md5]
+
+
+_FETCH = {"mnist": _fetch_mnist, "cifar10": _fetch_cifar10}
+
+
+@contextlib.contextmanager
+def _locked(path):
+    """Holds an exclusive lock on the file `path` (made where missing), so that test processes
+    sharing a cache fill it one at a time; no lock where the system has no flock (the downloads
+    still land under their names only once complete and checked)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def resolve_data(name, shared, cache, base_urls):
+    """The folder of the dataset `name` (one of DATASETS) for the tests.
+
+    `shared`/data/`name` where it exists, used as it is. Else `cache`/`name`, where the data
+    reader's own downloader fetches whichever official files are missing from
+    `base_urls[name]`, each checked against its official size and sha256 (and MNIST's content
+    against its official md5s, cached files included; a wrong cached file is fetched anew), so
+    that a second call downloads nothing. Fails the test, naming the URL and the cache folder,
+    where the download fails or gives a wrong file; nothing wrong stays under a real name.
+    """
+    from common.runtime.errors import UserError
+
+    own = os.path.join(shared, "data", name)
+    if os.path.isdir(own):
+        return own
+    folder = os.path.join(cache, name)
+    os.makedirs(folder, exist_ok=True)
+    with _locked(os.path.join(cache, f".{name}.lock")):
+        for file in _wrong_content(name, folder):
+            os.remove(os.path.join(folder, file))
+        try:
+            _FETCH[name](folder, base_urls[name])
+        except UserError as error:
+            pytest.fail(f"{own} is absent, and the {name} test data could not be put into the "
+                        f"cache (${DATA_CACHE_VARIABLE} chooses it): {error}", pytrace=False)
+        wrong = _wrong_content(name, folder)
+        for file in wrong:
+            os.remove(os.path.join(folder, file))
+    if wrong:
+        pytest.fail(f"{own} is absent, and the {name} files downloaded into {folder} from "
+                    f"{', '.join(base_urls[name] + file for file in wrong)} are not the "
+                    "official content (their uncompressed md5 differs); removed",
+                    pytrace=False)
+    return folder
+
+
+_RESOLVED = {}
+
+
+def dataset_path(name):
+    """`resolve_data` for ../shared, the cache and the official addresses, once a process: a
+    failure is remembered, and fails every later test that needs the dataset alike."""
+    if name not in _RESOLVED:
+        try:
+            _RESOLVED[name] = resolve_data(name, SHARED, data_cache(), official_base_urls()), None
+        except pytest.fail.Exception as failure:
+            _RESOLVED[name] = None, failure.msg
+    path, failure = _RESOLVED[name]
+    if failure is not None:
+        pytest.fail(failure, pytrace=False)
     return path
 
 
@@ -83,6 +217,8 @@ def assert_one_error_line(result, message, context=None):
 
 def checkpoint_values(path):
     """Every variable a checkpoint holds, by name (the bookkeeping entries left out)."""
+    import tensorflow as tf  # imported here: a process that needs only the data helpers starts fast
+
     reader = tf.train.load_checkpoint(path)
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
             if not name.startswith(("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"))}
@@ -100,7 +236,14 @@ SLOW_BODY_BYTES = 1 << 20
 
 class FileHandler(http.server.SimpleHTTPRequestHandler):
     """Serves the folder `served`; `/cut/NAME` sends half of NAME then closes, `/slow/NAME`
-    sends a little of a large body then stalls."""
+    sends a little of a large body then stalls. The server's `requests` lists each request
+    received, as "METHOD PATH"."""
+
+    def parse_request(self):
+        parsed = super().parse_request()
+        if parsed:
+            self.server.requests.append(f"{self.command} {self.path}")
+        return parsed
 
     def do_GET(self):
         if self.path.startswith("/cut/"):
@@ -130,6 +273,9 @@ def serve_folder(folder):
     """An HTTP server of `folder` on 127.0.0.1, serving in a thread; its base URL."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FileHandler)
     server.served = folder
+    server.requests = []
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # A short poll: shutdown() waits for it.
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                     daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}/"

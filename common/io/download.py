@@ -6,16 +6,21 @@ its published size and sha256. The model zips, whose digests are mostly unpublis
 original's lines and the sha256 itself. Either way a download lands under a temporary name and
 takes its real one only when complete and checked, so an interrupted or wrong one leaves nothing
 that a later run could take for data or a model.
+
+MNIST's content has a second, independent check, `MNIST_CONTENT_MD5`: the published md5 of each
+file uncompressed, which holds for any gzip wrapping of the official files.
 """
 
 import contextlib
 import dataclasses
+import gzip
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
 import urllib.request
+import zlib
 
 import tqdm
 
@@ -34,6 +39,32 @@ def sha256_of(path):
     with open(path, "rb") as downloaded:
         for block in iter(lambda: downloaded.read(BLOCK_BYTES), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+# The official MNIST content: the md5 of each IDX file once uncompressed, by the names of the
+# .gz files holding them. These are the widely published values (many MNIST loaders check them),
+# recomputed here from ../shared/data/mnist, whose four files have this content in another gzip
+# wrapping: recompressed, their .gz sha256 differs from the official files' in
+# mnist_input.OFFICIAL_FILES, their content does not.
+MNIST_CONTENT_MD5 = {
+    "train-images-idx3-ubyte.gz": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte.gz": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte.gz": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte.gz": "27ae3e4e09519cfbb04c329615203637",
+}
+
+
+def gunzipped_md5(path):
+    """The md5 of the uncompressed content of the gzip file `path`; None where it is not a
+    complete gzip file."""
+    digest = hashlib.md5()
+    try:
+        with gzip.open(path, "rb") as content:
+            for block in iter(lambda: content.read(BLOCK_BYTES), b""):
+                digest.update(block)
+    except (OSError, EOFError, zlib.error):
+        return None
     return digest.hexdigest()
 
 
@@ -72,12 +103,17 @@ def _first_line(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+class FailedFile(Exception):
+    """The download of one file failed; the message names its URL and why, on one line."""
+
+
 def _tfds_download(files, staging):
     """{name: path} of `files` downloaded by TFDS's DownloadManager into `staging`, each checked
-    against its size and sha256 (a mismatch raises)."""
+    against its size and sha256; FailedFile naming the URL where one fails or differs."""
     import tensorflow_datasets as tfds  # imported here: it takes seconds, and is rarely needed
     from tensorflow_datasets.core.download import downloader
     from tensorflow_datasets.core.download.checksums import UrlInfo
+    from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
     downloader.MAX_RETRIES = TFDS_RETRIES
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # one error line, not one per retry
@@ -87,7 +123,16 @@ def _tfds_download(files, staging):
                    for file in files})
     # One file at a time: given several, TFDS downloads them in threads that go on writing
     # after the first failure, into the folder being removed.
-    return {file.name: os.fspath(manager.download(file.url)) for file in files}
+    paths = {}
+    for file in files:
+        try:
+            paths[file.name] = os.fspath(manager.download(file.url))
+        except NonMatchingChecksumError as error:
+            raise FailedFile(f"{file.url} is not the official {file.name}: its size or sha256 "
+                             f"differs from {file.size} bytes, {file.sha256}") from error
+        except Exception as error:  # TFDS and requests raise many kinds
+            raise FailedFile(f"{file.url}: {_first_line(error)}") from error
+    return paths
 
 
 @contextlib.contextmanager

@@ -1,6 +1,23 @@
-"""Floating-point operations of a Keras model's forward pass, from its conv and dense layers."""
+"""Counts the floating-point operations behind the benchmarks' GFLOP/s figures: 2 x the
+multiply-adds of every Conv2D and Dense layer (elementwise work is not counted). Per example, an
+attack step is a forward pass and an input gradient of the same cost, and an adversarial
+training step is the attack, then a forward pass and a backward pass (input and weight
+gradients). Run as a script, it prints these counts for the MNIST network and the simple and wide
+CIFAR-10 networks (nothing is timed): `python benchmarks/flops.py`.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
+from absl import flags
+
+from benchmarks import cli
+
+NETWORKS = ("mnist", "simple", "wide")
 
 
 def forward_flops_per_example(model):
@@ -25,3 +42,41 @@ def attack_flops_per_example(model, steps):
 def training_flops_per_example(model, steps):
     """The attack, then a forward pass and a backward pass (input and weight gradients)."""
     return attack_flops_per_example(model, steps) + 3 * forward_flops_per_example(model)
+
+
+def _define_flags():
+    flags.DEFINE_list("networks", list(NETWORKS),
+                      f"the networks to count, of {', '.join(NETWORKS)}")
+    flags.DEFINE_integer("mnist_steps", 40, "attack steps of the MNIST training step counted",
+                         lower_bound=1)
+    flags.DEFINE_integer("cifar10_steps", 10, "attack steps of the CIFAR-10 training steps "
+                         "counted", lower_bound=1)
+    flags.register_validator("networks", cli.choices_validator(NETWORKS),
+                             f"give one or more of {', '.join(NETWORKS)}, separated by commas")
+
+
+def _model(network):
+    if network == "mnist":
+        from mnist_challenge import model as mnist_model
+
+        return mnist_model.Model()
+    from cifar10_challenge import model as cifar_model
+
+    filters = cifar_model.SIMPLE_FILTERS if network == "simple" else cifar_model.WIDE_FILTERS
+    return cifar_model.Model("eval", filters)
+
+
+def main():
+    values = flags.FLAGS
+    for network in values.networks:
+        model = _model(network)
+        steps = values.mnist_steps if network == "mnist" else values.cifar10_steps
+        forward = forward_flops_per_example(model)
+        print(f"{network:6s} forward pass {forward / 1e6:10.2f} MFLOP per example, attack step "
+              f"{2 * forward / 1e6:10.2f} MFLOP, training step with a {steps}-step attack "
+              f"{training_flops_per_example(model, steps) / 1e9:8.3f} GFLOP")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    cli.run(main)

@@ -18,7 +18,7 @@ def best_seconds(run, repeats=REPEATS):
 
 def report(name, examples, seconds, flops_per_example, peak):
     gflops = examples * flops_per_example / seconds / 1e9
-    print(f"{name:36s} {examples / seconds:8.2f} examples/s {gflops:7.1f} GFLOP/s "
+    print(f"{name:48s} {examples / seconds:8.2f} examples/s {gflops:7.1f} GFLOP/s "
           f"{gflops / peak:6.1%} of peak")
 
 

@@ -1,8 +1,13 @@
-"""Times one training step of each training method on the MNIST model, in the same process and
-taking turns: `pgd` (the original's 40-step attack), `fgsm_rs` (one step) and `free` (one replay),
-at the config's batch of 50 and at 200. Prints training examples per second (for free also the
-new examples per second: each batch is replayed 8 times), GFLOP/s and the fraction of the fp32
-matrix-multiply peak measured in this process. Run from the repository root:
+"""Times one training step of each training method on the MNIST network, on random inputs, in the
+same process and taking turns round after round: `pgd` (the original's attack, 40 steps by
+default), `fgsm_rs` (one step) and `free` (one replay; each batch is replayed 8 times by default),
+at the config's batch of 50 and at 200 by default.
+
+Prints training examples per second (for free also the new examples per second: one replay's
+rate divided by the replays), GFLOP/s (counted from the conv and dense layers,
+`benchmarks/flops.py`) and the fraction of the fp32 matrix-multiply peak measured in this process
+(the best before and after each batch size). Each method keeps its best time over --rounds rounds,
+after one untimed (tracing) run. Run from the repository root:
 `python benchmarks/training_methods.py`, or `python benchmarks/` with every other benchmark.
 """
 
@@ -12,60 +17,76 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras
-import numpy as np
-import tensorflow as tf
+from absl import flags
 
-from benchmarks.flops import training_flops_per_example
-from benchmarks.peak import matmul_peak_gflops
-from benchmarks.timing import alternating_best_seconds, report, timed_training_step
-from common.attacks import pgd
-from common.training import loop
-from common.training.objectives import summed_xent
-from mnist_challenge import model as mnist_model
+from benchmarks import cli, peak
 
-EPSILON, PGD_STEPS, PGD_STEP_SIZE, FGSM_STEP_SIZE, REPLAYS = 0.3, 40, 0.01, 0.375, 8
-BATCHES = (50, 200)
-ROUNDS = 5
+EPSILON, PGD_STEP_SIZE, FGSM_STEP_SIZE = 0.3, 0.01, 0.375
+METHODS = ("pgd", "fgsm_rs", "free")
+
+BATCHES = flags.DEFINE_list("batches", ["50", "200"], "batch sizes, each timed in turn")
+PGD_STEPS = flags.DEFINE_integer("pgd_steps", 40, "attack steps of the pgd method",
+                                 lower_bound=1)
+REPLAYS = flags.DEFINE_integer("replays", 8, "replays of each batch by the free method (the new "
+                               "examples per second are one replay's rate over this)",
+                               lower_bound=1)
+ROUNDS = flags.DEFINE_integer("rounds", 5, "rounds of the methods taking turns (each keeps its "
+                              "best time)", lower_bound=1)
+flags.register_validator("batches", cli.positive_integers,
+                         "give one or more positive integers, separated by commas")
+flags.adopt_module_key_flags(peak)
 
 
 def training_steps(batch_size):
     """{method: (TrainStep, attack steps in its FLOP count)} on fresh models."""
+    import keras
+    import tensorflow as tf
+
+    from common.attacks import pgd
+    from common.training import loop
+    from common.training.objectives import summed_xent
+    from mnist_challenge import model as mnist_model
+
     strategy = tf.distribute.get_strategy()
-    settings = pgd.AttackSettings(EPSILON, PGD_STEPS, PGD_STEP_SIZE, True)
+    settings = pgd.AttackSettings(EPSILON, PGD_STEPS.value, PGD_STEP_SIZE, True)
     steps = {}
-    for method in ("pgd", "fgsm_rs", "free"):
+    for method in METHODS:
         model = mnist_model.Model()
         optimizer = keras.optimizers.Adam(learning_rate=1e-4, epsilon=1e-8)
         if method == "free":
             steps[method] = (loop.FreeTrainStep(strategy, model, optimizer, settings,
-                                                    summed_xent, REPLAYS, batch_size), 0)
+                                                summed_xent, REPLAYS.value, batch_size), 0)
         else:
             attack = settings if method == "pgd" else pgd.AttackSettings(
                 EPSILON, 1, FGSM_STEP_SIZE, True)
             steps[method] = (loop.TrainStep(strategy, model, optimizer, attack,
-                                                summed_xent), attack.num_steps)
+                                            summed_xent), attack.num_steps)
     return steps
 
 
 def main():
+    import numpy as np
+
+    from benchmarks.flops import training_flops_per_example
+    from benchmarks.timing import alternating_best_seconds, report, timed_training_step
+
     rng = np.random.default_rng(0)
-    peak = matmul_peak_gflops()
-    for batch_size in BATCHES:
+    peak_gflops = peak.flagged_peak_gflops()
+    for batch_size in (int(batch) for batch in BATCHES.value):
         x = rng.uniform(0, 1, (batch_size, 784)).astype(np.float32)
         y = rng.integers(0, 10, batch_size)
         steps = training_steps(batch_size)
         runs = {method: timed_training_step(step, x, y, step.start_points(x, 0, 0))
                 for method, (step, _) in steps.items()}
-        seconds = alternating_best_seconds(runs, ROUNDS)
-        peak = max(peak, matmul_peak_gflops())
-        print(f"batch {batch_size}, fp32 matmul peak (2048x2048, best): {peak:.1f} GFLOP/s")
+        seconds = alternating_best_seconds(runs, ROUNDS.value)
+        peak_gflops = max(peak_gflops, peak.flagged_peak_gflops())
+        print(f"batch {batch_size}, {peak.describe(peak_gflops)}")
         for method, (step, attack_steps) in steps.items():
             flops = training_flops_per_example(step.model, attack_steps)
-            report(f"  {method}", batch_size, seconds[method], flops, peak)
-        print(f"  free: {batch_size / seconds['free'] / REPLAYS:.1f} new examples/s "
-              f"({REPLAYS} replays each)")
+            report(f"  {method}", batch_size, seconds[method], flops, peak_gflops)
+        print(f"  free: {batch_size / seconds['free'] / REPLAYS.value:.1f} new examples/s "
+              f"({REPLAYS.value} replays each)")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -55,6 +55,7 @@ def mnist_out(tmp_path_factory):
     assert 5 <= done < 9 and not (out_dir / "table.json").exists()
     result = run_script("mnist_challenge/reproduce.py", *args)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "retracing" not in result.stderr, result.stderr[-2000:]
     # A finished run leaves no state: the next run, with any settings, starts afresh.
     assert not list(out_dir.glob("*.state*")), list(out_dir.glob("*.state*"))
     return out_dir, done, result.stdout

@@ -1,0 +1,108 @@
+"""The benchmark scripts' command lines: `--help` answers at once without measuring, bad flags
+end with one `Error:` line, and the smallest sizes run end to end in seconds."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Each script, and flags that its --help must list.
+SCRIPTS = {
+    "benchmarks/mnist.py": ("--attack_batch", "--training_batch", "--steps", "--repeats",
+                            "--peak_size"),
+    "benchmarks/cifar10.py": ("--simple_batch", "--wide_batch", "--networks", "--steps",
+                              "--repeats", "--wide_repeats", "--peak_size"),
+    "benchmarks/autoattack.py": ("--batch", "--pgd_steps", "--iterations", "--queries",
+                                 "--rounds", "--peak_size"),
+    "benchmarks/training_methods.py": ("--batches", "--pgd_steps", "--replays", "--rounds",
+                                       "--peak_size"),
+    "benchmarks/peak.py": ("--peak_size", "--peak_products", "--peak_repeats"),
+    "benchmarks/flops.py": ("--networks", "--mnist_steps", "--cifar10_steps"),
+    "benchmarks/": ("--benchmarks", "--quick"),
+}
+
+# A figure the scripts print: a number, then its unit.
+MEASUREMENT = re.compile(r"\d\s*(examples|GFLOP/s|MFLOP)")
+
+
+def run(*args, timeout=120):
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout)
+    return result, time.perf_counter() - start
+
+
+def error_lines(result):
+    return [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_help_lists_the_flags_and_measures_nothing(script):
+    result, seconds = run(script, "--help", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert seconds < 20  # TensorFlow is not even loaded
+    for flag in SCRIPTS[script]:
+        assert flag in result.stdout, (flag, result.stdout)
+    assert "(default: " in result.stdout
+    assert not MEASUREMENT.search(result.stdout), result.stdout
+    assert not error_lines(result)
+
+
+def test_help_comes_in_every_spelling():
+    for spelling in ("-h", "--helpshort", "--helpfull"):
+        result, _ = run("benchmarks/mnist.py", spelling, timeout=60)
+        assert result.returncode == 0, (spelling, result.stderr)
+        assert "--attack_batch" in result.stdout
+
+
+@pytest.mark.parametrize("script, args", [
+    ("benchmarks/mnist.py", ["--attack_batch=-1"]),
+    ("benchmarks/mnist.py", ["--training_batch=0"]),
+    ("benchmarks/mnist.py", ["--steps=many"]),
+    ("benchmarks/mnist.py", ["--no_such_flag=1"]),
+    ("benchmarks/mnist.py", ["200"]),
+    ("benchmarks/cifar10.py", ["--wide_batch=-8"]),
+    ("benchmarks/cifar10.py", ["--networks=resnet"]),
+    ("benchmarks/autoattack.py", ["--batch=-200"]),
+    ("benchmarks/autoattack.py", ["--rounds=0"]),
+    ("benchmarks/training_methods.py", ["--batches=50,-1"]),
+    ("benchmarks/training_methods.py", ["--batches="]),
+    ("benchmarks/peak.py", ["--peak_size=0"]),
+    ("benchmarks/flops.py", ["--networks=resnet"]),
+    ("benchmarks/", ["--benchmarks=nope"]),
+    ("benchmarks/", ["--quick=maybe"]),
+])
+def test_a_bad_flag_gives_one_error_line(script, args):
+    result, _ = run(script, *args, timeout=60)
+    assert result.returncode != 0
+    assert len(error_lines(result)) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not MEASUREMENT.search(result.stdout)
+
+
+@pytest.mark.slow
+def test_the_smallest_mnist_benchmark_runs_through_python_benchmarks():
+    result, _ = run("benchmarks/", "--quick", "--benchmarks=mnist")
+    assert result.returncode == 0, result.stderr
+    assert "== mnist.py --attack_batch=2" in result.stdout
+    assert re.search(r"^fp32 matmul peak .*: \d+\.\d GFLOP/s$", result.stdout, re.M)
+    for name in ("attack \\(1 steps, batch 2\\)", "training step \\(1-step attack, batch 2\\)"):
+        assert re.search(rf"^{name} +\d+\.\d\d examples/s +\d+\.\d GFLOP/s +\d+\.\d% of peak$",
+                         result.stdout, re.M), result.stdout
+
+
+@pytest.mark.slow
+def test_flops_prints_the_counts_that_the_readme_gives():
+    result, _ = run("benchmarks/flops.py")
+    assert result.returncode == 0, result.stderr
+    forward = {line.split()[0]: float(line.split()[3]) for line in result.stdout.splitlines()}
+    with open(os.path.join(REPO, "benchmarks", "README.md")) as readme:
+        text = " ".join(readme.read().split())
+    assert f"{forward['mnist']:.1f} MFLOP for MNIST" in text
+    assert f"{forward['simple'] / 1e3:.3f} GFLOP for the simple" in text
+    assert f"{forward['wide'] / 1e3:.2f} GFLOP for the wide" in text

@@ -23,6 +23,9 @@ SCRIPTS = {
                                        "--peak_size"),
     "benchmarks/peak.py": ("--peak_size", "--peak_products", "--peak_repeats"),
     "benchmarks/flops.py": ("--networks", "--mnist_steps", "--cifar10_steps"),
+    "benchmarks/versus_original.py": ("--workloads", "--pairs", "--mnist_batch",
+                                      "--training_batch", "--cifar10_batch", "--cifar10_filters",
+                                      "--peak_size"),
     "benchmarks/": ("--benchmarks", "--quick"),
 }
 
@@ -74,6 +77,8 @@ def test_help_comes_in_every_spelling():
     ("benchmarks/training_methods.py", ["--batches="]),
     ("benchmarks/peak.py", ["--peak_size=0"]),
     ("benchmarks/flops.py", ["--networks=resnet"]),
+    ("benchmarks/versus_original.py", ["--pairs=0"]),
+    ("benchmarks/versus_original.py", ["--workloads=mnist_attack,resnet"]),
     ("benchmarks/", ["--benchmarks=nope"]),
     ("benchmarks/", ["--quick=maybe"]),
 ])
@@ -106,3 +111,15 @@ def test_flops_prints_the_counts_that_the_readme_gives():
     assert f"{forward['mnist']:.1f} MFLOP for MNIST" in text
     assert f"{forward['simple'] / 1e3:.3f} GFLOP for the simple" in text
     assert f"{forward['wide'] / 1e3:.2f} GFLOP for the wide" in text
+
+
+@pytest.mark.slow
+def test_the_port_and_the_original_alternate_in_their_own_processes():
+    result, _ = run("benchmarks/", "--quick", "--benchmarks=versus_original", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"^CPU: .*, extensions: ", result.stdout, re.M), result.stdout
+    for workload in ("mnist_attack", "mnist_training", "cifar10_attack"):
+        assert re.search(rf"^{workload}: median ratio \d+\.\d{{3}} ", result.stdout, re.M)
+    assert len(re.findall(r"^pair 1 \(port first\): port +\d+\.\d\d, original +\d+\.\d\d "
+                          r"examples/s, ratio \d+\.\d{3}$", result.stdout, re.M)) == 3
+    assert len(re.findall(r"spread \d+\.\d%, \d+\.\d% of peak$", result.stdout, re.M)) == 6

@@ -228,3 +228,31 @@ def test_an_l2_step_moves_by_the_step_size_along_the_gradient():
                      loss="margin", pixel_range=(-10, 10))
     np.testing.assert_allclose(attack.perturb(x_nat, [0]) - x_nat, [[-0.1, -0.2, -0.2]],
                                atol=1e-6)
+
+
+def test_the_unrolled_cpu_loop_equals_the_graph_loop_on_the_challenge_network(mnist_fixture,
+                                                                             mnist_data):
+    """On CPUs the attack unrolls its steps (oneDNN's max-pool gradient is lost inside a graph
+    loop); on the MNIST network with the fixture's weights both loops give the same iterate."""
+    from common.io import checkpoints
+    from mnist_challenge import mnist_input
+    from mnist_challenge import model as mnist_model
+
+    model = mnist_model.Model()
+    checkpoints.load_weights(model, f"{mnist_fixture}/checkpoint-300", mnist_model.tf1_variables)
+    data = mnist_input.MNISTData(mnist_data)
+    x_nat, y = data.test_images[:50].astype(np.float32), data.test_labels[:50]
+    settings = pgd.AttackSettings(0.3, 10, 0.01, True, "xent")
+    start = pgd.start_point(x_nat, settings, np.random.default_rng(2))
+    results = [tf.function(lambda x, labels, x0, unroll=unroll: pgd.pgd_steps(
+        model, x, labels, x0, settings, unroll=unroll))(x_nat, y, start).numpy()
+        for unroll in (False, True)]
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_the_steps_unroll_on_cpus_up_to_a_fixed_count():
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    assert pgd.unrolls(strategy, pgd.MAX_UNROLLED_STEPS)
+    assert not pgd.unrolls(strategy, pgd.MAX_UNROLLED_STEPS + 1)
+    assert pgd.unrolls(tf.distribute.get_strategy(), 40)  # the default strategy, no GPU here
+    assert pgd.PGD(tiny_model(), 0.1, steps=40)._unroll

@@ -16,6 +16,10 @@ from common.attacks.threat_model import ThreatModel
 from common.runtime import devices, precision, seeds
 
 LOSS_FUNCTIONS = ("xent", "cw", "margin", "targeted")
+# On CPUs the steps are unrolled up to this many: in a graph loop's body oneDNN leaves the
+# max-pool gradient to a generic kernel many times slower (MNIST PGD-40: about 1 s of 3.7 s a
+# batch on an AVX-512 EPYC, see benchmarks/README.md); beyond it, tracing would take too long.
+MAX_UNROLLED_STEPS = 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +72,8 @@ def start_point(x_nat, settings, rng):
     return settings.threat_model.uniform_start(x_nat, rng)
 
 
-def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=None):
+def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=None,
+              unroll=False):
     """`settings.num_steps` gradient steps from `x_start` (float64), each projected back into
     the threat model's ball around `x_nat` and the pixel range.
 
@@ -77,7 +82,8 @@ def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=Non
     float32 array with a Python float.
 
     With `training`, batch norm updates its averages and, over several replicas, synchronizes
-    its statistics, which TensorFlow cannot do inside a graph loop: the steps are then unrolled.
+    its statistics, which TensorFlow cannot do inside a graph loop: the steps are then unrolled,
+    as they are with `unroll` (for speed on CPUs, see `unrolls`).
     `scale` (a float32 scalar, training's epsilon ramp) multiplies epsilon and the step size.
     The `targeted` loss aims at the most likely wrong class of the natural image.
     """
@@ -90,11 +96,17 @@ def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=Non
         logits = tf.cast(devices.call_model(model, x_nat), tf.float32)
         targets = losses.wrong_classes(logits, labels, 1)[:, 0]
     x = x_start
-    for _ in range(settings.num_steps) if training else tf.range(settings.num_steps):
+    for _ in range(settings.num_steps) if training or unroll else tf.range(settings.num_steps):
         grad = input_gradient(model, tf.cast(x, tf.float32), labels, settings.loss_func,
                               training, targets)
         x = threat.project(threat.step(x, grad, step_size), x_nat)
     return x
+
+
+def unrolls(strategy, num_steps):
+    """Whether the steps are unrolled: on CPUs, up to MAX_UNROLLED_STEPS; never on GPUs, where
+    the graph loop runs the same kernels."""
+    return devices.runs_on_cpu(strategy) and num_steps <= MAX_UNROLLED_STEPS
 
 
 def loss_trace(model, x_nat, labels, x_start, settings):
@@ -142,6 +154,7 @@ class PGD:
         self.rng = np.random.default_rng() if seed is None else \
             seeds.generator(seed, seeds.ATTACK_STARTS)
         self.strategy = strategy or devices.default_strategy()
+        self._unroll = unrolls(self.strategy, steps)
         self._spread_attack = devices.Spread(self.strategy, self._attack_batch, jit_compile)
         self._spread_score = devices.Spread(self.strategy, self._score_batch)
 
@@ -153,7 +166,7 @@ class PGD:
                    loss=settings.loss_func, pixel_range=settings.pixel_range, **options)
 
     def _attack_batch(self, x_nat, labels, x_start):
-        return pgd_steps(self.model, x_nat, labels, x_start, self.settings)
+        return pgd_steps(self.model, x_nat, labels, x_start, self.settings, unroll=self._unroll)
 
     def _score_batch(self, x, labels):
         """Per example, the loss restarts compare (for a targeted attack, the cross-entropy of

@@ -60,11 +60,15 @@ def is_chief(strategy):
 
 
 def runs_on_cpu(strategy=None):
-    """True where the devices of `strategy` are all CPUs; without one, where no GPU is visible."""
-    if strategy is None:
+    """True where the devices of `strategy` are all CPUs; without one (or with the default
+    strategy), where no GPU is visible."""
+    try:
+        workers = strategy.extended.worker_devices if strategy is not None else None
+    except RuntimeError:  # the default strategy: ops go where TensorFlow places them
+        workers = None
+    if workers is None:
         return not tf.config.list_logical_devices("GPU")
-    return all(tf.DeviceSpec.from_string(device).device_type == "CPU"
-               for device in strategy.extended.worker_devices)
+    return all(tf.DeviceSpec.from_string(device).device_type == "CPU" for device in workers)
 
 
 def split_batch(strategy, batch):

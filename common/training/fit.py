@@ -52,8 +52,9 @@ class AdversarialModel(keras.Model):
         self.perturbation = None  # free training's, made at the first step
         # Its own tf.function: AutoGraph turns the step loop into a graph loop, which Keras'
         # train function (traced without AutoGraph) would not.
+        unroll = pgd.unrolls(attack.strategy, self.settings.num_steps)
         self._attack = tf.function(lambda x, y, start: pgd.pgd_steps(
-            model, x, y, start, self.settings, attack_training))
+            model, x, y, start, self.settings, attack_training, unroll=unroll))
 
     def call(self, x, training=False):
         return self.model(x, training=training)

@@ -83,6 +83,7 @@ class TrainStep:
         self.loss_fn = loss_fn
         self.attack_training = attack_training
         self.epsilon_ramp_steps = epsilon_ramp_steps
+        self._unroll = pgd.unrolls(strategy, settings.num_steps)
         with strategy.scope():
             optimizer.build(model.trainable_variables)
         self._replica_function = tf.function(self._replica_step, jit_compile=True) \
@@ -108,7 +109,7 @@ class TrainStep:
 
     def _replica_step(self, x_nat, labels, x_start, scale, report):
         x_adv = tf.cast(pgd.pgd_steps(self.model, x_nat, labels, x_start, self.settings,
-                                      self.attack_training, scale), tf.float32)
+                                      self.attack_training, scale, self._unroll), tf.float32)
         metrics = _natural_metrics(self.model, x_nat, labels, report)
         logits, _ = self._update(x_adv, labels)
         return {**metrics, **_adversarial_metrics(logits, labels)}, x_adv

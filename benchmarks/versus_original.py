@@ -1,0 +1,239 @@
+"""The port against the original's way of running (benchmarks/original.py), each in its own
+process, alternating: --pairs pairs per workload, the first of each pair taking turns. Workloads:
+the MNIST attack (PGD-40, batch 200, as pgd_attack.py runs it), the MNIST training step (PGD-40
+then Adam, batch 50, as train.py runs it) and a few steps of the CIFAR-10 attack on the wide
+network at a small batch.
+
+Prints the CPU (model and vector extensions), then per workload each pair's throughputs and ratio
+(port / original), the median ratio, the spread of each side's throughput between processes
+((max - min) / median) and the fraction of the fp32 matrix-multiply peak (benchmarks/peak.py,
+measured in this process before and after). Run from the repository root:
+`python benchmarks/versus_original.py`.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+from benchmarks import cli, peak  # noqa: E402
+
+WORKLOADS = ("mnist_attack", "mnist_training", "cifar10_attack")
+SIDES = ("port", "original")
+RESULT_MARK = "RESULT "
+
+WORKLOAD = flags.DEFINE_list("workloads", list(WORKLOADS), "which workloads to run, from "
+                             f"{', '.join(WORKLOADS)}")
+flags.register_validator("workloads", cli.choices_validator(WORKLOADS),
+                         f"--workloads must name workloads from {', '.join(WORKLOADS)}")
+PAIRS = flags.DEFINE_integer("pairs", 5, "processes of each side per workload, alternating",
+                             lower_bound=1)
+MNIST_BATCH = flags.DEFINE_integer("mnist_batch", 200, "MNIST attack batch", lower_bound=1)
+MNIST_BATCHES = flags.DEFINE_integer("mnist_batches", 3, "timed MNIST attack batches per "
+                                     "process (after one untimed)", lower_bound=1)
+MNIST_STEPS = flags.DEFINE_integer("mnist_steps", 40, "PGD steps of the MNIST attack and "
+                                   "training step", lower_bound=1)
+TRAINING_BATCH = flags.DEFINE_integer("training_batch", 50, "MNIST training batch",
+                                      lower_bound=1)
+TRAINING_STEPS = flags.DEFINE_integer("training_steps", 5, "timed training steps per process "
+                                      "(after one untimed)", lower_bound=1)
+CIFAR_BATCH = flags.DEFINE_integer("cifar10_batch", 8, "CIFAR-10 attack batch", lower_bound=1)
+CIFAR_STEPS = flags.DEFINE_integer("cifar10_steps", 2, "PGD steps of each timed CIFAR-10 attack",
+                                   lower_bound=1)
+CIFAR_REPEATS = flags.DEFINE_integer("cifar10_repeats", 2, "timed CIFAR-10 attacks per process "
+                                     "(after one untimed)", lower_bound=1)
+CIFAR_FILTERS = flags.DEFINE_list("cifar10_filters", ["16", "160", "320", "640"],
+                                  "the CIFAR-10 network's widths (wide by default)")
+flags.register_validator("cifar10_filters", cli.positive_integers,
+                         "--cifar10_filters must be four positive whole numbers")
+SIZE_FLAGS = (MNIST_BATCH, MNIST_BATCHES, MNIST_STEPS, TRAINING_BATCH, TRAINING_STEPS,
+              CIFAR_BATCH, CIFAR_STEPS, CIFAR_REPEATS, CIFAR_FILTERS)
+SIDE = flags.DEFINE_enum("side", None, list(SIDES), "run one side of one workload in this "
+                         "process and print its result (what the comparison starts)")
+flags.adopt_module_key_flags(peak)
+
+
+def _timed(run, count):
+    """Seconds of `count` calls of `run()`, after one untimed call (tracing, graph set-up)."""
+    run()
+    start = time.perf_counter()
+    for _ in range(count):
+        run()
+    return time.perf_counter() - start
+
+
+def _mnist_port(workload, x, y):
+    from common.attacks import pgd
+    from mnist_challenge import model as mnist_model
+
+    model = mnist_model.Model()
+    attack = pgd.LinfPGDAttack(model, 0.3, MNIST_STEPS.value, 0.01, True, "xent", seed=0)
+    if workload == "mnist_attack":
+        return model, lambda: attack.perturb(x, y)
+    import keras
+    import tensorflow as tf
+
+    from common.training import loop
+    from common.training.objectives import summed_xent
+
+    optimizer = keras.optimizers.Adam(learning_rate=1e-4, epsilon=1e-8)
+    step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer, attack.settings,
+                          summed_xent)
+    rng = np.random.default_rng(0)
+
+    def train():
+        start = pgd.start_point(x, attack.settings, rng)
+        metrics, _ = step(x, y, start, report=False)
+        metrics["adv_correct"].numpy()
+
+    return model, train
+
+
+def _mnist_original(workload, x, y):
+    from benchmarks import original
+
+    graph = original.Graph(original.mnist_network, (784,))
+    rng = np.random.default_rng(0)
+
+    def attack():
+        return graph.perturb(x, y, 0.3, MNIST_STEPS.value, 0.01, (0.0, 1.0), rng)
+
+    if workload == "mnist_attack":
+        return attack
+    return lambda: graph.train_step(attack(), y)
+
+
+def _cifar_port(x, y):
+    from cifar10_challenge import model as cifar_model
+    from common.attacks import pgd
+
+    model = cifar_model.Model("eval", [int(width) for width in CIFAR_FILTERS.value])
+    attack = pgd.LinfPGDAttack(model, 8.0, CIFAR_STEPS.value, 2.0, True, "xent", seed=0)
+    return model, lambda: attack.perturb(x, y)
+
+
+def _cifar_original(x, y):
+    from benchmarks import original
+
+    graph = original.Graph(original.cifar10_network([int(w) for w in CIFAR_FILTERS.value]),
+                           (32, 32, 3))
+    rng = np.random.default_rng(0)
+    return lambda: graph.perturb(x, y, 8.0, CIFAR_STEPS.value, 2.0, (0.0, 255.0), rng)
+
+
+def run_side(workload, side):
+    """{"examples_per_second", "flops_per_example"} of one side of one workload, measured in
+    this process (flops only on the port's side, from its Keras model)."""
+    from benchmarks.flops import attack_flops_per_example, training_flops_per_example
+
+    rng = np.random.default_rng(0)
+    if workload == "cifar10_attack":
+        batch, count = CIFAR_BATCH.value, CIFAR_REPEATS.value
+        x = rng.uniform(0, 255, (batch, 32, 32, 3)).astype(np.float32)
+    else:
+        batch = MNIST_BATCH.value if workload == "mnist_attack" else TRAINING_BATCH.value
+        count = MNIST_BATCHES.value if workload == "mnist_attack" else TRAINING_STEPS.value
+        x = rng.uniform(0, 1, (batch, 784)).astype(np.float32)
+    y = rng.integers(0, 10, batch)
+    flops = None
+    if side == "original":
+        run = _cifar_original(x, y) if workload == "cifar10_attack" else \
+            _mnist_original(workload, x, y)
+    elif workload == "cifar10_attack":
+        model, run = _cifar_port(x, y)
+        flops = attack_flops_per_example(model, CIFAR_STEPS.value)
+    else:
+        model, run = _mnist_port(workload, x, y)
+        counter = attack_flops_per_example if workload == "mnist_attack" else \
+            training_flops_per_example
+        flops = counter(model, MNIST_STEPS.value)
+    seconds = _timed(run, count)
+    return {"examples_per_second": batch * count / seconds, "flops_per_example": flops}
+
+
+def cpu_description():
+    """The CPU's model name and its vector extensions that matter to TensorFlow's kernels."""
+    model, extensions = "unknown CPU", []
+    try:
+        with open("/proc/cpuinfo") as info:
+            fields = dict(line.split(":", 1) for line in info if ":" in line)
+    except OSError:
+        return model
+    model = fields.get("model name\t", model).strip()
+    wanted = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
+              "amx_tile")
+    present = set(fields.get("flags\t\t", "").split())
+    extensions = [name for name in wanted if name in present]
+    return f"{model}, {os.cpu_count()} logical CPUs, extensions: {' '.join(extensions)}"
+
+
+def _child(workload, side):
+    """The result of one side of one workload, run in a new process with this one's sizes."""
+    sizes = [flag.serialize() for flag in SIZE_FLAGS]
+    process = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), f"--side={side}", f"--workloads={workload}",
+         *sizes], capture_output=True, text=True)
+    lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if process.returncode != 0 or not lines:
+        cli.fail(f"the {side} side of {workload} failed: {process.stderr.strip()[-500:]}")
+    return json.loads(lines[-1][len(RESULT_MARK):])
+
+
+def _spread(values):
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def compare(workload, pairs):
+    """Runs the pairs of one workload, printing each; returns {side: [result, ...]}."""
+    results = {side: [] for side in SIDES}
+    print(f"== {workload}")
+    for pair in range(pairs):
+        order = SIDES if pair % 2 == 0 else SIDES[::-1]
+        for side in order:
+            results[side].append(_child(workload, side))
+        port, original = (results[side][-1]["examples_per_second"] for side in SIDES)
+        print(f"pair {pair + 1} ({order[0]} first): port {port:8.2f}, original {original:8.2f} "
+              f"examples/s, ratio {port / original:.3f}")
+    return results
+
+
+def summarize(workload, results, peak_gflops):
+    """Prints the median ratio, each side's spread and fraction of peak; returns the median."""
+    ratios = [port["examples_per_second"] / original["examples_per_second"]
+              for port, original in zip(results["port"], results["original"])]
+    flops = results["port"][0]["flops_per_example"]
+    print(f"{workload}: median ratio {statistics.median(ratios):.3f} (min {min(ratios):.3f}, "
+          f"max {max(ratios):.3f})")
+    for side in SIDES:
+        speeds = [result["examples_per_second"] for result in results[side]]
+        fraction = statistics.median(speeds) * flops / 1e9 / peak_gflops
+        print(f"  {side:9s} median {statistics.median(speeds):8.2f} examples/s, spread "
+              f"{_spread(speeds):.1%}, {fraction:.1%} of peak")
+    return statistics.median(ratios)
+
+
+def main():
+    if SIDE.value is not None:
+        if len(WORKLOAD.value) != 1:
+            cli.fail("--side runs exactly one workload: give --workloads=NAME")
+        print(RESULT_MARK + json.dumps(run_side(WORKLOAD.value[0], SIDE.value)))
+        return
+    print(f"CPU: {cpu_description()}")
+    peak_before = peak.flagged_peak_gflops()
+    results = {workload: compare(workload, PAIRS.value) for workload in WORKLOAD.value}
+    peak_gflops = max(peak_before, peak.flagged_peak_gflops())
+    print(peak.describe(peak_gflops))
+    for workload, result in results.items():
+        summarize(workload, result, peak_gflops)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -42,20 +42,23 @@ def _input_gradient_ops(layer, x):
         for op in function.graph.get_operations()}
 
 
-# (input channels, kernel size, strides, whether the input gradient is a forward convolution):
-# the documented cases of common/models/layers.py, stride 1 with odd kernels from 8 channels.
-@pytest.mark.parametrize("channels, kernel_size, strides, as_convolution", [
-    (8, 5, 1, True), (8, 3, 1, True), (8, 3, 2, False), (8, 2, 1, False), (3, 5, 1, False),
-    (1, 3, 1, False)])
-def test_convolution_values_and_gradients_equal_keras(channels, kernel_size, strides,
-                                                      as_convolution):
+# (input channels, kernel size, strides, the input gradient's kind): the documented cases of
+# common/models/layers.py, stride 1 with odd kernels: a forward convolution from 8 channels, a
+# depthwise one below; Keras' own Conv2DBackpropInput otherwise.
+@pytest.mark.parametrize("channels, kernel_size, strides, kind", [
+    (8, 5, 1, "Conv2D"), (8, 3, 1, "Conv2D"), (8, 3, 2, "Conv2DBackpropInput"),
+    (8, 2, 1, "Conv2DBackpropInput"), (3, 5, 1, "DepthwiseConv2dNative"),
+    (1, 3, 1, "DepthwiseConv2dNative"), (1, 5, 1, "DepthwiseConv2dNative"),
+    (3, 3, 2, "Conv2DBackpropInput")])
+def test_convolution_values_and_gradients_equal_keras(channels, kernel_size, strides, kind):
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(4, 12, 12, channels)).astype(np.float32))
     ours = Conv2D(6, kernel_size, strides=strides, padding="same")
     _assert_same_as_keras(ours, keras.layers.Conv2D(6, kernel_size, strides=strides,
                                                     padding="same"), x)
     ops = _input_gradient_ops(ours, x)
-    assert ("Conv2DBackpropInput" not in ops) == as_convolution, sorted(ops)
+    kinds = {"Conv2DBackpropInput", "DepthwiseConv2dNative"} & ops
+    assert kinds == ({kind} if kind != "Conv2D" else set()), sorted(ops)
 
 
 def test_dense_values_and_gradients_equal_keras():

@@ -10,7 +10,8 @@ benchmarks/README.md.
 import keras
 import tensorflow as tf
 
-# Below this many input channels, Conv2DBackpropInput beat the forward-convolution form on CPU.
+# From this many input channels the input gradient runs as one forward convolution; below it,
+# where that convolution would have a handful of output channels, as a depthwise convolution.
 _MIN_CHANNELS_FOR_CONVOLUTION_GRADIENT = 8
 
 
@@ -19,38 +20,60 @@ def _flipped_transposed(kernel):
     return tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
 
 
+def _kernel_gradient(inputs, kernel, output_gradient):
+    return tf.raw_ops.Conv2DBackpropFilter(
+        input=inputs, filter_sizes=tf.shape(kernel), out_backprop=output_gradient,
+        strides=[1, 1, 1, 1], padding="SAME")
+
+
 @tf.custom_gradient
 def _same_convolution(inputs, kernel):
     def gradient(output_gradient):
         input_gradient = tf.nn.conv2d(output_gradient, _flipped_transposed(kernel), 1, "SAME")
-        kernel_gradient = tf.raw_ops.Conv2DBackpropFilter(
-            input=inputs, filter_sizes=tf.shape(kernel), out_backprop=output_gradient,
-            strides=[1, 1, 1, 1], padding="SAME")
-        return input_gradient, kernel_gradient
+        return input_gradient, _kernel_gradient(inputs, kernel, output_gradient)
+
+    return tf.nn.conv2d(inputs, kernel, 1, "SAME"), gradient
+
+
+@tf.custom_gradient
+def _same_convolution_few_channels(inputs, kernel):
+    def gradient(output_gradient):
+        # Each output channel's gradient convolved with its flipped kernel slices, one depthwise
+        # convolution giving (output channel, input channel) pairs, then summed over the output
+        # channels.
+        flipped = _flipped_transposed(kernel)  # [height, width, out, in]
+        pairs = tf.nn.depthwise_conv2d(output_gradient, flipped, [1, 1, 1, 1], "SAME")
+        shape = tf.shape(pairs)
+        pairs = tf.reshape(pairs, tf.concat([shape[:3], tf.shape(flipped)[2:]], 0))
+        return tf.reduce_sum(pairs, axis=3), _kernel_gradient(inputs, kernel, output_gradient)
 
     return tf.nn.conv2d(inputs, kernel, 1, "SAME"), gradient
 
 
 class Conv2D(keras.layers.Conv2D):
-    """keras.layers.Conv2D whose input gradient runs as a forward convolution.
+    """keras.layers.Conv2D whose input gradient runs as other, equal convolutions.
 
     For stride 1, 'same' padding and odd kernel sizes, the gradient with respect to the input is
     the convolution of the output gradient with the flipped, channel-swapped kernel. On CPU that
-    convolution beat Conv2DBackpropInput from 8 input channels up and lost below, so layers with
-    fewer input channels, and other settings, keep Keras' own path.
+    convolution beat Conv2DBackpropInput from 8 input channels up. Below, it has only a few
+    output channels and ran no faster; there a depthwise convolution of the output gradient,
+    summed over its channels, ran 3 times as fast as Conv2DBackpropInput (the MNIST network's
+    first layer: 3.3 against 10.5 ms at batch 200 on an AVX-512 EPYC). Other settings keep Keras'
+    own path.
     """
 
     def convolution_op(self, inputs, kernel):
-        if not self._gradient_as_convolution(kernel):
+        if not self._same_odd_unit_stride():
             return super().convolution_op(inputs, kernel)
+        if kernel.shape[2] < _MIN_CHANNELS_FOR_CONVOLUTION_GRADIENT:
+            return _same_convolution_few_channels(inputs, tf.convert_to_tensor(kernel))
         return _same_convolution(inputs, tf.convert_to_tensor(kernel))
 
-    def _gradient_as_convolution(self, kernel):
+    def _same_odd_unit_stride(self):
         return (tuple(self.strides) == (1, 1) and self.padding == "same"
                 and tuple(self.dilation_rate) == (1, 1) and self.groups == 1
                 and self.data_format == "channels_last"
-                and all(size % 2 == 1 for size in self.kernel_size)
-                and kernel.shape[2] >= _MIN_CHANNELS_FOR_CONVOLUTION_GRADIENT)
+                and all(size % 2 == 1 for size in self.kernel_size))
 
 
 @tf.custom_gradient

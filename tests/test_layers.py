@@ -1,10 +1,14 @@
 """common.models.layers' Conv2D and Dense compute what Keras' own layers compute, gradients
 included, and a model gets them only where it runs on CPUs."""
 
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import REPO, script_environment
 
 from cifar10_challenge import model as cifar_model
 from common.models.layers import Conv2D, Dense, layer_classes
@@ -102,3 +106,42 @@ def test_the_devices_decide_which_layers_a_model_gets(two_replicas):
     assert devices.runs_on_cpu() == (not tf.config.list_logical_devices("GPU"))
     assert layer_classes(True) == (Conv2D, Dense)
     assert layer_classes(False) == (keras.layers.Conv2D, keras.layers.Dense)
+
+
+def test_the_attack_predicts_the_same_with_either_layer_path(mnist_fixture, mnist_data):
+    """On the fixture's weights and test images, PGD-40 from the same starts through the
+    CPU-tuned layers (unrolled) and through Keras' own (graph loop, as on GPUs) leaves the model
+    predicting the same classes."""
+    from common.attacks import pgd
+    from common.io import checkpoints
+    from mnist_challenge import mnist_input
+
+    data = mnist_input.MNISTData(mnist_data)
+    x, y = data.test_images[:100].astype(np.float32), data.test_labels[:100]
+    start = pgd.start_point(x, pgd.AttackSettings(0.3, 40, 0.01, True), np.random.default_rng(4))
+    predictions = []
+    for on_cpu in (True, False):
+        model = mnist_model.Model(on_cpu)
+        checkpoints.load_weights(model, f"{mnist_fixture}/checkpoint-300",
+                                 mnist_model.tf1_variables)
+        attack = pgd.LinfPGDAttack(model, 0.3, 40, 0.01, True, "xent")
+        attack._unroll = on_cpu
+        x_adv = attack.perturb(x, y, start=start)
+        predictions.append(np.argmax(model.predict(x_adv.astype(np.float32), verbose=0), 1))
+    np.testing.assert_array_equal(predictions[0], predictions[1])
+    assert np.mean(predictions[0] == y) < 0.95  # the attack did something
+
+
+def test_every_process_of_a_machine_picks_the_same_variants():
+    """The choices are rules of the devices and the step count, never timings: two new processes
+    choose alike."""
+    code = ("from common.runtime import devices; from common.attacks import pgd; "
+            "from common.models.layers import layer_classes; import tensorflow as tf; "
+            "print([c.__module__ for c in layer_classes(devices.runs_on_cpu())], "
+            "pgd.unrolls(tf.distribute.get_strategy(), 40), "
+            "pgd.unrolls(tf.distribute.get_strategy(), 1000))")
+    outputs = [subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                              text=True, timeout=120, env=script_environment()).stdout
+               for _ in range(2)]
+    assert outputs[0] == outputs[1] and outputs[0].strip(), outputs
+    assert "True False" in outputs[0]  # no GPU here: unrolled up to MAX_UNROLLED_STEPS

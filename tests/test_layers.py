@@ -11,6 +11,7 @@ import tensorflow as tf
 from helpers import REPO, script_environment
 
 from cifar10_challenge import model as cifar_model
+from common.models import layers
 from common.models.layers import Conv2D, Dense, layer_classes
 from common.runtime import devices
 from mnist_challenge import model as mnist_model
@@ -48,21 +49,31 @@ def _input_gradient_ops(layer, x):
 
 # (input channels, kernel size, strides, the input gradient's kind): the documented cases of
 # common/models/layers.py, stride 1 with odd kernels: a forward convolution from 8 channels, a
-# depthwise one below; Keras' own Conv2DBackpropInput otherwise.
+# depthwise one below where the rule picks it ("few"); Keras' own Conv2DBackpropInput otherwise.
+@pytest.mark.parametrize("depthwise_wins", [True, False])
 @pytest.mark.parametrize("channels, kernel_size, strides, kind", [
     (8, 5, 1, "Conv2D"), (8, 3, 1, "Conv2D"), (8, 3, 2, "Conv2DBackpropInput"),
-    (8, 2, 1, "Conv2DBackpropInput"), (3, 5, 1, "DepthwiseConv2dNative"),
-    (1, 3, 1, "DepthwiseConv2dNative"), (1, 5, 1, "DepthwiseConv2dNative"),
+    (8, 2, 1, "Conv2DBackpropInput"), (3, 5, 1, "few"), (1, 3, 1, "few"), (1, 5, 1, "few"),
     (3, 3, 2, "Conv2DBackpropInput")])
-def test_convolution_values_and_gradients_equal_keras(channels, kernel_size, strides, kind):
+def test_convolution_values_and_gradients_equal_keras(channels, kernel_size, strides, kind,
+                                                      depthwise_wins, monkeypatch):
+    monkeypatch.setattr(layers, "depthwise_gradient_wins", lambda: depthwise_wins)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(4, 12, 12, channels)).astype(np.float32))
     ours = Conv2D(6, kernel_size, strides=strides, padding="same")
     _assert_same_as_keras(ours, keras.layers.Conv2D(6, kernel_size, strides=strides,
                                                     padding="same"), x)
     ops = _input_gradient_ops(ours, x)
+    if kind == "few":
+        kind = "DepthwiseConv2dNative" if depthwise_wins else "Conv2DBackpropInput"
     kinds = {"Conv2DBackpropInput", "DepthwiseConv2dNative"} & ops
     assert kinds == ({kind} if kind != "Conv2D" else set()), sorted(ops)
+
+
+def test_the_depthwise_form_is_chosen_by_the_cpus_features():
+    assert layers.depthwise_gradient_wins({"avx2", "fma", "avx512f"})
+    assert not layers.depthwise_gradient_wins({"avx2", "fma"})
+    assert layers.depthwise_gradient_wins() == ("avx512f" in devices.cpu_features())
 
 
 def test_dense_values_and_gradients_equal_keras():
@@ -137,7 +148,9 @@ def test_every_process_of_a_machine_picks_the_same_variants():
     choose alike."""
     code = ("from common.runtime import devices; from common.attacks import pgd; "
             "from common.models.layers import layer_classes; import tensorflow as tf; "
+            "from common.models import layers; "
             "print([c.__module__ for c in layer_classes(devices.runs_on_cpu())], "
+            "layers.depthwise_gradient_wins(), "
             "pgd.unrolls(tf.distribute.get_strategy(), 40), "
             "pgd.unrolls(tf.distribute.get_strategy(), 1000))")
     outputs = [subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,

@@ -10,9 +10,20 @@ benchmarks/README.md.
 import keras
 import tensorflow as tf
 
+from common.runtime import devices
+
 # From this many input channels the input gradient runs as one forward convolution; below it,
-# where that convolution would have a handful of output channels, as a depthwise convolution.
+# where that convolution would have a handful of output channels, as a depthwise convolution on
+# CPUs with AVX-512 and as TensorFlow's own Conv2DBackpropInput on others.
 _MIN_CHANNELS_FOR_CONVOLUTION_GRADIENT = 8
+
+
+def depthwise_gradient_wins(features=None):
+    """The rule for layers with few input channels: the depthwise form where the CPU has AVX-512
+    (3.2 times as fast as Conv2DBackpropInput on an AVX-512 EPYC), TensorFlow's own kernel
+    elsewhere, as on the earlier machine where the depthwise form measured slower
+    (benchmarks/README.md)."""
+    return "avx512f" in (devices.cpu_features() if features is None else features)
 
 
 def _flipped_transposed(kernel):
@@ -56,18 +67,21 @@ class Conv2D(keras.layers.Conv2D):
     For stride 1, 'same' padding and odd kernel sizes, the gradient with respect to the input is
     the convolution of the output gradient with the flipped, channel-swapped kernel. On CPU that
     convolution beat Conv2DBackpropInput from 8 input channels up. Below, it has only a few
-    output channels and ran no faster; there a depthwise convolution of the output gradient,
-    summed over its channels, ran 3 times as fast as Conv2DBackpropInput (the MNIST network's
-    first layer: 3.3 against 10.5 ms at batch 200 on an AVX-512 EPYC). Other settings keep Keras'
-    own path.
+    output channels and ran no faster; there, on CPUs with AVX-512, a depthwise convolution of
+    the output gradient summed over its channels ran 3 times as fast as Conv2DBackpropInput (the
+    MNIST network's first layer: 3.3 against 10.5 ms at batch 200 on an AVX-512 EPYC), while on
+    an earlier machine it measured slower (`depthwise_gradient_wins`). Other settings keep
+    Keras' own path.
     """
 
     def convolution_op(self, inputs, kernel):
         if not self._same_odd_unit_stride():
             return super().convolution_op(inputs, kernel)
-        if kernel.shape[2] < _MIN_CHANNELS_FOR_CONVOLUTION_GRADIENT:
+        if kernel.shape[2] >= _MIN_CHANNELS_FOR_CONVOLUTION_GRADIENT:
+            return _same_convolution(inputs, tf.convert_to_tensor(kernel))
+        if depthwise_gradient_wins():
             return _same_convolution_few_channels(inputs, tf.convert_to_tensor(kernel))
-        return _same_convolution(inputs, tf.convert_to_tensor(kernel))
+        return super().convolution_op(inputs, kernel)
 
     def _same_odd_unit_stride(self):
         return (tuple(self.strides) == (1, 1) and self.padding == "same"

@@ -59,6 +59,21 @@ def is_chief(strategy):
     return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in cluster
 
 
+@functools.cache
+def cpu_features():
+    """The CPU's instruction-set extensions as the kernel lists them (/proc/cpuinfo's flags):
+    a fact of the machine, so every process of it makes the same speed choices (a timing probe
+    could choose differently in two processes). Empty where the system does not say."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def runs_on_cpu(strategy=None):
     """True where the devices of `strategy` are all CPUs; without one (or with the default
     strategy), where no GPU is visible."""

@@ -37,7 +37,7 @@ def _model(challenge, config, strategy):
         return challenge.create_model(config, devices.runs_on_cpu(strategy))
 
 
-def _restored_model(challenge, config, strategy, missing_message):
+def restored_model(challenge, config, strategy, missing_message):
     """The model with the newest weights of `model_dir`; UserError(missing_message) if none."""
     model = _model(challenge, config, strategy)
     checkpoints.require_latest_weights(model, config["model_dir"], challenge.tf1_variables,
@@ -45,7 +45,7 @@ def _restored_model(challenge, config, strategy, missing_message):
     return model
 
 
-def _test_set(challenge, config):
+def test_set(challenge, config):
     return challenge.test_set(challenge.load_data(config["data_path"]))
 
 
@@ -97,7 +97,7 @@ def evaluate(challenge):
         config = _config()
         files.check_writable_folder(os.path.join(config["model_dir"], "eval"),
                                     "summaries folder")
-        images, labels = _test_set(challenge, config)
+        images, labels = test_set(challenge, config)
         strategy = devices.local_strategy(cpu_only=config["eval_on_cpu"])
         model = _model(challenge, config, strategy)
         with strategy.scope():
@@ -129,12 +129,12 @@ def attack(challenge):
         config = _config()
         files.check_writable(config["store_adv_path"], "store_adv_path")
         strategy = devices.local_strategy()
-        model = _restored_model(challenge, config, strategy, _no_model(config))
+        model = restored_model(challenge, config, strategy, _no_model(config))
         attack = pgd.LinfPGDAttack.from_settings(
             model, challenge.attack_settings(config), restarts=FLAGS.restarts,
             seed=challenge.data_seed(config), jit_compile=config["jit_compile"],
             strategy=strategy)
-        images, labels = _test_set(challenge, config)
+        images, labels = test_set(challenge, config)
         x_adv = _attack_test_set(attack, images, labels, config["num_eval_examples"],
                                     config["eval_batch_size"])
         _store_attack(x_adv, config["store_adv_path"])
@@ -169,7 +169,7 @@ def _score(challenge, config, model, strategy, x_adv_of, count=None):
     """Checks the attack (`x_adv_of(test_images)` loads and checks it), prints the accuracy and
     saves `pred.npy`; returns the accuracy. With `count`, the attack is of the first `count`
     test images only."""
-    images, labels = _test_set(challenge, config)
+    images, labels = test_set(challenge, config)
     images, labels = images[:count], labels[:count]
     x_adv = x_adv_of(images)
     accuracy, predictions = submission.score(model, x_adv, labels,
@@ -186,16 +186,16 @@ def score(challenge):
         count = FLAGS.num_eval_examples  # given on the command line; else all 10,000 images
         files.check_writable(submission.PREDICTIONS_PATH, "predictions file")
         strategy = devices.local_strategy()
-        model = _restored_model(challenge, config, strategy,
+        model = restored_model(challenge, config, strategy,
                                 f"No checkpoint found in {config['model_dir']}")
         _score(challenge, config, model, strategy, lambda images: submission.load_and_check(
             config["store_adv_path"], images, config["epsilon"], challenge.pixel_range,
-            _shape_text(challenge, count)), count)
+            shape_text(challenge, count)), count)
 
     cli.run(main, challenge.config_path)
 
 
-def _shape_text(challenge, count):
+def shape_text(challenge, count):
     """How the expected shape is printed: the challenge's own text, with `count` images."""
     if count is None:
         return challenge.submission_shape_text
@@ -302,8 +302,8 @@ def autoattack(challenge):
         files.check_writable(store, "output file")
         files.check_writable(report_path, "report")
         strategy = devices.local_strategy()
-        model = _restored_model(challenge, config, strategy, _no_model(config))
-        images, labels = _test_set(challenge, config)
+        model = restored_model(challenge, config, strategy, _no_model(config))
+        images, labels = test_set(challenge, config)
         count = config["num_eval_examples"]
         x, y = images[:count], labels[:count]
         attack = AutoAttack(model, "Linf", config["epsilon"], version, names,
@@ -343,7 +343,7 @@ def reproduce(challenge):
         if os.path.exists(out_dir):
             files.check_writable_folder(out_dir, "--out_dir")
         strategy = devices.local_strategy()
-        model = _restored_model(challenge, config, strategy, _no_model(config))
+        model = restored_model(challenge, config, strategy, _no_model(config))
         run = reproduce_lib.Reproduction(
             challenge, challenge.attack_settings(config), config["eval_batch_size"],
             challenge.data_seed(config), config["jit_compile"], config["model_dir"], model,
@@ -359,7 +359,7 @@ def reproduce(challenge):
 
 
 def _first_test_images(challenge, config):
-    images, labels = _test_set(challenge, config)
+    images, labels = test_set(challenge, config)
     return images[:config["num_eval_examples"]], labels[:config["num_eval_examples"]]
 
 

@@ -1,0 +1,343 @@
+"""The challenge server's API through real serve.py processes on local ports, once on SQLite (one
+process, web and scorer) and once on PostgreSQL (a web process and two scorer processes sharing
+the queue): valid submissions scored as run_attack.py scores them, every bad file refused with
+the checks' own line, tokens, the size limit, the rate limit, owners, the leaderboard and the
+form."""
+
+import http.client
+import io
+import re
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+from helpers import PicklePayload, run_script, shared_path
+from serving_helpers import (
+    EPSILON,
+    Server,
+    add_participant,
+    fresh_postgres_database,
+    leaderboard,
+    mnist_test_set,
+    npy_bytes,
+    open_database,
+    random_sign_attack,
+    status,
+    stop_servers_after_each_test,  # noqa: F401 (an autouse fixture)
+    upload,
+    wait_done,
+)
+
+from common.evaluation import submission
+from common.runtime.errors import UserError
+
+pytestmark = pytest.mark.slow
+
+LIMIT_PER_HOUR = 16
+SHAPE_TEXT = "(10000,784)"
+MAX_FILE = 12 + submission.MAX_HEADER_BYTES + 8 * 10000 * 784
+VIEW_KEYS = {"id", "status", "accuracy", "error", "submitted_at", "track"}
+ROW_KEYS = {"participant", "track", "accuracy", "submitted_at"}
+
+
+class Deployment:
+    def __init__(self, kind, servers, db, spool_dirs):
+        self.kind, self.servers, self.db, self.spool_dirs = kind, servers, db, spool_dirs
+        self.url = servers[0].url
+
+    def participant(self):
+        return add_participant(self.db)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def deployment(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    limit = f"--max_submissions_per_hour={LIMIT_PER_HOUR}"
+    if request.param == "sqlite":
+        server = Server(root / "state", limit).wait_ready()
+        db = open_database(state_dir=root / "state")
+        yield Deployment("sqlite", [server], db, [root / "state" / "incoming"])
+        server.stop()
+        db.dispose()
+        return
+    with fresh_postgres_database() as url:
+        servers = [Server(root / "web", limit, role="web", database_url=url),
+                   Server(root / "scorer1", role="scorer", database_url=url),
+                   Server(root / "scorer2", role="scorer", database_url=url)]
+        for server in servers:
+            server.wait_ready()
+        db = open_database(database_url=url)
+        yield Deployment("postgresql", servers, db, [root / "web" / "incoming"])
+        for server in servers:
+            server.stop()
+        db.dispose()
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    return mnist_test_set()
+
+
+@pytest.fixture(scope="module")
+def valid_file(tmp_path_factory, test_set):
+    path = tmp_path_factory.mktemp("valid") / "attack.npy"
+    np.save(path, random_sign_attack(test_set[0], seed=0))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_attack_percent(valid_file):
+    """What run_attack.py prints for the valid file: 'xx.xx'."""
+    result = run_script("mnist_challenge/run_attack.py",
+                        f"--model_dir={shared_path('fixtures', 'tf1_checkpoints', 'mnist')}",
+                        f"--data_path={shared_path('data', 'mnist')}",
+                        f"--store_adv_path={valid_file}", cwd=valid_file.parent)
+    assert result.returncode == 0, result.stderr
+    return re.search(r"^Accuracy: (\d+\.\d\d)%$", result.stdout, re.MULTILINE).group(1)
+
+
+@pytest.fixture(scope="module")
+def accepted(deployment, valid_file):
+    """A valid submission accepted from a participant: (token, 202 answer)."""
+    _, token = deployment.participant()
+    return token, upload(deployment.url, token, valid_file.read_bytes(), track="black-box")
+
+
+def test_a_valid_submission_is_scored_as_run_attack_py_scores_it(deployment, accepted,
+                                                                  run_attack_percent):
+    token, answer = accepted
+    assert answer.status_code == 202, answer.text
+    assert set(answer.json()) == {"id", "status"} and answer.json()["status"] == "queued"
+    view = wait_done(deployment.url, token, answer.json()["id"], servers=deployment.servers)
+    assert set(view) == VIEW_KEYS, view
+    assert view["status"] == "scored" and view["error"] is None, view
+    assert view["id"] == answer.json()["id"] and view["track"] == "black-box"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", view["submitted_at"]), view
+    assert 0 <= view["accuracy"] <= 1
+    # run_attack.py prints the percentage to two decimals: all of it, on 10,000 images.
+    assert f"{100 * view['accuracy']:.2f}" == run_attack_percent
+    assert round(view["accuracy"] * 10000) == round(float(run_attack_percent) * 100)
+
+
+def _pickled(tmp_path):
+    payload = np.empty((3, 3), dtype=object)
+    payload[...] = PicklePayload(str(tmp_path / "pwned"))
+    return npy_bytes(payload)
+
+
+def _with(images, index, value):
+    bad = random_sign_attack(images, seed=1).astype(np.float64)
+    bad[index] = value
+    return npy_bytes(bad)
+
+
+def _header(shape):
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f8", "fortran_order": False,
+                                                  "shape": shape})
+    return buffer.getvalue()
+
+
+BAD_FILES = {
+    "pickle": lambda images, tmp: _pickled(tmp),
+    "shape": lambda images, tmp: npy_bytes(images[:9999]),
+    "images_not_flat": lambda images, tmp: npy_bytes(images.reshape(10000, 28, 28)),
+    "complex": lambda images, tmp: npy_bytes(images[:5].astype(np.complex64)),
+    "bool": lambda images, tmp: npy_bytes(images[:5] > 0.5),
+    "strings": lambda images, tmp: npy_bytes(images[:5].astype("U3")),
+    "nan": lambda images, tmp: _with(images, (17, 300), np.nan),
+    "inf": lambda images, tmp: _with(images, (4, 5), np.inf),
+    "minus_inf": lambda images, tmp: _with(images, (9999, 783), -np.inf),
+    "pixel_range": lambda images, tmp: _with(images, (3, 2), 1.5),
+    "beyond_epsilon": lambda images, tmp: _with(
+        images, (42, 400), images[42, 400] + (0.31 if images[42, 400] < 0.5 else -0.31)),
+    "truncated": lambda images, tmp: npy_bytes(images)[:5000],
+    "longer_than_its_array": lambda images, tmp: npy_bytes(images) + b"tail",
+    "huge_header": lambda images, tmp: _header((10**12, 784)),
+    "oversized_header": lambda images, tmp: (
+        b"\x93NUMPY\x02\x00" + (70000).to_bytes(4, "little") + b"{" + b" " * 69998 + b"\n"),
+    "not_npy": lambda images, tmp: b"pixel,value\n0,0.5\n",
+    "empty": lambda images, tmp: b"",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_every_bad_file_is_refused_with_the_checks_own_line(deployment, test_set, tmp_path,
+                                                            case):
+    images = test_set[0]
+    data = BAD_FILES[case](images, tmp_path)
+    local = tmp_path / "local copy.npy"
+    local.write_bytes(data)
+    with pytest.raises(UserError) as error:
+        submission.load_and_check(str(local), images, EPSILON, (0.0, 1.0), SHAPE_TEXT)
+    name = f"my {case}.npy"
+    expected = str(error.value).replace(str(local), name)
+    _, token = deployment.participant()
+    answer = upload(deployment.url, token, data, filename=f"C:\\Users\\me\\{name}")
+    assert answer.status_code == 400, answer.text
+    assert answer.json() == {"error": expected}
+    assert "\n" not in expected and str(deployment.servers[0].state_dir) not in answer.text
+    assert not (tmp_path / "pwned").exists()  # the pickle was never loaded
+    for folder in deployment.spool_dirs:
+        assert list(folder.iterdir()) == []
+
+
+def test_an_upload_without_a_valid_token_is_refused_with_401(deployment, accepted):
+    token, _ = accepted
+    for headers in ({}, {"Authorization": "Bearer not-a-token"},
+                    {"Authorization": f"Basic {token}"}, {"Authorization": "Bearer "},
+                    {"Authorization": f"Bearer {token}x"}):
+        refused = requests.post(f"{deployment.url}/api/submissions", headers=headers,
+                                files={"file": ("attack.npy", b"\x93NUMPY")}, timeout=30)
+        assert refused.status_code == 401, (headers, refused.text)
+        assert "token" in refused.json()["error"]
+        assert refused.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_only_the_owner_sees_a_submission_anyone_else_gets_404(deployment, accepted):
+    token, answer = accepted
+    submission_id = answer.json()["id"]
+    _, other = deployment.participant()
+    assert status(deployment.url, token, submission_id).status_code == 200
+    for who, which in ((other, submission_id), (token, "0" * 24), (token, "x"),
+                       ("not-a-token", submission_id), (None, submission_id)):
+        headers = {"Authorization": f"Bearer {who}"} if who else {}
+        refused = requests.get(f"{deployment.url}/api/submissions/{which}", headers=headers,
+                               timeout=30)
+        assert refused.status_code == 404, refused.text
+        assert refused.json() == {"error": "no such submission of yours"}
+
+
+def _multipart_head(boundary):
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            "filename=\"big.npy\"\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
+
+
+def test_an_upload_over_the_limit_is_cut_off_with_413(deployment):
+    _, token = deployment.participant()
+    port = int(deployment.url.rsplit(":", 1)[1])
+    # Its Content-Length over the limit: answered at once, before any of the body is sent.
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.putrequest("POST", "/api/submissions")
+    connection.putheader("Authorization", f"Bearer {token}")
+    connection.putheader("Content-Type", "multipart/form-data; boundary=b0undary")
+    connection.putheader("Content-Length", str(MAX_FILE + (1 << 20)))
+    connection.endheaders()
+    answer = connection.getresponse()
+    assert answer.status == 413
+    assert answer.getheader("Connection") == "close"
+    assert f"({MAX_FILE} bytes: float64 pixels" in answer.read().decode()
+    connection.close()
+    # Streamed without a length: the server answers once the file passes the limit, and reads
+    # no further.
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as raw:
+        raw.sendall((f"POST /api/submissions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     f"{token}\r\nContent-Type: multipart/form-data; boundary=b0undary\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n").encode())
+        sent = [0]
+        chunk = b"\0" * (1 << 20)
+
+        def send():
+            try:
+                head = _multipart_head("b0undary")
+                raw.sendall(b"%x\r\n%s\r\n" % (len(head), head))
+                while sent[0] < 3 * MAX_FILE:
+                    raw.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    sent[0] += len(chunk)
+            except OSError:
+                pass
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        response = http.client.HTTPResponse(raw)
+        response.begin()
+        assert response.status == 413
+        assert b"larger than the largest submission" in response.read()
+        sender.join(60)
+        assert not sender.is_alive()
+    assert MAX_FILE <= sent[0] < 2 * MAX_FILE, sent[0]
+    for folder in deployment.spool_dirs:
+        assert list(folder.iterdir()) == []
+
+
+def test_more_uploads_than_the_hourly_limit_are_refused_with_429(deployment, valid_file):
+    _, token = deployment.participant()
+    _, other = deployment.participant()
+    codes = [upload(deployment.url, token, valid_file.read_bytes()).status_code]
+    big = http.client.HTTPConnection("127.0.0.1", int(deployment.url.rsplit(":", 1)[1]))
+    big.request("POST", "/api/submissions", headers={
+        "Authorization": f"Bearer {token}", "Content-Length": str(MAX_FILE + (1 << 20)),
+        "Content-Type": "multipart/form-data; boundary=x"})
+    codes.append(big.getresponse().status)
+    codes += [upload(deployment.url, token, b"not a .npy file").status_code
+              for _ in range(LIMIT_PER_HOUR - 2)]
+    assert codes == [202, 413] + [400] * (LIMIT_PER_HOUR - 2)
+    refused = upload(deployment.url, token, valid_file.read_bytes())
+    assert refused.status_code == 429, refused.text
+    assert f"more than {LIMIT_PER_HOUR} uploads in the last hour" in refused.json()["error"]
+    assert 3500 < int(refused.headers["Retry-After"]) <= 3601
+    assert upload(deployment.url, other, b"not a .npy file").status_code == 400
+
+
+def test_the_leaderboard_keeps_each_participants_best_per_track(deployment, test_set):
+    images = test_set[0]
+    (alice, alice_token), (bob, bob_token) = deployment.participant(), deployment.participant()
+    uploads = [(alice_token, random_sign_attack(images, 2, epsilon=0.1), "white-box", "weak"),
+               (alice_token, random_sign_attack(images, 3), "white-box", "strong"),
+               (alice_token, images, "black-box", "none at all"),
+               (bob_token, random_sign_attack(images, 4, epsilon=0.2), "white-box", "<b>bold</b>")]
+    ids = []
+    for token, x, track, attack in uploads:
+        answer = upload(deployment.url, token, npy_bytes(x), track=track, attack=attack)
+        assert answer.status_code == 202, answer.text
+        ids.append((token, answer.json()["id"]))
+    weak, strong, clean, bobs = [wait_done(deployment.url, token, submission_id,
+                                           servers=deployment.servers)["accuracy"]
+                                 for token, submission_id in ids]
+    assert strong < bobs < weak < clean
+    rows = leaderboard(deployment.url)
+    assert [row["accuracy"] for row in rows] == sorted(row["accuracy"] for row in rows)
+    reference = [row for row in rows if row["participant"] is None]
+    assert len(reference) == 1 and reference[0]["accuracy"] == clean
+    assert all(set(row) == ROW_KEYS for row in rows)
+    assert reference[0] == {"participant": None, "track": None, "accuracy": clean,
+                            "submitted_at": None}
+    ours = {(row["participant"], row["track"]): row for row in rows
+            if row["participant"] in (alice, bob)}
+    assert {key: row["accuracy"] for key, row in ours.items()} == {
+        (alice, "white-box"): strong, (alice, "black-box"): clean, (bob, "white-box"): bobs}
+    assert all(set(row) == ROW_KEYS for row in ours.values())
+    page = requests.get(f"{deployment.url}/", timeout=30).text
+    assert f"<td>strong</td><td>{alice}</td>\n<td>{100 * strong:.2f}%</td>" in page
+    assert "weak" not in page and "&lt;b&gt;bold&lt;/b&gt;" in page and "<b>bold" not in page
+
+
+def test_the_form_leads_to_a_status_page_that_refreshes_until_scored(deployment, valid_file):
+    name, token = deployment.participant()
+    answer = requests.post(f"{deployment.url}/submit", allow_redirects=False, timeout=120,
+                           data={"token": token, "track": "black-box", "attack": "by form"},
+                           files={"file": ("form.npy", valid_file.read_bytes())})
+    assert answer.status_code == 303, answer.text
+    page_url = deployment.url + answer.headers["Location"]
+    assert re.fullmatch(r"/submissions/[A-Za-z0-9_-]{32}", answer.headers["Location"])
+    page = requests.get(page_url, timeout=30)
+    assert page.status_code == 200 and name in page.text and "form.npy" in page.text
+    assert page.headers["Referrer-Policy"] == "no-referrer"
+    if "scored" not in page.text:
+        assert '<meta http-equiv="refresh"' in page.text
+    for _ in range(1200):
+        page = requests.get(page_url, timeout=30).text
+        if 'id="status" class="scored"' in page:
+            break
+        time.sleep(0.1)
+    assert 'id="accuracy"' in page and '<meta http-equiv="refresh"' not in page
+    refused = requests.post(f"{deployment.url}/submit", timeout=60,
+                            data={"token": "wrong", "attack": "by form"},
+                            files={"file": ("form.npy", valid_file.read_bytes())})
+    assert refused.status_code == 401 and "unknown token" in refused.text
+    # The form's answer comes after the whole body was read, on a connection kept open.
+    assert refused.headers.get("Connection") != "close"
+    assert requests.get(f"{deployment.url}/submissions/{'x' * 32}", timeout=30).status_code == 404

@@ -63,6 +63,8 @@ def test_a_valid_submission_is_accepted_as_float32(tmp_path):
     (lambda p: p.write_bytes(npy_bytes(VALID > 0.5)),
      "Invalid data type: expected real numbers, found bool"),
     (lambda p: p.write_bytes(npy_bytes(VALID.astype("U3"))), "found <U3"),
+    (lambda p: p.write_bytes(npy_bytes((VALID * 0).astype("m8[s]"))),
+     "Invalid data type: expected real numbers, found timedelta64[s]"),
     (lambda p: p.write_bytes(npy_bytes(VALID[:5])), "Invalid shape: expected (6,5), found (5, 5)"),
     (lambda p: p.write_bytes(npy_bytes(VALID.ravel())), "found (30,)"),
 ])

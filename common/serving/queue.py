@@ -23,6 +23,7 @@ import secrets
 
 import sqlalchemy as sa
 
+from common.serving import storage
 from common.serving.database import get_meta, set_meta
 
 QUEUED, SCORING, SCORED, REJECTED = "queued", "scoring", "scored", "rejected"
@@ -110,6 +111,9 @@ def accept(db, store, upload_id, participant_id, received, track, attack):
     submissions, uploads = db.tables.submissions, db.tables.uploads
     submission_id = secrets.token_hex(12)
     page_key = secrets.token_urlsafe(24)
+    # The file's bytes reach the disk before the write lock is taken: a large flush under it
+    # would hold up every other upload and the scorers' lease renewals.
+    storage.fsync_file(received.path)
     try:
         with db.write() as connection:
             connection.execute(sa.insert(submissions).values(

@@ -40,9 +40,8 @@ class FolderStore:
         return os.path.join(self.folder, f"{submission_id}.npy")
 
     def keep(self, connection, submission_id, spool_path):
-        """Moves the complete spool file into place, durably; called inside the transaction
-        that queues the job, before it commits."""
-        fsync_file(spool_path)
+        """Moves the complete spool file (its bytes flushed to disk already) into place,
+        durably; called inside the transaction that queues the job, before it commits."""
         os.replace(spool_path, self.path(submission_id))
         fsync_folder(self.folder)
 

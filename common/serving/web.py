@@ -39,6 +39,8 @@ TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates"
 CONCURRENT_CHECKS = 2
 REFRESH_SECONDS = 2
 UPLOAD_SECONDS = 600
+# How long the rest of a refused form upload is read before the connection is closed.
+DRAIN_SECONDS = 30
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
@@ -269,7 +271,14 @@ class Service:
         return RedirectResponse(f"/submissions/{accepted.page_key}", status_code=303)
 
     async def _drain(self, request):
-        """Reads the rest of the body, up to the size limit; whether it all came."""
+        """Reads the rest of the body, up to the size limit and for at most DRAIN_SECONDS (a
+        client trickling bytes holds no connection open); whether it all came."""
+        try:
+            return await asyncio.wait_for(self._read_rest(request), DRAIN_SECONDS)
+        except asyncio.TimeoutError:
+            return False
+
+    async def _read_rest(self, request):
         read = 0
         try:
             async for chunk in request.stream():

@@ -29,6 +29,8 @@ from benchmarks import cli, peak  # noqa: E402
 WORKLOADS = ("mnist_attack", "mnist_training", "cifar10_attack")
 SIDES = ("port", "original")
 RESULT_MARK = "RESULT "
+EXTENSIONS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
+              "amx_tile")
 
 WORKLOAD = flags.DEFINE_list("workloads", list(WORKLOADS), "which workloads to run, from "
                              f"{', '.join(WORKLOADS)}")
@@ -160,18 +162,18 @@ def run_side(workload, side):
 
 
 def cpu_description():
-    """The CPU's model name and its vector extensions that matter to TensorFlow's kernels."""
-    model, extensions = "unknown CPU", []
+    """The CPU's model name and its vector extensions that matter to TensorFlow's kernels (the
+    flags the port's speed rules read, `devices.cpu_features`)."""
+    from common.runtime import devices
+
+    model = "unknown CPU"
     try:
         with open("/proc/cpuinfo") as info:
-            fields = dict(line.split(":", 1) for line in info if ":" in line)
+            model = next((line.split(":", 1)[1].strip() for line in info
+                          if line.startswith("model name")), model)
     except OSError:
-        return model
-    model = fields.get("model name\t", model).strip()
-    wanted = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
-              "amx_tile")
-    present = set(fields.get("flags\t\t", "").split())
-    extensions = [name for name in wanted if name in present]
+        pass
+    extensions = [name for name in EXTENSIONS if name in devices.cpu_features()]
     return f"{model}, {os.cpu_count()} logical CPUs, extensions: {' '.join(extensions)}"
 
 

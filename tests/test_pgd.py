@@ -188,6 +188,14 @@ def test_restarts_keep_the_strongest_start_per_example():
     np.testing.assert_array_equal(many.perturb(x_nat, y), candidates[best, np.arange(len(y))])
 
 
+def _graph_loop_and_unrolled(model, x_nat, y, start, settings, option):
+    """The iterate of pgd_steps traced with the keyword `option` False (graph loop), then True
+    (steps unrolled)."""
+    return [tf.function(lambda x, labels, x0, value=value: pgd.pgd_steps(
+        model, x, labels, x0, settings, **{option: value}))(x_nat, y, start).numpy()
+        for value in (False, True)]
+
+
 def test_the_unrolled_loop_of_training_mode_equals_the_graph_loop():
     """Training mode unrolls the steps in Python (batch norm cannot update inside a graph loop);
     on a model without batch norm both loops take the same steps."""
@@ -197,9 +205,7 @@ def test_the_unrolled_loop_of_training_mode_equals_the_graph_loop():
     y = rng.integers(0, 3, 40)
     settings = pgd.AttackSettings(0.2, 6, 0.03, True, "xent")
     start = pgd.start_point(x_nat, settings, np.random.default_rng(1))
-    results = [tf.function(lambda x, labels, x0, training=training: pgd.pgd_steps(
-        model, x, labels, x0, settings, training=training))(x_nat, y, start).numpy()
-        for training in (False, True)]
+    results = _graph_loop_and_unrolled(model, x_nat, y, start, settings, "training")
     np.testing.assert_array_equal(results[0], results[1])
     assert np.abs(results[0] - start).max() > 0.05
 
@@ -244,9 +250,7 @@ def test_the_unrolled_cpu_loop_equals_the_graph_loop_on_the_challenge_network(mn
     x_nat, y = data.test_images[:50].astype(np.float32), data.test_labels[:50]
     settings = pgd.AttackSettings(0.3, 10, 0.01, True, "xent")
     start = pgd.start_point(x_nat, settings, np.random.default_rng(2))
-    results = [tf.function(lambda x, labels, x0, unroll=unroll: pgd.pgd_steps(
-        model, x, labels, x0, settings, unroll=unroll))(x_nat, y, start).numpy()
-        for unroll in (False, True)]
+    results = _graph_loop_and_unrolled(model, x_nat, y, start, settings, "unroll")
     np.testing.assert_array_equal(results[0], results[1])
 
 

@@ -6,7 +6,6 @@ progress; should the scorer stop answering, the lease runs out and another score
 A result is written only while the scorer's claim still holds, so a job is scored once.
 """
 
-import hashlib
 import logging
 import os
 import secrets
@@ -17,6 +16,7 @@ import time
 import sqlalchemy as sa
 
 from common.evaluation import submission
+from common.io import download
 from common.runtime.errors import UserError
 from common.serving import queue
 
@@ -26,14 +26,6 @@ POLL_SECONDS = 0.5
 RETRY_SECONDS = 5
 PROGRESS_SECONDS = 30
 RENEW_SECONDS = 10
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _reason(error):
@@ -145,7 +137,7 @@ class Scorer:
         """(accuracy, None) or (None, the error that rejects the submission)."""
         start = time.monotonic()
         with self.store.opened(job.id, self.work_dir) as path:
-            if _sha256(path) != job.sha256:
+            if download.sha256_of(path) != job.sha256:
                 return None, "the stored file differs from the upload (its SHA-256 changed)"
             try:
                 x_adv = self.rules.check(path, job.filename)

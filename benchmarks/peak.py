@@ -26,6 +26,10 @@ PRODUCTS = flags.DEFINE_integer("peak_products", 10, "chained matrix products in
 REPEATS = flags.DEFINE_integer("peak_repeats", 5, "timed runs of the peak measurement (the best "
                                "counts)", lower_bound=1)
 
+# The vector extensions that matter to TensorFlow's CPU kernels, named where the CPU is described.
+EXTENSIONS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
+              "amx_tile")
+
 
 def matmul_peak_gflops(repeats=5, products=10, size=2048):
     """Best GFLOP/s over `repeats` runs of `products` chained `size` x `size` float32 products;
@@ -53,6 +57,22 @@ def matmul_peak_gflops(repeats=5, products=10, size=2048):
 def flagged_peak_gflops():
     """The peak measured with the sizes of the --peak_* flags."""
     return matmul_peak_gflops(REPEATS.value, PRODUCTS.value, SIZE.value)
+
+
+def cpu_description():
+    """The CPU's model name and its vector extensions that matter to TensorFlow's kernels (the
+    flags the port's speed rules read, `devices.cpu_features`)."""
+    from common.runtime import devices
+
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info
+                          if line.startswith("model name")), model)
+    except OSError:
+        pass
+    extensions = [name for name in EXTENSIONS if name in devices.cpu_features()]
+    return f"{model}, {os.cpu_count()} logical CPUs, extensions: {' '.join(extensions)}"
 
 
 def describe(gflops):

@@ -9,6 +9,10 @@ Prints the CPU (model and vector extensions), then per workload each pair's thro
 ((max - min) / median) and the fraction of the fp32 matrix-multiply peak (benchmarks/peak.py,
 measured in this process before and after). Run from the repository root:
 `python benchmarks/versus_original.py`.
+
+With --baseline_checkout=DIR the port of another checkout of this repository takes the
+original's place (say `git worktree add ../before COMMIT`): a change measured against the code
+before it, the same workloads, the same alternation.
 """
 
 import json
@@ -29,8 +33,6 @@ from benchmarks import cli, peak  # noqa: E402
 WORKLOADS = ("mnist_attack", "mnist_training", "cifar10_attack")
 SIDES = ("port", "original")
 RESULT_MARK = "RESULT "
-EXTENSIONS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
-              "amx_tile")
 
 WORKLOAD = flags.DEFINE_list("workloads", list(WORKLOADS), "which workloads to run, from "
                              f"{', '.join(WORKLOADS)}")
@@ -58,6 +60,14 @@ flags.register_validator("cifar10_filters", cli.positive_integers,
                          "--cifar10_filters must be four positive whole numbers")
 SIZE_FLAGS = (MNIST_BATCH, MNIST_BATCHES, MNIST_STEPS, TRAINING_BATCH, TRAINING_STEPS,
               CIFAR_BATCH, CIFAR_STEPS, CIFAR_REPEATS, CIFAR_FILTERS)
+BASELINE_CHECKOUT = flags.DEFINE_string(
+    "baseline_checkout", None, "a checkout of this repository at another commit whose port takes "
+    "the original's place (say `git worktree add ../before COMMIT`)")
+flags.register_validator(
+    "baseline_checkout",
+    lambda path: path is None or os.path.isfile(os.path.join(path, "common", "attacks", "pgd.py")),
+    "--baseline_checkout must be a checkout of this repository (a folder holding "
+    "common/attacks/pgd.py)")
 SIDE = flags.DEFINE_enum("side", None, list(SIDES), "run one side of one workload in this "
                          "process and print its result (what the comparison starts)")
 flags.adopt_module_key_flags(peak)
@@ -146,6 +156,10 @@ def run_side(workload, side):
         x = rng.uniform(0, 1, (batch, 784)).astype(np.float32)
     y = rng.integers(0, 10, batch)
     flops = None
+    if side == "original" and BASELINE_CHECKOUT.value:
+        # The other checkout's packages are found first; none of them is imported yet.
+        sys.path.insert(0, os.path.abspath(BASELINE_CHECKOUT.value))
+        side = "port"
     if side == "original":
         run = _cifar_original(x, y) if workload == "cifar10_attack" else \
             _mnist_original(workload, x, y)
@@ -161,25 +175,9 @@ def run_side(workload, side):
     return {"examples_per_second": batch * count / seconds, "flops_per_example": flops}
 
 
-def cpu_description():
-    """The CPU's model name and its vector extensions that matter to TensorFlow's kernels (the
-    flags the port's speed rules read, `devices.cpu_features`)."""
-    from common.runtime import devices
-
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as info:
-            model = next((line.split(":", 1)[1].strip() for line in info
-                          if line.startswith("model name")), model)
-    except OSError:
-        pass
-    extensions = [name for name in EXTENSIONS if name in devices.cpu_features()]
-    return f"{model}, {os.cpu_count()} logical CPUs, extensions: {' '.join(extensions)}"
-
-
 def _child(workload, side):
     """The result of one side of one workload, run in a new process with this one's sizes."""
-    sizes = [flag.serialize() for flag in SIZE_FLAGS]
+    sizes = [flag.serialize() for flag in (*SIZE_FLAGS, BASELINE_CHECKOUT) if flag.present]
     process = subprocess.run(
         [sys.executable, os.path.abspath(__file__), f"--side={side}", f"--workloads={workload}",
          *sizes], capture_output=True, text=True)
@@ -187,6 +185,21 @@ def _child(workload, side):
     if process.returncode != 0 or not lines:
         cli.fail(f"the {side} side of {workload} failed: {process.stderr.strip()[-500:]}")
     return json.loads(lines[-1][len(RESULT_MARK):])
+
+
+def _label(side):
+    """How a side is named in the output: the baseline is the original or the other checkout."""
+    return "checkout" if side == "original" and BASELINE_CHECKOUT.value else side
+
+
+def baseline_description():
+    """What the port is compared with."""
+    if not BASELINE_CHECKOUT.value:
+        return "the original's way of running (benchmarks/original.py)"
+    path = os.path.abspath(BASELINE_CHECKOUT.value)
+    commit = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    return f"the port in {path}" + (f" at {commit}" if commit else "")
 
 
 def _spread(values):
@@ -202,8 +215,8 @@ def compare(workload, pairs):
         for side in order:
             results[side].append(_child(workload, side))
         port, original = (results[side][-1]["examples_per_second"] for side in SIDES)
-        print(f"pair {pair + 1} ({order[0]} first): port {port:8.2f}, original {original:8.2f} "
-              f"examples/s, ratio {port / original:.3f}")
+        print(f"pair {pair + 1} ({_label(order[0])} first): port {port:8.2f}, "
+              f"{_label('original')} {original:8.2f} examples/s, ratio {port / original:.3f}")
     return results
 
 
@@ -217,7 +230,7 @@ def summarize(workload, results, peak_gflops):
     for side in SIDES:
         speeds = [result["examples_per_second"] for result in results[side]]
         fraction = statistics.median(speeds) * flops / 1e9 / peak_gflops
-        print(f"  {side:9s} median {statistics.median(speeds):8.2f} examples/s, spread "
+        print(f"  {_label(side):9s} median {statistics.median(speeds):8.2f} examples/s, spread "
               f"{_spread(speeds):.1%}, {fraction:.1%} of peak")
     return statistics.median(ratios)
 
@@ -228,7 +241,8 @@ def main():
             cli.fail("--side runs exactly one workload: give --workloads=NAME")
         print(RESULT_MARK + json.dumps(run_side(WORKLOAD.value[0], SIDE.value)))
         return
-    print(f"CPU: {cpu_description()}")
+    print(f"CPU: {peak.cpu_description()}")
+    print(f"Baseline: {baseline_description()}")
     peak_before = peak.flagged_peak_gflops()
     results = {workload: compare(workload, PAIRS.value) for workload in WORKLOAD.value}
     peak_gflops = max(peak_before, peak.flagged_peak_gflops())

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from common.models import layers
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each script, and flags that its --help must list.
@@ -22,10 +24,11 @@ SCRIPTS = {
     "benchmarks/training_methods.py": ("--batches", "--pgd_steps", "--replays", "--rounds",
                                        "--peak_size"),
     "benchmarks/peak.py": ("--peak_size", "--peak_products", "--peak_repeats"),
+    "benchmarks/layers.py": ("--batch", "--rounds", "--peak_size"),
     "benchmarks/flops.py": ("--networks", "--mnist_steps", "--cifar10_steps"),
-    "benchmarks/versus_original.py": ("--workloads", "--pairs", "--mnist_batch",
-                                      "--training_batch", "--cifar10_batch", "--cifar10_filters",
-                                      "--peak_size"),
+    "benchmarks/versus_original.py": ("--workloads", "--pairs", "--baseline_checkout",
+                                      "--mnist_batch", "--training_batch", "--cifar10_batch",
+                                      "--cifar10_filters", "--peak_size"),
     "benchmarks/": ("--benchmarks", "--quick"),
 }
 
@@ -79,6 +82,8 @@ def test_help_comes_in_every_spelling():
     ("benchmarks/flops.py", ["--networks=resnet"]),
     ("benchmarks/versus_original.py", ["--pairs=0"]),
     ("benchmarks/versus_original.py", ["--workloads=mnist_attack,resnet"]),
+    ("benchmarks/versus_original.py", ["--baseline_checkout=/nonexistent/checkout"]),
+    ("benchmarks/layers.py", ["--rounds=0"]),
     ("benchmarks/", ["--benchmarks=nope"]),
     ("benchmarks/", ["--quick=maybe"]),
 ])
@@ -123,3 +128,37 @@ def test_the_port_and_the_original_alternate_in_their_own_processes():
     assert len(re.findall(r"^pair 1 \(port first\): port +\d+\.\d\d, original +\d+\.\d\d "
                           r"examples/s, ratio \d+\.\d{3}$", result.stdout, re.M)) == 3
     assert len(re.findall(r"spread \d+\.\d%, \d+\.\d% of peak$", result.stdout, re.M)) == 6
+
+
+@pytest.mark.slow
+def test_a_checkout_takes_the_originals_place():
+    # The port against itself: the same code on both sides, named as the other checkout.
+    result, _ = run("benchmarks/versus_original.py", "--workloads=mnist_attack", "--pairs=1",
+                    "--mnist_batch=2", "--mnist_batches=1", "--mnist_steps=1",
+                    f"--baseline_checkout={REPO}", "--peak_size=256", "--peak_products=2",
+                    "--peak_repeats=1", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(rf"^Baseline: the port in {re.escape(REPO)}( at [0-9a-f]+)?$",
+                     result.stdout, re.M), result.stdout
+    assert re.search(r"^pair 1 \(port first\): port +\d+\.\d\d, checkout +\d+\.\d\d "
+                     r"examples/s, ratio \d+\.\d{3}$", result.stdout, re.M), result.stdout
+    assert re.search(r"^  checkout +median .* of peak$", result.stdout, re.M)
+
+
+@pytest.mark.slow
+def test_the_layers_benchmark_times_every_form_and_names_the_one_in_use():
+    result, _ = run("benchmarks/", "--quick", "--benchmarks=layers")
+    assert result.returncode == 0, result.stderr[-2000:]
+    forms = {"conv1": {"tensorflow", "convolution", "depthwise"},
+             "conv2": {"tensorflow", "convolution"}, "fc1": {"tensorflow", "transposed product"}}
+    in_use = {}
+    for layer, names in forms.items():
+        timed = set(re.findall(rf"^{layer} +(\w+(?: product)?) +\d+\.\d\d ms +\d+\.\d "
+                               r"GFLOP/s +\d+\.\d% of peak$", result.stdout, re.M))
+        assert timed == names, result.stdout
+        used = re.search(rf"^{layer} +fastest: ([\w ]+); the port uses: ([\w ]+)$",
+                         result.stdout, re.M)
+        assert used and used[1] in names, result.stdout
+        in_use[layer] = used[2]
+    few_channels = "depthwise" if layers.depthwise_gradient_wins() else "tensorflow"
+    assert in_use == {"conv1": few_channels, "conv2": "convolution", "fc1": "transposed product"}

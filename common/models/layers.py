@@ -15,7 +15,7 @@ from common.runtime import devices
 # From this many input channels the input gradient runs as one forward convolution; below it,
 # where that convolution would have a handful of output channels, as a depthwise convolution on
 # CPUs with AVX-512 and as TensorFlow's own Conv2DBackpropInput on others.
-_MIN_CHANNELS_FOR_CONVOLUTION_GRADIENT = 8
+MIN_CHANNELS_FOR_CONVOLUTION_GRADIENT = 8
 
 
 def depthwise_gradient_wins(features=None):
@@ -37,28 +37,39 @@ def _kernel_gradient(inputs, kernel, output_gradient):
         strides=[1, 1, 1, 1], padding="SAME")
 
 
-@tf.custom_gradient
-def _same_convolution(inputs, kernel):
-    def gradient(output_gradient):
-        input_gradient = tf.nn.conv2d(output_gradient, _flipped_transposed(kernel), 1, "SAME")
-        return input_gradient, _kernel_gradient(inputs, kernel, output_gradient)
-
-    return tf.nn.conv2d(inputs, kernel, 1, "SAME"), gradient
+def convolution_input_gradient(output_gradient, kernel):
+    """The input gradient of a stride-1 'same' convolution with an odd kernel, as a forward
+    convolution of the output gradient with the flipped, channel-swapped kernel."""
+    return tf.nn.conv2d(output_gradient, _flipped_transposed(kernel), 1, "SAME")
 
 
-@tf.custom_gradient
-def _same_convolution_few_channels(inputs, kernel):
-    def gradient(output_gradient):
-        # Each output channel's gradient convolved with its flipped kernel slices, one depthwise
-        # convolution giving (output channel, input channel) pairs, then summed over the output
-        # channels.
-        flipped = _flipped_transposed(kernel)  # [height, width, out, in]
-        pairs = tf.nn.depthwise_conv2d(output_gradient, flipped, [1, 1, 1, 1], "SAME")
-        shape = tf.shape(pairs)
-        pairs = tf.reshape(pairs, tf.concat([shape[:3], tf.shape(flipped)[2:]], 0))
-        return tf.reduce_sum(pairs, axis=3), _kernel_gradient(inputs, kernel, output_gradient)
+def depthwise_input_gradient(output_gradient, kernel):
+    """The same input gradient as one depthwise convolution, each output channel's gradient with
+    its flipped kernel slices, giving (output channel, input channel) pairs, then summed over
+    the output channels."""
+    flipped = _flipped_transposed(kernel)  # [height, width, out, in]
+    pairs = tf.nn.depthwise_conv2d(output_gradient, flipped, [1, 1, 1, 1], "SAME")
+    shape = tf.shape(pairs)
+    pairs = tf.reshape(pairs, tf.concat([shape[:3], tf.shape(flipped)[2:]], 0))
+    return tf.reduce_sum(pairs, axis=3)
 
-    return tf.nn.conv2d(inputs, kernel, 1, "SAME"), gradient
+
+def _same_convolution_with(input_gradient):
+    """A stride-1 'same' convolution whose input gradient is `input_gradient(g, kernel)`."""
+
+    @tf.custom_gradient
+    def convolution(inputs, kernel):
+        def gradient(output_gradient):
+            return (input_gradient(output_gradient, kernel),
+                    _kernel_gradient(inputs, kernel, output_gradient))
+
+        return tf.nn.conv2d(inputs, kernel, 1, "SAME"), gradient
+
+    return convolution
+
+
+_same_convolution = _same_convolution_with(convolution_input_gradient)
+_same_convolution_few_channels = _same_convolution_with(depthwise_input_gradient)
 
 
 class Conv2D(keras.layers.Conv2D):
@@ -77,7 +88,7 @@ class Conv2D(keras.layers.Conv2D):
     def convolution_op(self, inputs, kernel):
         if not self._same_odd_unit_stride():
             return super().convolution_op(inputs, kernel)
-        if kernel.shape[2] >= _MIN_CHANNELS_FOR_CONVOLUTION_GRADIENT:
+        if kernel.shape[2] >= MIN_CHANNELS_FOR_CONVOLUTION_GRADIENT:
             return _same_convolution(inputs, tf.convert_to_tensor(kernel))
         if depthwise_gradient_wins():
             return _same_convolution_few_channels(inputs, tf.convert_to_tensor(kernel))
@@ -90,10 +101,15 @@ class Conv2D(keras.layers.Conv2D):
                 and all(size % 2 == 1 for size in self.kernel_size))
 
 
+def dense_input_gradient(output_gradient, kernel):
+    """The input gradient of `inputs @ kernel` as (kernel @ gradient^T)^T."""
+    return tf.transpose(tf.matmul(kernel, output_gradient, transpose_b=True))
+
+
 @tf.custom_gradient
 def _matmul(inputs, kernel):
     def gradient(output_gradient):
-        input_gradient = tf.transpose(tf.matmul(kernel, output_gradient, transpose_b=True))
+        input_gradient = dense_input_gradient(output_gradient, kernel)
         kernel_gradient = tf.matmul(inputs, output_gradient, transpose_a=True)
         return input_gradient, kernel_gradient
 

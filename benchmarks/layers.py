@@ -60,13 +60,12 @@ def form_in_use(input_shape):
 
     if len(input_shape) == 1:
         return "transposed product"
-    if input_shape[-1] >= layers.MIN_CHANNELS_FOR_CONVOLUTION_GRADIENT:
-        return "convolution"
-    return "depthwise" if layers.depthwise_gradient_wins() else "tensorflow"
+    return layers.input_gradient_form(input_shape[-1])
 
 
 def measure(input_shape, outputs, side, batch, rounds):
-    """({form: best seconds}, flops) of one layer's input gradient, the forms taking turns."""
+    """({form: best seconds}, flops) of one layer's input gradient, the forms taking turns, on
+    the CPU even where a GPU is present."""
     import numpy as np
     import tensorflow as tf
 
@@ -75,14 +74,16 @@ def measure(input_shape, outputs, side, batch, rounds):
     rng = np.random.default_rng(0)
     kernel_shape = (input_shape[0], outputs) if side is None else \
         (side, side, input_shape[-1], outputs)
-    kernel = tf.constant(rng.normal(size=kernel_shape).astype(np.float32))
-    gradient = tf.constant(rng.normal(size=(batch, *input_shape[:-1], outputs)).astype(np.float32))
-    forms = {form: tf.function(function)
-             for form, function in gradient_forms(batch, input_shape, kernel).items()}
-    runs = {form: (lambda function=function: function(gradient).numpy())
-            for form, function in forms.items()}
     flops = 2 * batch * int(np.prod(kernel_shape)) * int(np.prod(input_shape[:-1]))
-    return alternating_best_seconds(runs, rounds), flops
+    with tf.device("/CPU:0"):
+        kernel = tf.constant(rng.normal(size=kernel_shape).astype(np.float32))
+        gradient = tf.constant(
+            rng.normal(size=(batch, *input_shape[:-1], outputs)).astype(np.float32))
+        forms = {form: tf.function(function)
+                 for form, function in gradient_forms(batch, input_shape, kernel).items()}
+        runs = {form: (lambda function=function: function(gradient).numpy())
+                for form, function in forms.items()}
+        return alternating_best_seconds(runs, rounds), flops
 
 
 def main():

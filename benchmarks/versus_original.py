@@ -4,10 +4,10 @@ the MNIST attack (PGD-40, batch 200, as pgd_attack.py runs it), the MNIST traini
 then Adam, batch 50, as train.py runs it) and a few steps of the CIFAR-10 attack on the wide
 network at a small batch.
 
-Prints the CPU (model and vector extensions), then per workload each pair's throughputs and ratio
-(port / original), the median ratio, the spread of each side's throughput between processes
-((max - min) / median) and the fraction of the fp32 matrix-multiply peak (benchmarks/peak.py,
-measured in this process before and after). Run from the repository root:
+Prints the CPU (model and vector extensions) and the baseline, then per workload each pair's
+throughputs and ratio (port / original), the median ratio, the spread of each side's throughput
+between processes ((max - min) / median) and the fraction of the fp32 matrix-multiply peak
+(benchmarks/peak.py, measured in this process before and after). Run from the repository root:
 `python benchmarks/versus_original.py`.
 
 With --baseline_checkout=DIR the port of another checkout of this repository takes the
@@ -65,7 +65,8 @@ BASELINE_CHECKOUT = flags.DEFINE_string(
     "the original's place (say `git worktree add ../before COMMIT`)")
 flags.register_validator(
     "baseline_checkout",
-    lambda path: path is None or os.path.isfile(os.path.join(path, "common", "attacks", "pgd.py")),
+    lambda path: path is None or (
+        bool(path) and os.path.isfile(os.path.join(path, "common", "attacks", "pgd.py"))),
     "--baseline_checkout must be a checkout of this repository (a folder holding "
     "common/attacks/pgd.py)")
 SIDE = flags.DEFINE_enum("side", None, list(SIDES), "run one side of one workload in this "
@@ -141,6 +142,17 @@ def _cifar_original(x, y):
     return lambda: graph.perturb(x, y, 8.0, CIFAR_STEPS.value, 2.0, (0.0, 255.0), rng)
 
 
+def _import_from(checkout):
+    """Puts the other checkout's packages first, and proves that its `common` is the one
+    imported (nothing may have imported this checkout's before)."""
+    checkout = os.path.abspath(checkout)
+    sys.path.insert(0, checkout)
+    import common
+
+    if not os.path.abspath(common.__file__).startswith(checkout + os.sep):
+        cli.fail(f"the baseline imported {common.__file__}, not the one in {checkout}")
+
+
 def run_side(workload, side):
     """{"examples_per_second", "flops_per_example"} of one side of one workload, measured in
     this process (flops only on the port's side, from its Keras model)."""
@@ -157,8 +169,7 @@ def run_side(workload, side):
     y = rng.integers(0, 10, batch)
     flops = None
     if side == "original" and BASELINE_CHECKOUT.value:
-        # The other checkout's packages are found first; none of them is imported yet.
-        sys.path.insert(0, os.path.abspath(BASELINE_CHECKOUT.value))
+        _import_from(BASELINE_CHECKOUT.value)
         side = "port"
     if side == "original":
         run = _cifar_original(x, y) if workload == "cifar10_attack" else \
@@ -183,7 +194,8 @@ def _child(workload, side):
          *sizes], capture_output=True, text=True)
     lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if process.returncode != 0 or not lines:
-        cli.fail(f"the {side} side of {workload} failed: {process.stderr.strip()[-500:]}")
+        cli.fail(f"the {_label(side)} side of {workload} failed: "
+                 f"{process.stderr.strip()[-500:]}")
     return json.loads(lines[-1][len(RESULT_MARK):])
 
 
@@ -197,8 +209,11 @@ def baseline_description():
     if not BASELINE_CHECKOUT.value:
         return "the original's way of running (benchmarks/original.py)"
     path = os.path.abspath(BASELINE_CHECKOUT.value)
-    commit = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
+    try:
+        commit = subprocess.run(["git", "-C", path, "describe", "--always", "--dirty"],
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:  # no git on this machine
+        commit = ""
     return f"the port in {path}" + (f" at {commit}" if commit else "")
 
 

@@ -57,7 +57,7 @@ def _input_gradient_ops(layer, x):
     (3, 3, 2, "Conv2DBackpropInput")])
 def test_convolution_values_and_gradients_equal_keras(channels, kernel_size, strides, kind,
                                                       depthwise_wins, monkeypatch):
-    monkeypatch.setattr(layers, "depthwise_gradient_wins", lambda: depthwise_wins)
+    monkeypatch.setattr(layers, "depthwise_gradient_wins", lambda features=None: depthwise_wins)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(4, 12, 12, channels)).astype(np.float32))
     ours = Conv2D(6, kernel_size, strides=strides, padding="same")
@@ -74,6 +74,10 @@ def test_the_depthwise_form_is_chosen_by_the_cpus_features():
     assert layers.depthwise_gradient_wins({"avx2", "fma", "avx512f"})
     assert not layers.depthwise_gradient_wins({"avx2", "fma"})
     assert layers.depthwise_gradient_wins() == ("avx512f" in devices.cpu_features())
+    assert layers.input_gradient_form(1, {"avx2", "avx512f"}) == "depthwise"
+    assert layers.input_gradient_form(7, {"avx2"}) == "tensorflow"
+    assert layers.input_gradient_form(8, {"avx2"}) == "convolution"
+    assert layers.input_gradient_form(32, {"avx512f"}) == "convolution"
 
 
 def test_dense_values_and_gradients_equal_keras():

@@ -26,6 +26,15 @@ def depthwise_gradient_wins(features=None):
     return "avx512f" in (devices.cpu_features() if features is None else features)
 
 
+def input_gradient_form(input_channels, features=None):
+    """How the CPU-tuned Conv2D computes the input gradient of a stride-1 'same' convolution with
+    `input_channels` input channels on a CPU with `features` (this one's by default):
+    "convolution", "depthwise" or "tensorflow" (Conv2DBackpropInput)."""
+    if input_channels >= MIN_CHANNELS_FOR_CONVOLUTION_GRADIENT:
+        return "convolution"
+    return "depthwise" if depthwise_gradient_wins(features) else "tensorflow"
+
+
 def _flipped_transposed(kernel):
     """The kernel flipped in space with input and output channels swapped."""
     return tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
@@ -86,11 +95,10 @@ class Conv2D(keras.layers.Conv2D):
     """
 
     def convolution_op(self, inputs, kernel):
-        if not self._same_odd_unit_stride():
-            return super().convolution_op(inputs, kernel)
-        if kernel.shape[2] >= MIN_CHANNELS_FOR_CONVOLUTION_GRADIENT:
+        form = input_gradient_form(kernel.shape[2]) if self._same_odd_unit_stride() else None
+        if form == "convolution":
             return _same_convolution(inputs, tf.convert_to_tensor(kernel))
-        if depthwise_gradient_wins():
+        if form == "depthwise":
             return _same_convolution_few_channels(inputs, tf.convert_to_tensor(kernel))
         return super().convolution_op(inputs, kernel)
 

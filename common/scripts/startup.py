@@ -3,8 +3,8 @@
 TensorFlow prints up to seven lines as it loads and first looks for devices: oneDNN's notice,
 CUDA probing, and on a machine without a GPU a `failed call to cuInit` error. Several of them are
 written before TensorFlow reads TF_CPP_MIN_LOG_LEVEL, so only catching the process's stderr hides
-them. Which kernels run does not change (oneDNN stays on). `--tf_log` or TF_CPP_MIN_LOG_LEVEL=0
-shows them.
+them. Which kernels run does not change (oneDNN stays as TensorFlow set it). `--tf_log` or
+TF_CPP_MIN_LOG_LEVEL=0 shows them.
 """
 
 import os

@@ -44,13 +44,12 @@ def gradient_forms(batch, input_shape, kernel):
         return {"tensorflow": lambda g: tf.matmul(g, kernel, transpose_b=True),
                 "transposed product": lambda g: layers.dense_input_gradient(g, kernel)}
     sizes = tf.constant((batch, *input_shape))
-    forms = {
-        "tensorflow": lambda g: tf.raw_ops.Conv2DBackpropInput(
-            input_sizes=sizes, filter=kernel, out_backprop=g, strides=[1, 1, 1, 1],
-            padding="SAME"),
-        "convolution": lambda g: layers.convolution_input_gradient(g, kernel)}
-    if input_shape[-1] < layers.MIN_CHANNELS_FOR_CONVOLUTION_GRADIENT:
-        forms["depthwise"] = lambda g: layers.depthwise_input_gradient(g, kernel)
+    forms = {"tensorflow": lambda g: tf.raw_ops.Conv2DBackpropInput(
+        input_sizes=sizes, filter=kernel, out_backprop=g, strides=[1, 1, 1, 1], padding="SAME")}
+    few_channels = input_shape[-1] < layers.MIN_CHANNELS_FOR_CONVOLUTION_GRADIENT
+    for form, gradient in layers.INPUT_GRADIENTS.items():
+        if form != "depthwise" or few_channels:  # the depthwise form only where it may be used
+            forms[form] = lambda g, gradient=gradient: gradient(g, kernel)
     return forms
 
 

@@ -77,8 +77,11 @@ def _same_convolution_with(input_gradient):
     return convolution
 
 
-_same_convolution = _same_convolution_with(convolution_input_gradient)
-_same_convolution_few_channels = _same_convolution_with(depthwise_input_gradient)
+# The forms of `input_gradient_form` other than TensorFlow's own, by name.
+INPUT_GRADIENTS = {"convolution": convolution_input_gradient,
+                   "depthwise": depthwise_input_gradient}
+_CONVOLUTIONS = {form: _same_convolution_with(gradient)
+                 for form, gradient in INPUT_GRADIENTS.items()}
 
 
 class Conv2D(keras.layers.Conv2D):
@@ -96,10 +99,8 @@ class Conv2D(keras.layers.Conv2D):
 
     def convolution_op(self, inputs, kernel):
         form = input_gradient_form(kernel.shape[2]) if self._same_odd_unit_stride() else None
-        if form == "convolution":
-            return _same_convolution(inputs, tf.convert_to_tensor(kernel))
-        if form == "depthwise":
-            return _same_convolution_few_channels(inputs, tf.convert_to_tensor(kernel))
+        if form in _CONVOLUTIONS:
+            return _CONVOLUTIONS[form](inputs, tf.convert_to_tensor(kernel))
         return super().convolution_op(inputs, kernel)
 
     def _same_odd_unit_stride(self):

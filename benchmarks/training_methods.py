@@ -48,7 +48,8 @@ def training_steps(batch_size):
     from mnist_challenge import model as mnist_model
 
     strategy = tf.distribute.get_strategy()
-    settings = pgd.AttackSettings(EPSILON, PGD_STEPS.value, PGD_STEP_SIZE, True)
+    settings = pgd.AttackSettings(epsilon=EPSILON, steps=PGD_STEPS.value, step_size=PGD_STEP_SIZE,
+                                  random_start=True)
     steps = {}
     for method in METHODS:
         model = mnist_model.Model()
@@ -58,9 +59,9 @@ def training_steps(batch_size):
                                                 summed_xent, REPLAYS.value, batch_size), 0)
         else:
             attack = settings if method == "pgd" else pgd.AttackSettings(
-                EPSILON, 1, FGSM_STEP_SIZE, True)
+                epsilon=EPSILON, steps=1, step_size=FGSM_STEP_SIZE, random_start=True)
             steps[method] = (loop.TrainStep(strategy, model, optimizer, attack,
-                                            summed_xent), attack.num_steps)
+                                            summed_xent), attack.steps)
     return steps
 
 

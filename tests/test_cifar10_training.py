@@ -108,7 +108,8 @@ def test_two_replicas_take_the_same_step_as_one_device(cifar_data, two_replicas)
     round-off of zero (1 pixel after 1 step) spreads over the batch in later steps."""
     cifar = cifar10_input.CIFAR10Data(cifar_data)
     x, y = cifar10_input.training_batch(cifar, 0, 16, seed=4)
-    settings = pgd.AttackSettings(8.0, 2, 2.0, True, "xent", (0.0, 255.0))
+    settings = pgd.AttackSettings(epsilon=8.0, steps=2, step_size=2.0, random_start=True,
+                                  loss="xent", pixel_range=(0.0, 255.0))
     batch = (x, y, loop.training_start(x, settings, 4, 0))
     keras.utils.set_random_seed(5)
     initial = cifar_model.Model("eval", cifar_model.SIMPLE_FILTERS).get_weights()

@@ -66,7 +66,8 @@ def xent_gradients(model, x, labels, sources):
 def test_fgsm_rs_is_one_pgd_step_of_its_size_from_a_random_start(batch, initial_weights):
     config = load(MNIST, "--training_method=fgsm_rs", "--fgsm_step_size=0.375")
     settings = MNIST.training_attack_settings(config)
-    assert settings == pgd.AttackSettings(EPSILON, 1, 0.375, True, "xent", (0.0, 1.0))
+    assert settings == pgd.AttackSettings(epsilon=EPSILON, steps=1, step_size=0.375,
+                                          random_start=True, loss="xent", pixel_range=(0.0, 1.0))
     x, y = batch
     model, optimizer = model_and_adam(initial_weights)
     step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer, settings,
@@ -90,17 +91,20 @@ def test_fgsm_rs_is_one_pgd_step_of_its_size_from_a_random_start(batch, initial_
 
 def test_a_few_step_training_attack_leaves_the_evaluation_attack_alone():
     config = load(MNIST, "--training_attack=[2,0.2]")
-    assert MNIST.training_attack_settings(config) == pgd.AttackSettings(EPSILON, 2, 0.2, True)
-    assert MNIST.attack_settings(config) == pgd.AttackSettings(EPSILON, 40, 0.01, True)
+    assert MNIST.training_attack_settings(config) == pgd.AttackSettings(epsilon=EPSILON, steps=2,
+                                                                        step_size=0.2,
+                                                                        random_start=True)
+    assert MNIST.attack_settings(config) == pgd.AttackSettings(epsilon=EPSILON, steps=40,
+                                                               step_size=0.01, random_start=True)
     original = load(MNIST)
     assert MNIST.training_attack_settings(original) == MNIST.attack_settings(original)
     assert MNIST.training_attack_settings(
-        load(MNIST, "--training_attack=[2,0.2]", "--training_method=fgsm_rs")).num_steps == 1
+        load(MNIST, "--training_attack=[2,0.2]", "--training_method=fgsm_rs")).steps == 1
 
 
 def test_free_replays_equal_a_hand_written_loop(batch, initial_weights):
     x, y = batch
-    settings = pgd.AttackSettings(EPSILON, 40, 0.01, True)
+    settings = pgd.AttackSettings(epsilon=EPSILON, steps=40, step_size=0.01, random_start=True)
     model, optimizer = model_and_adam(initial_weights)
     step = loop.FreeTrainStep(tf.distribute.get_strategy(), model, optimizer, settings,
                                   summed_xent, replays=3, batch_size=BATCH)
@@ -146,7 +150,8 @@ def test_the_optimizer_follows_the_cyclic_schedule(batch, initial_weights):
         optimizer = keras.optimizers.Adam(
             learning_rate=schedules.PiecewiseLinear([[0, 0.0], [2, 1e-3], [4, 0.0]]))
     step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer,
-                              pgd.AttackSettings(EPSILON, 1, 0.375, True), summed_xent)
+                              pgd.AttackSettings(epsilon=EPSILON, steps=1, step_size=0.375,
+                                                 random_start=True), summed_xent)
     step(x, y, step.start_points(x, 0, 0), report=False)
     for ours, before in zip(model.get_weights(), initial_weights):
         np.testing.assert_array_equal(ours, before)  # the rate of step 0 is 0
@@ -157,7 +162,7 @@ def test_the_optimizer_follows_the_cyclic_schedule(batch, initial_weights):
 def test_the_epsilon_ramp_scales_starts_and_steps(batch, initial_weights):
     x, y = batch
     model, optimizer = model_and_adam(initial_weights)
-    settings = pgd.AttackSettings(EPSILON, 2, 0.1, True)
+    settings = pgd.AttackSettings(epsilon=EPSILON, steps=2, step_size=0.1, random_start=True)
     step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer, settings,
                               summed_xent, epsilon_ramp_steps=10)
     assert [step.epsilon_scale(s) for s in (0, 5, 10, 50)] == [0.0, 0.5, 1.0, 1.0]
@@ -171,13 +176,14 @@ def test_the_epsilon_ramp_scales_starts_and_steps(batch, initial_weights):
 
 def one_step(method, strategy, batch, initial_weights):
     model, optimizer = model_and_adam(initial_weights, strategy)
-    settings = pgd.AttackSettings(EPSILON, 3, 0.1, True)
+    settings = pgd.AttackSettings(epsilon=EPSILON, steps=3, step_size=0.1, random_start=True)
     if method == "free":
         step = loop.FreeTrainStep(strategy, model, optimizer, settings, summed_xent, 2,
                                       BATCH)
     else:
         if method == "fgsm_rs":
-            settings = pgd.AttackSettings(EPSILON, 1, 0.375, True)
+            settings = pgd.AttackSettings(epsilon=EPSILON, steps=1, step_size=0.375,
+                                          random_start=True)
         step = loop.TrainStep(strategy, model, optimizer, settings, summed_xent)
     x, y = batch
     for index in range(step.replays):  # free: the second replay starts from the carried one

@@ -133,7 +133,8 @@ def test_the_attack_predicts_the_same_with_either_layer_path(mnist_fixture, mnis
 
     data = mnist_input.MNISTData(mnist_data)
     x, y = data.test_images[:100].astype(np.float32), data.test_labels[:100]
-    start = pgd.start_point(x, pgd.AttackSettings(0.3, 40, 0.01, True), np.random.default_rng(4))
+    start = pgd.start_point(x, pgd.AttackSettings(epsilon=0.3, steps=40, step_size=0.01,
+                                                  random_start=True), np.random.default_rng(4))
     predictions = []
     for on_cpu in (True, False):
         model = mnist_model.Model(on_cpu)

@@ -18,7 +18,7 @@ def tiny_model(input_size=12, classes=3):
 
 
 def test_unknown_loss_and_zero_restarts_are_rejected():
-    with pytest.raises(ValueError, match="unknown loss_func 'hinge'"):
+    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
         pgd.LinfPGDAttack(tiny_model(), 0.3, 5, 0.1, True, "hinge")
     with pytest.raises(ValueError, match="restarts must be at least 1, got 0"):
         pgd.LinfPGDAttack(tiny_model(), 0.3, 5, 0.1, True, "xent", restarts=0)
@@ -34,13 +34,16 @@ def test_settings_keep_the_original_attribute_names():
     attack = pgd.LinfPGDAttack(tiny_model(), 8, 7, 2, 1, "cw", pixel_range=(0, 255))
     assert (attack.epsilon, attack.k, attack.a, attack.rand, attack.loss_func) == \
         (8.0, 7, 2.0, True, "cw")
-    assert attack.settings == pgd.AttackSettings(8.0, 7, 2.0, True, "cw", (0.0, 255.0))
+    assert attack.settings == pgd.AttackSettings(epsilon=8.0, steps=7, step_size=2.0,
+                                                 random_start=True, loss="cw",
+                                                 pixel_range=(0.0, 255.0))
     again = pgd.LinfPGDAttack.from_settings(tiny_model(), attack.settings)
     assert again.settings == attack.settings
 
 
 def test_linf_random_start_is_uniform_in_the_ball_and_clipped():
-    settings = pgd.AttackSettings(0.3, 1, 0.1, True, "xent", (0.0, 1.0))
+    settings = pgd.AttackSettings(epsilon=0.3, steps=1, step_size=0.1, random_start=True,
+                                  loss="xent", pixel_range=(0.0, 1.0))
     middle = np.full((2000, 12), 0.5, np.float32)
     offsets = pgd.start_point(middle, settings, np.random.default_rng(0)) - 0.5
     # U(-0.3, 0.3) per pixel: each decile of the interval holds a tenth of the pixels.
@@ -52,12 +55,14 @@ def test_linf_random_start_is_uniform_in_the_ball_and_clipped():
     assert abs(np.mean(near_top == 1.0) - 0.2 / 0.6) < 0.02  # the part beyond 1 is clipped
     assert not np.array_equal(pgd.start_point(middle, settings, np.random.default_rng(2)),
                               pgd.start_point(middle, settings, np.random.default_rng(3)))
-    fixed = pgd.start_point(near_top, pgd.AttackSettings(0.3, 1, 0.1, False), None)
+    fixed = pgd.start_point(near_top, pgd.AttackSettings(epsilon=0.3, steps=1, step_size=0.1,
+                                                         random_start=False), None)
     np.testing.assert_array_equal(fixed, near_top.astype(np.float32).astype(np.float64))
 
 
 def test_l2_random_start_is_uniform_in_the_ball():
-    settings = pgd.AttackSettings(2.0, 1, 0.1, True, "xent", (-100.0, 100.0), norm="L2")
+    settings = pgd.AttackSettings(epsilon=2.0, steps=1, step_size=0.1, random_start=True,
+                                  loss="xent", pixel_range=(-100.0, 100.0), norm="L2")
     x_nat = np.zeros((4000, 3), np.float32)
     radii = np.linalg.norm(pgd.start_point(x_nat, settings, np.random.default_rng(0)), axis=1)
     assert radii.max() <= 2.0
@@ -110,12 +115,15 @@ def test_the_loss_trace_follows_the_attack_step_by_step():
     x_nat = rng.uniform(0, 1, (16, 12)).astype(np.float32)
     model = tiny_model()
     y = np.argmax(model(x_nat).numpy(), axis=1)
-    settings = pgd.AttackSettings(0.2, 6, 0.05, True, "xent")
+    settings = pgd.AttackSettings(epsilon=0.2, steps=6, step_size=0.05, random_start=True,
+                                  loss="xent")
     start = pgd.start_point(x_nat, settings, np.random.default_rng(0))
     trace = pgd.loss_trace(model, x_nat, y, start, settings).numpy()
     assert trace.shape == (7, 16)
     for steps in (0, 3, 6):
-        x = pgd.pgd_steps(model, x_nat, y, start, pgd.AttackSettings(0.2, steps, 0.05, True))
+        x = pgd.pgd_steps(model, x_nat, y, start, pgd.AttackSettings(epsilon=0.2, steps=steps,
+                                                                     step_size=0.05,
+                                                                     random_start=True))
         expected = losses.xent(model(tf.cast(x, tf.float32)), y).numpy()
         np.testing.assert_allclose(trace[steps], expected, rtol=1e-5, atol=1e-6)
     assert np.all(trace[-1] > trace[0])
@@ -203,7 +211,8 @@ def test_the_unrolled_loop_of_training_mode_equals_the_graph_loop():
     model = tiny_model()
     x_nat = rng.uniform(0, 1, (40, 12)).astype(np.float32)
     y = rng.integers(0, 3, 40)
-    settings = pgd.AttackSettings(0.2, 6, 0.03, True, "xent")
+    settings = pgd.AttackSettings(epsilon=0.2, steps=6, step_size=0.03, random_start=True,
+                                  loss="xent")
     start = pgd.start_point(x_nat, settings, np.random.default_rng(1))
     results = _graph_loop_and_unrolled(model, x_nat, y, start, settings, "training")
     np.testing.assert_array_equal(results[0], results[1])
@@ -248,7 +257,8 @@ def test_the_unrolled_cpu_loop_equals_the_graph_loop_on_the_challenge_network(mn
     checkpoints.load_weights(model, f"{mnist_fixture}/checkpoint-300", mnist_model.tf1_variables)
     data = mnist_input.MNISTData(mnist_data)
     x_nat, y = data.test_images[:50].astype(np.float32), data.test_labels[:50]
-    settings = pgd.AttackSettings(0.3, 10, 0.01, True, "xent")
+    settings = pgd.AttackSettings(epsilon=0.3, steps=10, step_size=0.01, random_start=True,
+                                  loss="xent")
     start = pgd.start_point(x_nat, settings, np.random.default_rng(2))
     results = _graph_loop_and_unrolled(model, x_nat, y, start, settings, "unroll")
     np.testing.assert_array_equal(results[0], results[1])

@@ -105,7 +105,8 @@ def test_mixed_precision_free_training_keeps_a_finite_perturbation(mode, policy,
     model = mnist_model.Model()
     optimizer = precision.training_optimizer(keras.optimizers.Adam(1e-3, epsilon=1e-8))
     step = loop.FreeTrainStep(tf.distribute.get_strategy(), model, optimizer,
-                                  pgd.AttackSettings(0.3, 1, 0.1, True), summed_xent, 4, 50)
+                                  pgd.AttackSettings(epsilon=0.3, steps=1, step_size=0.1,
+                                                     random_start=True), summed_xent, 4, 50)
     x, y = data.train_images[:50], data.train_labels[:50]
     for replay in range(8):
         metrics, x_adv = step(x, y, report=True, step=replay)
@@ -131,7 +132,8 @@ def test_xla_training_step_gives_the_same_weights(mnist_data):
     opposite directions: 2 learning rates apart, on few weights."""
     data = mnist_input.MNISTData(mnist_data)
     x, y = data.train_images[:20], data.train_labels[:20]
-    start = pgd.start_point(x, pgd.AttackSettings(0.3, 3, 0.1, True), np.random.default_rng(0))
+    start = pgd.start_point(x, pgd.AttackSettings(epsilon=0.3, steps=3, step_size=0.1,
+                                                  random_start=True), np.random.default_rng(0))
     keras.utils.set_random_seed(0)
     initial = mnist_model.Model().get_weights()
     weights = []

@@ -85,9 +85,9 @@ def _test_set():
 
 def test_rows_say_what_they_run():
     settings = Row("FGSM").settings(0.3, 0.01, (0.0, 1.0))
-    assert (settings.num_steps, settings.step_size, settings.random_start) == (1, 0.3, False)
+    assert (settings.steps, settings.step_size, settings.random_start) == (1, 0.3, False)
     assert Row("Natural").settings(0.3, 0.01, (0.0, 1.0)) is None
-    assert [Row(method, 40).settings(0.3, 0.01, (0.0, 1.0)).loss_func
+    assert [Row(method, 40).settings(0.3, 0.01, (0.0, 1.0)).loss
             for method in ("PGD", "Targeted", "CW", "CW+")] == ["xent", "targeted", "margin", "cw"]
     assert [row.name for row in MNIST.paper.table][4:6] == [
         "PGD 40 steps x 20 restarts", "PGD 100 steps x 20 restarts"]

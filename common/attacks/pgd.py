@@ -22,22 +22,22 @@ LOSS_FUNCTIONS = ("xent", "cw", "margin", "targeted")
 MAX_UNROLLED_STEPS = 200
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AttackSettings:
     """What defines a PGD attack: the same for the attack scripts and for training."""
 
     epsilon: float
-    num_steps: int
+    steps: int
     step_size: float
     random_start: bool
-    loss_func: str = "xent"
+    loss: str = "xent"
     pixel_range: tuple = (0.0, 1.0)
     norm: str = "Linf"
 
     def __post_init__(self):
-        if self.loss_func not in LOSS_FUNCTIONS:
-            raise ValueError(f"unknown loss_func {self.loss_func!r}: use one of {LOSS_FUNCTIONS}")
-        for name, kind in (("epsilon", float), ("num_steps", int), ("step_size", float),
+        if self.loss not in LOSS_FUNCTIONS:
+            raise ValueError(f"unknown loss {self.loss!r}: use one of {LOSS_FUNCTIONS}")
+        for name, kind in (("epsilon", float), ("steps", int), ("step_size", float),
                            ("random_start", bool)):
             object.__setattr__(self, name, kind(getattr(self, name)))
         object.__setattr__(self, "pixel_range", tuple(float(bound) for bound in self.pixel_range))
@@ -74,7 +74,7 @@ def start_point(x_nat, settings, rng):
 
 def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=None,
               unroll=False):
-    """`settings.num_steps` gradient steps from `x_start` (float64), each projected back into
+    """`settings.steps` gradient steps from `x_start` (float64), each projected back into
     the threat model's ball around `x_nat` and the pixel range.
 
     The arithmetic is the original numpy loop's: the iterate is float64, while the step
@@ -92,21 +92,21 @@ def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=Non
         threat, step_size = threat.scaled(scale), step_size * scale
     x_nat = tf.cast(x_nat, tf.float32)
     targets = None
-    if settings.loss_func == "targeted":
+    if settings.loss == "targeted":
         logits = tf.cast(devices.call_model(model, x_nat), tf.float32)
         targets = losses.wrong_classes(logits, labels, 1)[:, 0]
     x = x_start
-    for _ in range(settings.num_steps) if training or unroll else tf.range(settings.num_steps):
-        grad = input_gradient(model, tf.cast(x, tf.float32), labels, settings.loss_func,
+    for _ in range(settings.steps) if training or unroll else tf.range(settings.steps):
+        grad = input_gradient(model, tf.cast(x, tf.float32), labels, settings.loss,
                               training, targets)
         x = threat.project(threat.step(x, grad, step_size), x_nat)
     return x
 
 
-def unrolls(strategy, num_steps):
+def unrolls(strategy, steps):
     """Whether the steps are unrolled: on CPUs, up to MAX_UNROLLED_STEPS; never on GPUs, where
     the graph loop runs the same kernels."""
-    return devices.runs_on_cpu(strategy) and num_steps <= MAX_UNROLLED_STEPS
+    return devices.runs_on_cpu(strategy) and steps <= MAX_UNROLLED_STEPS
 
 
 def loss_trace(model, x_nat, labels, x_start, settings):
@@ -116,13 +116,13 @@ def loss_trace(model, x_nat, labels, x_start, settings):
         logits = devices.call_model(model, tf.cast(x, tf.float32))
         return losses.xent(tf.cast(logits, tf.float32), labels)
 
-    one_step = dataclasses.replace(settings, num_steps=1)
-    trace = tf.TensorArray(tf.float32, size=settings.num_steps + 1)
+    one_step = dataclasses.replace(settings, steps=1)
+    trace = tf.TensorArray(tf.float32, size=settings.steps + 1)
     x = x_start
-    for step in tf.range(settings.num_steps):
+    for step in tf.range(settings.steps):
         trace = trace.write(step, xent(x))
         x = pgd_steps(model, x_nat, labels, x, one_step)
-    return trace.write(settings.num_steps, xent(x)).stack()
+    return trace.write(settings.steps, xent(x)).stack()
 
 
 class PGD:
@@ -146,8 +146,9 @@ class PGD:
         if restarts < 1:
             raise ValueError(f"restarts must be at least 1, got {restarts}")
         step_size = 2.5 * epsilon / max(steps, 1) if step_size is None else step_size
-        self.settings = AttackSettings(epsilon, steps, step_size, random_start, loss,
-                                       pixel_range, norm)
+        self.settings = AttackSettings(epsilon=epsilon, steps=steps, step_size=step_size,
+                                       random_start=random_start, loss=loss,
+                                       pixel_range=pixel_range, norm=norm)
         self.threat_model = self.settings.threat_model
         self.model = model
         self.restarts = int(restarts)
@@ -161,9 +162,9 @@ class PGD:
     @classmethod
     def from_settings(cls, model, settings, **options):
         """The attack of `settings` (an AttackSettings); `options` as the constructor's."""
-        return cls(model, settings.epsilon, settings.num_steps, settings.step_size,
+        return cls(model, settings.epsilon, settings.steps, settings.step_size,
                    norm=settings.norm, random_start=settings.random_start,
-                   loss=settings.loss_func, pixel_range=settings.pixel_range, **options)
+                   loss=settings.loss, pixel_range=settings.pixel_range, **options)
 
     def _attack_batch(self, x_nat, labels, x_start):
         return pgd_steps(self.model, x_nat, labels, x_start, self.settings, unroll=self._unroll)
@@ -173,7 +174,7 @@ class PGD:
         the label) and whether it is misclassified."""
         logits = tf.cast(devices.call_model(self.model, x), tf.float32)
         misclassified = tf.not_equal(tf.argmax(logits, axis=1), labels)
-        loss_func = "xent" if self.settings.loss_func == "targeted" else self.settings.loss_func
+        loss_func = "xent" if self.settings.loss == "targeted" else self.settings.loss
         return losses.per_example_loss(logits, labels, loss_func), misclassified
 
     def start_point(self, x_nat):
@@ -225,15 +226,15 @@ class LinfPGDAttack(PGD):
 
     @classmethod
     def from_settings(cls, model, settings, **options):
-        return cls(model, settings.epsilon, settings.num_steps, settings.step_size,
-                   settings.random_start, settings.loss_func, settings.pixel_range, **options)
+        return cls(model, settings.epsilon, settings.steps, settings.step_size,
+                   settings.random_start, settings.loss, settings.pixel_range, **options)
 
     # The original's attribute names.
     epsilon = property(lambda self: self.settings.epsilon)
-    k = property(lambda self: self.settings.num_steps)
+    k = property(lambda self: self.settings.steps)
     a = property(lambda self: self.settings.step_size)
     rand = property(lambda self: self.settings.random_start)
-    loss_func = property(lambda self: self.settings.loss_func)
+    loss_func = property(lambda self: self.settings.loss)
 
     def perturb(self, x_nat, y, *session, start=None):
         """Adversarial examples for `(x_nat, y)` within epsilon of `x_nat` (float64 numpy array).

@@ -44,17 +44,19 @@ class Row:
         if self.method == "Natural":
             return None
         if self.method == "FGSM":
-            return AttackSettings(epsilon, 1, epsilon, False, "xent", pixel_range)
-        return AttackSettings(epsilon, self.steps, step_size, True, METHOD_LOSSES[self.method],
-                              pixel_range)
+            return AttackSettings(epsilon=epsilon, steps=1, step_size=epsilon, random_start=False,
+                                  loss="xent", pixel_range=pixel_range)
+        return AttackSettings(epsilon=epsilon, steps=self.steps, step_size=step_size,
+                              random_start=True, loss=METHOD_LOSSES[self.method],
+                              pixel_range=pixel_range)
 
     def describe(self, settings):
         """The settings the row ran with, in words."""
         if settings is None:
             return "no attack"
         start = "random start" if settings.random_start else "from the natural image"
-        text = (f"{settings.num_steps} x {settings.step_size:g} within {settings.epsilon:g}, "
-                f"{start}, loss {settings.loss_func}")
+        text = (f"{settings.steps} x {settings.step_size:g} within {settings.epsilon:g}, "
+                f"{start}, loss {settings.loss}")
         return text + (f", {self.restarts} restarts (worst case)" if self.restarts > 1 else "")
 
 

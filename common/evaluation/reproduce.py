@@ -152,7 +152,7 @@ class Reproduction:
 
     def landscape_settings(self):
         """The config's PGD on the cross-entropy, from random starts."""
-        return dataclasses.replace(self.attack_settings, loss_func="xent", random_start=True)
+        return dataclasses.replace(self.attack_settings, loss="xent", random_start=True)
 
 
 def accuracy_under_attack(ledger, key, attack, score, x, y, batch_size):
@@ -225,7 +225,7 @@ def _trace_job(run, index, trace):
         ledger.finish(f"trace {index}", {"losses": trace(x, y, start).tolist(),
                                          "seconds": time.perf_counter() - started})
 
-    return Job(f"trace {index}", TRACE_RESTARTS * settings.num_steps, compute)
+    return Job(f"trace {index}", TRACE_RESTARTS * settings.steps, compute)
 
 
 def _histogram_job(run, index, attack, score):
@@ -246,7 +246,7 @@ def _histogram_job(run, index, attack, score):
         ledger.finish(f"histogram {index}", {"losses": np.concatenate(losses).tolist(),
                                              "seconds": time.perf_counter() - started})
 
-    return Job(f"histogram {index}", run.landscape_restarts * settings.num_steps, compute)
+    return Job(f"histogram {index}", run.landscape_restarts * settings.steps, compute)
 
 
 def landscape_jobs(run):
@@ -268,7 +268,7 @@ JOBS = {"table": table_jobs, "transfer": transfer_jobs, "eps_sweep": sweep_jobs,
 def gradients_per_second(run):
     """The model's input gradients per second here: a 5-step PGD on one batch, timed after a
     first call that traces it."""
-    settings = dataclasses.replace(run.landscape_settings(), num_steps=5)
+    settings = dataclasses.replace(run.landscape_settings(), steps=5)
     attack = run.attack(run.model, settings)
     x, y = run.images[:run.batch_size], run.labels[:run.batch_size]
     attack.perturb(x, y)
@@ -352,7 +352,7 @@ def _rows_report(run, artifact, rows, results, source):
     for row in rows:
         settings = run.row_settings(row)
         report["rows"].append({
-            "attack": row.name, "method": row.method, "steps": settings and settings.num_steps,
+            "attack": row.name, "method": row.method, "steps": settings and settings.steps,
             "restarts": row.restarts, "source": source,
             "settings": settings and dataclasses.asdict(settings),
             "accuracy": results[row.name]["accuracy"], "published": row.published})
@@ -429,7 +429,7 @@ def write_loss_landscape(run, results):
         lines.append(f"| {index} | {min(ends):.3f} / {max(ends):.3f} | {np.min(final):.3f} / "
                      f"{np.median(final):.3f} / {np.max(final):.3f} |")
     markdown = (_intro(run, "The loss landscape PGD explores (Figures 1 and 2)", report) +
-                f"PGD: {settings.num_steps} steps of {settings.step_size:g} on the "
+                f"PGD: {settings.steps} steps of {settings.step_size:g} on the "
                 "cross-entropy, each from a uniformly random start in the epsilon ball.\n\n" +
                 "\n".join(lines) + "\n\n![loss over the PGD steps](loss_landscape.png)\n\n"
                 "![final loss over many random starts](loss_histogram.png)\n")

@@ -1,5 +1,5 @@
 """The one exception type whose message is shown to the user as a single line."""
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """Bad input or a missing file: the scripts print the message and exit non-zero."""

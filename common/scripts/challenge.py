@@ -78,8 +78,9 @@ class Challenge:
     def attack_settings(self, config):
         """The config's PGD attack."""
         steps_key, step_size_key = self.attack_keys
-        return AttackSettings(config["epsilon"], config[steps_key], config[step_size_key],
-                              config["random_start"], config["loss_func"], self.pixel_range)
+        return AttackSettings(epsilon=config["epsilon"], steps=config[steps_key],
+                              step_size=config[step_size_key], random_start=config["random_start"],
+                              loss=config["loss_func"], pixel_range=self.pixel_range)
 
     def training_attack_settings(self, config):
         """The attack that training_method trains on: the config's PGD, or its steps and step
@@ -90,7 +91,7 @@ class Challenge:
             return fit.training_settings(settings, "fgsm_rs", config["fgsm_step_size"])
         if config["training_method"] == "pgd" and config["training_attack"]:
             steps, step_size = config["training_attack"]
-            return dataclasses.replace(settings, num_steps=steps, step_size=float(step_size))
+            return dataclasses.replace(settings, steps=steps, step_size=float(step_size))
         return settings
 
     def weights_seed(self, config):

@@ -52,7 +52,7 @@ class AdversarialModel(keras.Model):
         self.perturbation = None  # free training's, made at the first step
         # Its own tf.function: AutoGraph turns the step loop into a graph loop, which Keras'
         # train function (traced without AutoGraph) would not.
-        unroll = pgd.unrolls(attack.strategy, self.settings.num_steps)
+        unroll = pgd.unrolls(attack.strategy, self.settings.steps)
         self._attack = tf.function(lambda x, y, start: pgd.pgd_steps(
             model, x, y, start, self.settings, attack_training, unroll=unroll))
 
@@ -126,7 +126,7 @@ def training_settings(settings, method, fgsm_step_size=None):
     its ball for free."""
     if method == "fgsm_rs":
         step_size = 1.25 * settings.epsilon if fgsm_step_size is None else fgsm_step_size
-        return dataclasses.replace(settings, num_steps=1, step_size=step_size,
+        return dataclasses.replace(settings, steps=1, step_size=step_size,
                                    random_start=True)
     return settings
 
@@ -141,7 +141,7 @@ class OverfittingGuardCallback(keras.callbacks.Callback):
         super().__init__()
         self.images, self.labels = (np.asarray(array) for array in held_out)
         epsilon = attack.settings.epsilon
-        self.settings = dataclasses.replace(attack.settings, num_steps=5,
+        self.settings = dataclasses.replace(attack.settings, steps=5,
                                             step_size=epsilon / 4, random_start=True)
         self.every, self.max_drop, self.seed = every, max_drop, seed
         self.accuracies, self.stopped_at = [], None

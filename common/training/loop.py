@@ -83,7 +83,7 @@ class TrainStep:
         self.loss_fn = loss_fn
         self.attack_training = attack_training
         self.epsilon_ramp_steps = epsilon_ramp_steps
-        self._unroll = pgd.unrolls(strategy, settings.num_steps)
+        self._unroll = pgd.unrolls(strategy, settings.steps)
         with strategy.scope():
             optimizer.build(model.trainable_variables)
         self._replica_function = tf.function(self._replica_step, jit_compile=True) \

@@ -55,13 +55,13 @@ class OverfittingGuard:
         self.strategy = strategy
         self.model = model
         self.state = GuardState()
-        self.settings = dataclasses.replace(settings, num_steps=STEPS,
+        self.settings = dataclasses.replace(settings, steps=STEPS,
                                             step_size=settings.epsilon / 4, random_start=True)
         start = pgd.start_point(images, self.settings, seeds.generator(seed, seeds.GUARD))
         self._batch = devices.split_batch(strategy, (tf.convert_to_tensor(images, tf.float32),
                                              tf.convert_to_tensor(labels, tf.int64),
                                              tf.convert_to_tensor(start, tf.float64)))
-        self._unroll = pgd.unrolls(strategy, self.settings.num_steps)
+        self._unroll = pgd.unrolls(strategy, self.settings.steps)
         self._count = tf.function(self._count_correct)
         self._examples = len(images)
 

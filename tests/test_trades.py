@@ -130,5 +130,4 @@ def test_a_short_trades_run_on_mnist_is_more_robust_than_natural_training(mnist_
         x_adv = PGD(model, epsilon=0.1, steps=10, step_size=0.025, seed=1).perturb(x_test,
                                                                                      y_test)
         robust[method] = np.mean(np.argmax(model(x_adv).numpy(), axis=1) == y_test)
-    print(robust)
     assert robust["trades"] > robust["natural"] + 0.2, robust

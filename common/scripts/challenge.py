@@ -91,8 +91,8 @@ class Challenge:
         if method == "fgsm_rs":
             return steps.training_settings(settings, method, config["fgsm_step_size"])
         if method in ("pgd", "trades") and config["training_attack"]:
-            steps, step_size = config["training_attack"]
-            return dataclasses.replace(settings, steps=steps, step_size=float(step_size))
+            attack_steps, step_size = config["training_attack"]
+            return dataclasses.replace(settings, steps=attack_steps, step_size=float(step_size))
         return settings
 
     def weights_seed(self, config):

@@ -142,9 +142,9 @@ RULES = {
                         "the clean batch plus trades_beta times the KL divergence at the "
                         "config's PGD steps)."),
     "training_attack": (list, _training_attack, "[steps, step_size] of the PGD that "
-                        "training_method pgd (or trades) trains on, for a few-step attack in training while "
-                        "the scripts evaluate with the config's own; [] trains on the config's "
-                        "own attack, as the original."),
+                        "training_method pgd (or trades) trains on, for a few-step attack in "
+                        "training while the scripts evaluate with the config's own; [] trains "
+                        "on the config's own attack, as the original."),
     "fgsm_step_size": (float, _positive, "Step size of fgsm_rs, in pixel units (Wong et al.: "
                        "1.25 epsilon)."),
     "trades_beta": (float, _at_least(0), "Weight of the KL term of training_method trades "

@@ -31,7 +31,8 @@ def test_the_trades_loss_is_the_mean_xent_plus_beta_times_the_mean_kl():
     model = small_model()
     x_adv = np.clip(x + np.random.default_rng(1).uniform(-EPSILON, EPSILON, x.shape), 0, 1)
     x_adv = tf.constant(x_adv, tf.float32)
-    result = steps.update(context(model, beta=2.5), objectives.Xent(divisor=8), x, y, x_adv)
+    result = steps.update(context(model, beta=2.5), x, y, x_adv=x_adv,
+                          objective=objectives.Xent(divisor=8))
 
     p, q = softmax(model(x).numpy().astype(np.float64)), softmax(model(x_adv).numpy())
     xent = -np.log(p[np.arange(8), y])
@@ -48,7 +49,7 @@ def test_the_inner_maximisation_raises_the_kl_within_the_ball():
     trades = context(model, beta=6.0, steps_=5)
     start = steps.METHODS["trades"].start_in_graph(x, trades.settings, tf.constant([0, 0]))
     assert 0 < np.abs(start.numpy() - x).max() < 0.01
-    x_adv = steps.attack(trades, x, y, start).numpy()
+    x_adv = steps.attack(trades, x, y, start=start).numpy()
     assert np.abs(x_adv - x).max() <= EPSILON + 1e-6
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     at_start = steps.kl_divergence(model(x), model(tf.cast(start, tf.float32))).numpy()

@@ -66,7 +66,8 @@ def train(challenge):
         guard = None
         if config["overfitting_check_steps"]:
             guard = overfitting.OverfittingGuard(strategy, model, challenge.held_out(data),
-                                                 challenge.attack_settings(config), seed=seed)
+                                                 settings=challenge.attack_settings(config),
+                                                 seed=seed)
         train_step = _train_step(challenge, config, strategy, model, optimizer)
         loop.train(loop.LoopSettings.from_config(config), train_step,
                    batch_for_step=lambda index: challenge.training_batch(data, index,

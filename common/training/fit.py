@@ -138,7 +138,7 @@ class AdversarialModel(keras.Model):
         return steps.METHODS[self.method].start_in_graph(x, self.settings, seed)
 
     def _attack_batch(self, x, y, start):
-        return steps.attack(self.context, x, y, start)
+        return steps.attack(self.context, x, y, start=start)
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -147,14 +147,15 @@ class AdversarialModel(keras.Model):
         if self.method == "free":
             return self._free_replays(context, objective, x, y)
         x_adv = self._attack(x, y, self.start_points(x, self.optimizer.iterations))
-        result = steps.update(context, objective, x, y, x_adv)
+        result = steps.update(context, x, y, x_adv=x_adv, objective=objective)
         return self._tracked_metrics(result, x_adv, y, sample_weight)
 
     def _free_replays(self, context, objective, x, y):
         variable = self._free_perturbation(x)
         size = tf.shape(x)[0]
         for _ in range(self.replays):
-            x_adv, result, moved = steps.free_replay(context, objective, x, y, variable[:size])
+            x_adv, result, moved = steps.free_replay(context, x, y, perturbation=variable[:size],
+                                                     objective=objective)
             variable.assign(tf.concat([moved, variable[size:]], axis=0))
         return self._tracked_metrics(result, x_adv, y, objective.sample_weight)
 
@@ -213,8 +214,8 @@ class OverfittingGuardCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         model = self.model.model if isinstance(self.model, AdversarialModel) else self.model
         self._guard = overfitting.OverfittingGuard(
-            self.model.distribute_strategy, model, self.held_out, self.attack.settings,
-            seed=self.seed, max_drop=self.max_drop)
+            self.model.distribute_strategy, model, self.held_out,
+            settings=self.attack.settings, seed=self.seed, max_drop=self.max_drop)
 
     def on_train_batch_end(self, batch, logs=None):
         step = int(self.model.optimizer.iterations.numpy())

@@ -122,9 +122,9 @@ class TrainStep:
         return training_start(x_batch, settings, seed, step, method=self.context.method)
 
     def _replica_step(self, x_nat, labels, x_start, scale, report):
-        x_adv = steps.attack(self.context, x_nat, labels, x_start, scale)
+        x_adv = steps.attack(self.context, x_nat, labels, start=x_start, scale=scale)
         metrics = _natural_metrics(self.model, x_nat, labels, report)
-        result = steps.update(self.context, self.loss_fn, x_nat, labels, x_adv)
+        result = steps.update(self.context, x_nat, labels, x_adv=x_adv, objective=self.loss_fn)
         return {**metrics, **_adversarial_metrics(result.logits, labels)}, x_adv
 
     def _distributed_step(self, x_nat, labels, x_start, scale, report):
@@ -174,8 +174,9 @@ class FreeTrainStep(TrainStep):
 
     def _replica_step(self, x_nat, labels, perturbation, scale, report):
         metrics = _natural_metrics(self.model, x_nat, labels, report)
-        x_adv, result, perturbation = steps.free_replay(self.context, self.loss_fn, x_nat,
-                                                        labels, perturbation, scale)
+        x_adv, result, perturbation = steps.free_replay(
+            self.context, x_nat, labels, perturbation=perturbation, objective=self.loss_fn,
+            scale=scale)
         return {**metrics, **_adversarial_metrics(result.logits, labels)}, x_adv, perturbation
 
     def _distributed_step(self, x_nat, labels, perturbation, scale, report):
@@ -250,7 +251,7 @@ def _write_config(config, model_dir):
         json.dump(config, config_file, indent=2)
 
 
-def _report(write, step, metrics, batch_size, examples_per_second):
+def _report(write, step, metrics, *, batch_size, examples_per_second):
     write(f"Step {step}:    ({datetime.now()})")
     write(f"    training nat accuracy {metrics['nat_correct'] / batch_size * 100:.4}%")
     write(f"    training adv accuracy {metrics['adv_correct'] / batch_size * 100:.4}%")
@@ -258,7 +259,7 @@ def _report(write, step, metrics, batch_size, examples_per_second):
         write(f"    {examples_per_second} examples per second")
 
 
-def _summarize(writer, step, metrics, batch_size, images):
+def _summarize(writer, step, metrics, *, batch_size, images):
     with writer.as_default(step=step):
         accuracy = metrics["adv_correct"] / batch_size
         xent = metrics["adv_xent"] / batch_size
@@ -282,14 +283,14 @@ def train(settings, train_step, *, batch_for_step, seed, to_images, guard=None):
     chief = devices.is_chief(train_step.strategy)
     write_dir = settings.model_dir if chief else tempfile.mkdtemp(prefix="madry-worker-")
     try:
-        _train(settings, train_step, batch_for_step, seed, to_images, guard, chief=chief,
-               write_dir=write_dir)
+        _train(settings, train_step, batch_for_step=batch_for_step, seed=seed,
+               to_images=to_images, guard=guard, chief=chief, write_dir=write_dir)
     finally:
         if not chief:
             shutil.rmtree(write_dir, ignore_errors=True)
 
 
-def _train(settings, train_step, batch_for_step, seed, to_images, guard, *, chief, write_dir):
+def _train(settings, train_step, *, batch_for_step, seed, to_images, guard, chief, write_dir):
     model_dir, batch_size, max_steps = settings.model_dir, settings.batch_size, settings.max_steps
     os.makedirs(write_dir, exist_ok=True)
     global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
@@ -322,8 +323,9 @@ def _train(settings, train_step, batch_for_step, seed, to_images, guard, *, chie
         x_batch, y_batch, x_start = next(batches)
         if step > first_step or step == 0:
             if guard is not None and step % settings.overfitting_check_steps == 0:
-                stopped = _overfitting_stops(guard, step, checkpoint, manager, guard_manager,
-                                             report_line, writer)
+                stopped = _overfitting_stops(guard, step, checkpoint=checkpoint,
+                                             manager=manager, guard_manager=guard_manager,
+                                             report_line=report_line, writer=writer)
                 if stopped:
                     break
             if step % settings.checkpoint_steps == 0:
@@ -338,9 +340,9 @@ def _train(settings, train_step, batch_for_step, seed, to_images, guard, *, chie
             if step > first_step:
                 rate = settings.output_steps * batch_size / training_time
                 training_time = 0.0
-            _report(report_line, step, metrics, batch_size, rate)
+            _report(report_line, step, metrics, batch_size=batch_size, examples_per_second=rate)
         if step % settings.summary_steps == 0:
-            _summarize(writer, step, metrics, batch_size, to_images(images))
+            _summarize(writer, step, metrics, batch_size=batch_size, images=to_images(images))
         global_step.assign(step + 1)
         progress.update(1)
     progress.close()
@@ -349,7 +351,8 @@ def _train(settings, train_step, batch_for_step, seed, to_images, guard, *, chie
     writer.flush()
 
 
-def _overfitting_stops(guard, step, checkpoint, manager, guard_manager, report_line, writer):
+def _overfitting_stops(guard, step, *, checkpoint, manager, guard_manager, report_line,
+                       writer):
     """Runs the guard's check at `step`. Where robustness collapsed, restores the last check
     that passed, marks the run stopped, saves that as the newest checkpoint and returns True;
     otherwise keeps this state as the last good one."""

@@ -57,7 +57,7 @@ class OverfittingGuard:
     `strategy`, in the ball of `settings` (a pgd.AttackSettings), from starts drawn once from
     `seed`; a drop of more than `max_drop` from the last check that passed is a collapse."""
 
-    def __init__(self, strategy, model, held_out, settings, *, seed, max_drop=MAX_DROP):
+    def __init__(self, strategy, model, held_out, *, settings, seed, max_drop=MAX_DROP):
         if not 0 <= max_drop <= 1:
             raise ValueError(f"max_drop must be between 0 and 1. Received: max_drop={max_drop}")
         images, labels = (tensor[:EXAMPLES] for tensor in held_out)
@@ -76,8 +76,8 @@ class OverfittingGuard:
 
     def _count_correct(self, batch):
         def replica(images, labels, start):
-            x_adv = pgd.pgd_steps(self.model, images, labels, start, self.settings,
-                                  unroll=self._unroll)
+            x_adv = pgd.pgd_steps(self.model, images, labels, x_start=start,
+                                  settings=self.settings, unroll=self._unroll)
             logits = self.model(tf.cast(x_adv, tf.float32), training=False)
             return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1), labels), tf.int64))
 
@@ -88,7 +88,8 @@ class OverfittingGuard:
         """Attacks the held-out batch; records the accuracy where it did not collapse."""
         accuracy = float(self._count(self._batch).numpy()) / self._examples
         previous = float(self.state.accuracy.numpy())
-        result = Check(step, accuracy, previous, int(self.state.good_step.numpy()),
+        result = Check(step=step, accuracy=accuracy, previous=previous,
+                       previous_step=int(self.state.good_step.numpy()),
                        collapsed=previous >= 0 and previous - accuracy > self.max_drop)
         if not result.collapsed:
             self.state.accuracy.assign(accuracy)

@@ -82,18 +82,20 @@ class Update:
     input_gradient: Any = None
 
 
-def attack(context, x_nat, labels, start, scale=None):
+def attack(context, x_nat, labels, *, start, scale=None):
     """The batch (float32) that the method of `context` trains on, from `start`."""
     return tf.stop_gradient(tf.cast(
-        METHODS[context.method].attack(context, x_nat, labels, start, scale), tf.float32))
+        METHODS[context.method].attack(context, x_nat, labels, start=start, scale=scale),
+        tf.float32))
 
 
-def update(context, objective, x_nat, labels, x_adv, input_gradient=False):
+def update(context, x_nat, labels, *, x_adv, objective, input_gradient=False):
     """One optimizer step on the method's loss at `x_adv`."""
     model, optimizer = context.model, context.optimizer
     with tf.GradientTape() as tape:
         tape.watch(x_adv)
-        logits, loss = METHODS[context.method].loss(context, objective, x_nat, labels, x_adv)
+        logits, loss = METHODS[context.method].loss(context, x_nat, labels, x_adv=x_adv,
+                                                    objective=objective)
         scaled = optimizer.scale_loss(loss)
     sources = [model.trainable_variables, x_adv] if input_gradient \
         else [model.trainable_variables]
@@ -102,13 +104,14 @@ def update(context, objective, x_nat, labels, x_adv, input_gradient=False):
     return Update(logits, loss, gradients[1] if input_gradient else None)
 
 
-def free_replay(context, objective, x_nat, labels, perturbation, scale=None):
+def free_replay(context, x_nat, labels, *, perturbation, objective, scale=None):
     """One replay of free training: the update at `clip(x_nat + perturbation)` and, from its
     backward pass, the perturbation moved by a signed step of epsilon within the ball.
     Returns (x_adv, the Update, the next perturbation)."""
     threat, _ = context.threat(scale)
-    x_adv = attack(context, x_nat, labels, perturbation, scale)
-    result = update(context, objective, x_nat, labels, x_adv, input_gradient=True)
+    x_adv = attack(context, x_nat, labels, start=perturbation, scale=scale)
+    result = update(context, x_nat, labels, x_adv=x_adv, objective=objective,
+                    input_gradient=True)
     gradient = tf.where(tf.math.is_finite(result.input_gradient), result.input_gradient, 0.0)
     return x_adv, result, threat.within_ball(threat.step(perturbation, gradient, threat.epsilon))
 
@@ -125,16 +128,16 @@ def training_settings(settings, method, fgsm_step_size=None):
 
 # The attacks.
 
-def _pgd_attack(context, x_nat, labels, start, scale):
-    return pgd.pgd_steps(context.model, x_nat, labels, start, context.settings,
+def _pgd_attack(context, x_nat, labels, *, start, scale):
+    return pgd.pgd_steps(context.model, x_nat, labels, x_start=start, settings=context.settings,
                          training=context.attack_training, scale=scale, unroll=context.unroll)
 
 
-def _free_attack(context, x_nat, labels, perturbation, scale):
-    return tf.clip_by_value(x_nat + perturbation, *context.settings.pixel_range)
+def _free_attack(context, x_nat, labels, *, start, scale):
+    return tf.clip_by_value(x_nat + start, *context.settings.pixel_range)
 
 
-def _kl_attack(context, x_nat, labels, start, scale):
+def _kl_attack(context, x_nat, labels, *, start, scale):
     """TRADES' inner maximisation: the training attack's steps on the KL divergence from the
     clean prediction, each projected into the ball and the pixel range."""
     model, training = context.model, context.attack_training
@@ -157,12 +160,12 @@ def _kl_attack(context, x_nat, labels, start, scale):
 
 # The losses: (logits on the adversarial batch, the loss of the update).
 
-def _adversarial_loss(context, objective, x_nat, labels, x_adv):
+def _adversarial_loss(context, x_nat, labels, *, x_adv, objective):
     logits = context.model(x_adv, training=True)
     return logits, objective(labels, logits, context.model)
 
 
-def _trades_loss(context, objective, x_nat, labels, x_adv):
+def _trades_loss(context, x_nat, labels, *, x_adv, objective):
     model = context.model
     clean = model(x_nat, training=True)
     logits = model(x_adv, training=True)
@@ -209,10 +212,10 @@ def _noise_start_in_graph(x_nat, settings, seed):
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """A training method: its attack `(context, x_nat, labels, start, scale) -> x_adv`, its loss
-    `(context, objective, x_nat, labels, x_adv) -> (logits, loss)`, and its start drawn on the
-    host `(x_nat, settings, rng)` or in the graph `(x_nat, settings, seed)`; `carries`: the start
-    is a perturbation carried from replay to replay (free training), not drawn."""
+    """A training method: its attack `(context, x_nat, labels, *, start, scale) -> x_adv`, its
+    loss `(context, x_nat, labels, *, x_adv, objective) -> (logits, loss)`, and its start drawn
+    on the host `(x_nat, settings, rng)` or in the graph `(x_nat, settings, seed)`; `carries`:
+    the start is a perturbation carried from replay to replay (free training), not drawn."""
 
     attack: Callable
     loss: Callable

@@ -22,8 +22,6 @@ import tensorflow as tf
 from common.attacks import PGD, pgd
 from common.training import overfitting, steps
 
-METHODS = tuple(steps.METHODS)
-
 
 @keras.saving.register_keras_serializable(package="common.training")
 class AdversarialModel(keras.Model):

@@ -132,3 +132,19 @@ def test_a_short_trades_run_on_mnist_is_more_robust_than_natural_training(mnist_
                                                                                      y_test)
         robust[method] = np.mean(np.argmax(model(x_adv).numpy(), axis=1) == y_test)
     assert robust["trades"] > robust["natural"] + 0.2, robust
+
+
+def test_two_replicas_take_the_loops_trades_step_of_one_device(two_replicas):
+    x, y = data()
+    settings = PGD(small_model(), epsilon=EPSILON, steps=2, step_size=0.05).settings
+    start = loop.training_start(x, settings, 0, 0, method="trades")
+    weights = []
+    for strategy in (two_replicas, tf.distribute.OneDeviceStrategy("/cpu:0")):
+        with strategy.scope():
+            model, optimizer = small_model(), keras.optimizers.SGD(0.5)
+        step = loop.TrainStep(strategy, model, optimizer, settings,
+                              objectives.Xent(divisor=32), method="trades")
+        step(x, y, start, report=False)
+        weights.append(model.get_weights())
+    for mine, other in zip(*weights):
+        np.testing.assert_allclose(mine, other, atol=1e-5)

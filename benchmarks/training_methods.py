@@ -56,7 +56,8 @@ def training_steps(batch_size):
         optimizer = keras.optimizers.Adam(learning_rate=1e-4, epsilon=1e-8)
         if method == "free":
             steps[method] = (loop.FreeTrainStep(strategy, model, optimizer, settings,
-                                                summed_xent, REPLAYS.value, batch_size), 0)
+                                                summed_xent, replays=REPLAYS.value,
+                                                batch_size=batch_size), 0)
         else:
             attack = settings if method == "pgd" else pgd.AttackSettings(
                 epsilon=EPSILON, steps=1, step_size=FGSM_STEP_SIZE, random_start=True)

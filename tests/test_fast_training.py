@@ -71,7 +71,7 @@ def test_fgsm_rs_is_one_pgd_step_of_its_size_from_a_random_start(batch, initial_
     x, y = batch
     model, optimizer = model_and_adam(initial_weights)
     step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer, settings,
-                              summed_xent)
+                          summed_xent)
     step(x, y, step.start_points(x, 5, 7), report=False, step=7)
 
     reference, reference_optimizer = model_and_adam(initial_weights)
@@ -107,7 +107,7 @@ def test_free_replays_equal_a_hand_written_loop(batch, initial_weights):
     settings = pgd.AttackSettings(epsilon=EPSILON, steps=40, step_size=0.01, random_start=True)
     model, optimizer = model_and_adam(initial_weights)
     step = loop.FreeTrainStep(tf.distribute.get_strategy(), model, optimizer, settings,
-                                  summed_xent, replays=3, batch_size=BATCH)
+                              summed_xent, replays=3, batch_size=BATCH)
     assert step.start_points(x, 0, 0).shape == (0, 784)
     for replay in range(3):
         step(x, y, step.start_points(x, 0, replay), report=False, step=replay)
@@ -164,7 +164,7 @@ def test_the_epsilon_ramp_scales_starts_and_steps(batch, initial_weights):
     model, optimizer = model_and_adam(initial_weights)
     settings = pgd.AttackSettings(epsilon=EPSILON, steps=2, step_size=0.1, random_start=True)
     step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer, settings,
-                              summed_xent, epsilon_ramp_steps=10)
+                          summed_xent, epsilon_ramp_steps=10)
     assert [step.epsilon_scale(s) for s in (0, 5, 10, 50)] == [0.0, 0.5, 1.0, 1.0]
     start = step.start_points(x, 0, 5)
     assert np.abs(start - x).max() <= EPSILON / 2 + 1e-7
@@ -178,8 +178,8 @@ def one_step(method, strategy, batch, initial_weights):
     model, optimizer = model_and_adam(initial_weights, strategy)
     settings = pgd.AttackSettings(epsilon=EPSILON, steps=3, step_size=0.1, random_start=True)
     if method == "free":
-        step = loop.FreeTrainStep(strategy, model, optimizer, settings, summed_xent, 2,
-                                      BATCH)
+        step = loop.FreeTrainStep(strategy, model, optimizer, settings, summed_xent,
+                                  replays=2, batch_size=BATCH)
     else:
         if method == "fgsm_rs":
             settings = pgd.AttackSettings(epsilon=EPSILON, steps=1, step_size=0.375,

@@ -106,7 +106,8 @@ def test_mixed_precision_free_training_keeps_a_finite_perturbation(mode, policy,
     optimizer = precision.training_optimizer(keras.optimizers.Adam(1e-3, epsilon=1e-8))
     step = loop.FreeTrainStep(tf.distribute.get_strategy(), model, optimizer,
                                   pgd.AttackSettings(epsilon=0.3, steps=1, step_size=0.1,
-                                                     random_start=True), summed_xent, 4, 50)
+                                                     random_start=True), summed_xent,
+                              replays=4, batch_size=50)
     x, y = data.train_images[:50], data.train_labels[:50]
     for replay in range(8):
         metrics, x_adv = step(x, y, report=True, step=replay)

@@ -9,7 +9,7 @@ from typing import Any
 import tensorflow as tf
 
 from common.attacks.pgd import AttackSettings
-from common.training import fit, objectives, schedules
+from common.training import objectives, schedules, steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,14 +84,15 @@ class Challenge:
 
     def training_attack_settings(self, config):
         """The attack that training_method trains on: the config's PGD, or its steps and step
-        size from `training_attack`; one step of fgsm_step_size from a random start; for free
-        training, the config's epsilon ball."""
+        size from `training_attack` (for pgd and trades); one step of fgsm_step_size from a
+        random start; for free training, the config's epsilon ball."""
         settings = self.attack_settings(config)
-        if config["training_method"] == "fgsm_rs":
-            return fit.training_settings(settings, "fgsm_rs", config["fgsm_step_size"])
-        if config["training_method"] == "pgd" and config["training_attack"]:
-            steps, step_size = config["training_attack"]
-            return dataclasses.replace(settings, steps=steps, step_size=float(step_size))
+        method = config["training_method"]
+        if method == "fgsm_rs":
+            return steps.training_settings(settings, method, config["fgsm_step_size"])
+        if method in ("pgd", "trades") and config["training_attack"]:
+            attack_steps, step_size = config["training_attack"]
+            return dataclasses.replace(settings, steps=attack_steps, step_size=float(step_size))
         return settings
 
     def weights_seed(self, config):

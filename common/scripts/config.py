@@ -13,11 +13,12 @@ from absl import flags
 
 from common.attacks.pgd import LOSS_FUNCTIONS
 from common.runtime.errors import UserError
+from common.training import overfitting
 from common.training.schedules import SHAPES as SCHEDULE_SHAPES
+from common.training.steps import METHODS as TRAINING_METHODS
 
 FLAGS = flags.FLAGS
 
-TRAINING_METHODS = ("pgd", "fgsm_rs", "free")
 PATH_KEYS = ("model_dir", "data_path", "store_adv_path")
 TEST_SET_SIZE = 10000
 # The keys that fix the network's shape: a checkpoint loads only into the architecture it was
@@ -136,22 +137,26 @@ RULES = {
                                "the steps, the last one held)."),
     "training_method": (str, _one_of(*TRAINING_METHODS), "pgd (the original: train on the "
                         "config's PGD attack), fgsm_rs (one step of fgsm_step_size from a "
-                        "random start) or free (each batch replayed replay_m times, the "
-                        "perturbation carried over)."),
+                        "random start), free (each batch replayed replay_m times, the "
+                        "perturbation carried over) or trades (Zhang et al., 2019: the loss on "
+                        "the clean batch plus trades_beta times the KL divergence at the "
+                        "config's PGD steps)."),
     "training_attack": (list, _training_attack, "[steps, step_size] of the PGD that "
-                        "training_method pgd trains on, for a few-step attack in training while "
-                        "the scripts evaluate with the config's own; [] trains on the config's "
-                        "own attack, as the original."),
+                        "training_method pgd (or trades) trains on, for a few-step attack in "
+                        "training while the scripts evaluate with the config's own; [] trains "
+                        "on the config's own attack, as the original."),
     "fgsm_step_size": (float, _positive, "Step size of fgsm_rs, in pixel units (Wong et al.: "
                        "1.25 epsilon)."),
+    "trades_beta": (float, _at_least(0), "Weight of the KL term of training_method trades "
+                    "(Zhang et al.: 6.0)."),
     "replay_m": (int, _at_least(1), "Replays of each batch in free training; "
                  "max_num_training_steps counts replays."),
     "epsilon_ramp_steps": (int, _at_least(0), "Training's epsilon, and its step sizes, rise "
                            "linearly from 0 to epsilon over these first steps (0: none)."),
     "overfitting_check_steps": (int, _at_least(0), "Steps between the catastrophic-overfitting "
-                                "checks (PGD-5 on a held-out batch; a drop of more than 0.2 "
-                                "stops training and keeps the weights of the check before); "
-                                "0 turns them off."),
+                                f"checks (PGD-{overfitting.STEPS} on a held-out batch; a drop "
+                                f"of more than {overfitting.MAX_DROP} stops training and keeps "
+                                "the weights of the check before); 0 turns them off."),
     "filters": (list, _filters, "The four widths of the residual network: [16, 160, 320, 640] "
                 "(wide) or [16, 16, 32, 64] (simple)."),
     "attack_batch_norm": (str, _one_of("train", "eval"), "Batch norm during the training "

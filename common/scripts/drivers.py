@@ -66,11 +66,13 @@ def train(challenge):
         guard = None
         if config["overfitting_check_steps"]:
             guard = overfitting.OverfittingGuard(strategy, model, challenge.held_out(data),
-                                                 challenge.attack_settings(config), seed)
+                                                 settings=challenge.attack_settings(config),
+                                                 seed=seed)
         train_step = _train_step(challenge, config, strategy, model, optimizer)
         loop.train(loop.LoopSettings.from_config(config), train_step,
-                   lambda index: challenge.training_batch(data, index, batch_size, seed),
-                   seed, challenge.summary_images, guard)
+                   batch_for_step=lambda index: challenge.training_batch(data, index,
+                                                                         batch_size, seed),
+                   seed=seed, to_images=challenge.summary_images, guard=guard)
 
     cli.run(main, challenge.config_path)
 
@@ -81,11 +83,15 @@ def _train_step(challenge, config, strategy, model, optimizer):
     loss = challenge.loss(config, strategy.num_replicas_in_sync)
     if config["training_method"] == "free":
         return loop.FreeTrainStep(strategy, model, optimizer, settings, loss,
-                                      config["replay_m"], config["training_batch_size"],
-                                      config["epsilon_ramp_steps"], config["jit_compile"])
+                                  replays=config["replay_m"],
+                                  batch_size=config["training_batch_size"],
+                                  epsilon_ramp_steps=config["epsilon_ramp_steps"],
+                                  jit_compile=config["jit_compile"])
     return loop.TrainStep(strategy, model, optimizer, settings, loss,
-                              challenge.attack_training(config), config["epsilon_ramp_steps"],
-                              config["jit_compile"])
+                          method=config["training_method"], beta=config["trades_beta"],
+                          attack_training=challenge.attack_training(config),
+                          epsilon_ramp_steps=config["epsilon_ramp_steps"],
+                          jit_compile=config["jit_compile"])
 
 
 def evaluate(challenge):

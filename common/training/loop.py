@@ -33,12 +33,12 @@ from common.io import checkpoints
 from common.io.files import written_in_place
 from common.runtime import devices, seeds
 from common.runtime.errors import UserError
-from common.training import overfitting
+from common.training import overfitting, steps
 
 PREFETCH_BATCHES = 2
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LoopSettings:
     """What the training loop needs of a run's config: where it writes, how long it runs, and
     the cadence of its reports, summaries, checkpoints and overfitting checks (0: none);
@@ -55,35 +55,49 @@ class LoopSettings:
 
     @classmethod
     def from_config(cls, config):
-        return cls(config["model_dir"], config["training_batch_size"],
-                   config["max_num_training_steps"], config["num_output_steps"],
-                   config["num_summary_steps"], config["num_checkpoint_steps"],
-                   config["overfitting_check_steps"], dict(config))
+        return cls(model_dir=config["model_dir"], batch_size=config["training_batch_size"],
+                   max_steps=config["max_num_training_steps"],
+                   output_steps=config["num_output_steps"],
+                   summary_steps=config["num_summary_steps"],
+                   checkpoint_steps=config["num_checkpoint_steps"],
+                   overfitting_check_steps=config["overfitting_check_steps"],
+                   config_copy=dict(config))
 
 
 class TrainStep:
-    """One distributed training step on an attacked batch: `pgd` and `fgsm_rs`.
+    """One distributed training step on an attacked batch, by a method of
+    common/training/steps.py that draws its start (pgd, fgsm_rs, trades).
 
     `loss_fn(labels, logits, model)` returns what the replica minimises, scaled so that the
-    sum over replicas is the loss of the global batch. `settings` (a pgd.AttackSettings) is the
-    attack; `attack_training` selects the mode the model runs in during it (training mode in the
-    CIFAR-10 original). `epsilon_ramp_steps` (0: none) lets epsilon, and the step sizes with
-    it, rise linearly from 0 at step 0 to `settings.epsilon` at that step. `jit_compile`
-    compiles the replica step with XLA.
+    sum over replicas is the loss of the global batch (for trades, one with `reduce`: see
+    common/training/objectives.py). `settings` (a pgd.AttackSettings) is the training attack;
+    `attack_training` selects the mode the model runs in during it (training mode in the
+    CIFAR-10 original); `beta` is TRADES' weight. `epsilon_ramp_steps` (0: none) lets epsilon,
+    and the step sizes with it, rise linearly from 0 at step 0 to `settings.epsilon` at that
+    step. `jit_compile` compiles the replica step with XLA.
     """
 
     replays = 1  # steps per batch
 
-    def __init__(self, strategy, model, optimizer, settings, loss_fn, attack_training=False,
-                 epsilon_ramp_steps=0, jit_compile=False):
+    def __init__(self, strategy, model, optimizer, settings, loss_fn, *, method="pgd",
+                 beta=steps.DEFAULT_BETA, attack_training=False, epsilon_ramp_steps=0,
+                 jit_compile=False):
+        self.context = steps.StepContext(model=model, optimizer=optimizer, settings=settings,
+                                         method=method, beta=beta,
+                                         attack_training=attack_training,
+                                         unroll=pgd.unrolls(strategy, settings.steps))
+        if steps.METHODS[method].carries is not isinstance(self, FreeTrainStep):
+            raise ValueError(f"{type(self).__name__} does not run this method. "
+                             f"Received: method={method!r}")
+        if method == "trades" and not hasattr(loss_fn, "reduce"):
+            raise TypeError(f"trades needs an objective with `reduce` (common.training."
+                            f"objectives.Xent). Received: loss_fn={loss_fn!r}")
         self.strategy = strategy
         self.model = model
         self.optimizer = optimizer
         self.settings = settings
         self.loss_fn = loss_fn
-        self.attack_training = attack_training
         self.epsilon_ramp_steps = epsilon_ramp_steps
-        self._unroll = pgd.unrolls(strategy, settings.steps)
         with strategy.scope():
             optimizer.build(model.trainable_variables)
         self._replica_function = tf.function(self._replica_step, jit_compile=True) \
@@ -105,28 +119,13 @@ class TrainStep:
         """The attack's start points (float64) for the batch of `step`."""
         settings = dataclasses.replace(
             self.settings, epsilon=self.settings.epsilon * self.epsilon_scale(step))
-        return training_start(x_batch, settings, seed, step)
+        return training_start(x_batch, settings, seed, step, method=self.context.method)
 
     def _replica_step(self, x_nat, labels, x_start, scale, report):
-        x_adv = tf.cast(pgd.pgd_steps(self.model, x_nat, labels, x_start, self.settings,
-                                      self.attack_training, scale, self._unroll), tf.float32)
+        x_adv = steps.attack(self.context, x_nat, labels, start=x_start, scale=scale)
         metrics = _natural_metrics(self.model, x_nat, labels, report)
-        logits, _ = self._update(x_adv, labels)
-        return {**metrics, **_adversarial_metrics(logits, labels)}, x_adv
-
-    def _update(self, x_adv, labels, input_gradient=False):
-        """One optimizer step on `x_adv`; returns the logits and, where asked, the gradient of
-        the loss with respect to `x_adv` from the same backward pass."""
-        model = self.model
-        with tf.GradientTape() as tape:
-            tape.watch(x_adv)
-            logits = model(x_adv, training=True)
-            loss = self.optimizer.scale_loss(self.loss_fn(labels, logits, model))
-        sources = [model.trainable_variables, x_adv] if input_gradient \
-            else [model.trainable_variables]
-        gradients = tape.gradient(loss, sources)
-        self.optimizer.apply_gradients(zip(gradients[0], model.trainable_variables))
-        return logits, gradients[1] if input_gradient else None
+        result = steps.update(self.context, x_nat, labels, x_adv=x_adv, objective=self.loss_fn)
+        return {**metrics, **_adversarial_metrics(result.logits, labels)}, x_adv
 
     def _distributed_step(self, x_nat, labels, x_start, scale, report):
         metrics, x_adv = self.strategy.run(self._replica_function,
@@ -149,19 +148,18 @@ class TrainStep:
 
 
 class FreeTrainStep(TrainStep):
-    """One replay of free adversarial training (Shafahi et al., 2019).
+    """One replay of free adversarial training (Shafahi et al., 2019): steps.free_replay.
 
-    The replay trains on `clip(x + perturbation)` and, from the same backward pass, moves the
-    perturbation by `epsilon * sign(gradient)` within the epsilon ball. The perturbation has the
-    shape of the global batch and carries over to the next replay and the next batch; it is
-    part of the checkpoint. The weights' update and the input gradient come from the same loss
-    (with CIFAR-10's weight decay, which has no input gradient), as in their code.
+    The perturbation has the shape of the global batch and carries over to the next replay and
+    the next batch; it is part of the checkpoint. The weights' update and the input gradient
+    come from the same loss (with CIFAR-10's weight decay, which has no input gradient), as in
+    their code.
     """
 
-    def __init__(self, strategy, model, optimizer, settings, loss_fn, replays, batch_size,
+    def __init__(self, strategy, model, optimizer, settings, loss_fn, *, replays, batch_size,
                  epsilon_ramp_steps=0, jit_compile=False):
-        super().__init__(strategy, model, optimizer, settings, loss_fn, False,
-                         epsilon_ramp_steps, jit_compile)
+        super().__init__(strategy, model, optimizer, settings, loss_fn, method="free",
+                         epsilon_ramp_steps=epsilon_ramp_steps, jit_compile=jit_compile)
         self.replays = replays
         self.perturbation = tf.Variable(tf.zeros((batch_size, *model.input_shape[1:])),
                                         trainable=False, name="free_perturbation")
@@ -175,13 +173,11 @@ class FreeTrainStep(TrainStep):
         return np.zeros((0, *x_batch.shape[1:]))
 
     def _replica_step(self, x_nat, labels, perturbation, scale, report):
-        threat = self.settings.threat_model.scaled(scale)
-        x_adv = tf.clip_by_value(x_nat + perturbation, *threat.pixel_range)
         metrics = _natural_metrics(self.model, x_nat, labels, report)
-        logits, gradient = self._update(x_adv, labels, input_gradient=True)
-        gradient = tf.where(tf.math.is_finite(gradient), gradient, tf.zeros_like(gradient))
-        perturbation = threat.within_ball(threat.step(perturbation, gradient, threat.epsilon))
-        return {**metrics, **_adversarial_metrics(logits, labels)}, x_adv, perturbation
+        x_adv, result, perturbation = steps.free_replay(
+            self.context, x_nat, labels, perturbation=perturbation, objective=self.loss_fn,
+            scale=scale)
+        return {**metrics, **_adversarial_metrics(result.logits, labels)}, x_adv, perturbation
 
     def _distributed_step(self, x_nat, labels, perturbation, scale, report):
         metrics, x_adv, perturbation = self.strategy.run(
@@ -212,12 +208,14 @@ def _num_correct(logits, labels):
     return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1), labels), tf.int64))
 
 
-def training_start(x_nat, settings, seed, step):
-    """The start points of a training step's attack, from the training-starts stream."""
-    return pgd.start_point(x_nat, settings, seeds.generator(seed, seeds.TRAINING_STARTS, step))
+def training_start(x_nat, settings, seed, step, *, method="pgd"):
+    """The start points (float64) of a training step's attack by `method`, from the
+    training-starts stream."""
+    return steps.METHODS[method].start_on_host(
+        x_nat, settings, seeds.generator(seed, seeds.TRAINING_STARTS, step))
 
 
-def _batches(train_step, batch_for_step, first_step, last_step, seed):
+def _batches(train_step, batch_for_step, *, first_step, last_step, seed):
     """Prefetched (x, y, start) global batches from `first_step` up to `last_step`; the steps
     that replay a batch (free training) get that same batch."""
 
@@ -253,7 +251,7 @@ def _write_config(config, model_dir):
         json.dump(config, config_file, indent=2)
 
 
-def _report(write, step, metrics, batch_size, examples_per_second):
+def _report(write, step, metrics, *, batch_size, examples_per_second):
     write(f"Step {step}:    ({datetime.now()})")
     write(f"    training nat accuracy {metrics['nat_correct'] / batch_size * 100:.4}%")
     write(f"    training adv accuracy {metrics['adv_correct'] / batch_size * 100:.4}%")
@@ -261,7 +259,7 @@ def _report(write, step, metrics, batch_size, examples_per_second):
         write(f"    {examples_per_second} examples per second")
 
 
-def _summarize(writer, step, metrics, batch_size, images):
+def _summarize(writer, step, metrics, *, batch_size, images):
     with writer.as_default(step=step):
         accuracy = metrics["adv_correct"] / batch_size
         xent = metrics["adv_xent"] / batch_size
@@ -272,7 +270,7 @@ def _summarize(writer, step, metrics, batch_size, images):
         tf.summary.image("images adv train", images, max_outputs=3)
 
 
-def train(settings, train_step, batch_for_step, seed, to_images, guard=None):
+def train(settings, train_step, *, batch_for_step, seed, to_images, guard=None):
     """The training loop of `settings` (a LoopSettings): `train_step` a TrainStep,
     `batch_for_step(index) -> (x, y)` the global batch of an index (a step, or with replays the
     step // replays), `seed` for the random starts, `to_images(x)` for the image summary in
@@ -285,13 +283,14 @@ def train(settings, train_step, batch_for_step, seed, to_images, guard=None):
     chief = devices.is_chief(train_step.strategy)
     write_dir = settings.model_dir if chief else tempfile.mkdtemp(prefix="madry-worker-")
     try:
-        _train(settings, train_step, batch_for_step, seed, to_images, guard, chief, write_dir)
+        _train(settings, train_step, batch_for_step=batch_for_step, seed=seed,
+               to_images=to_images, guard=guard, chief=chief, write_dir=write_dir)
     finally:
         if not chief:
             shutil.rmtree(write_dir, ignore_errors=True)
 
 
-def _train(settings, train_step, batch_for_step, seed, to_images, guard, chief, write_dir):
+def _train(settings, train_step, *, batch_for_step, seed, to_images, guard, chief, write_dir):
     model_dir, batch_size, max_steps = settings.model_dir, settings.batch_size, settings.max_steps
     os.makedirs(write_dir, exist_ok=True)
     global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
@@ -314,7 +313,8 @@ def _train(settings, train_step, batch_for_step, seed, to_images, guard, chief, 
         _write_config(settings.config_copy, model_dir)
     writer = tf.summary.create_file_writer(model_dir) if chief else tf.summary.create_noop_writer()
     guard_manager = overfitting.last_good_manager(checkpoint, write_dir) if guard else None
-    batches = _batches(train_step, batch_for_step, first_step, max_steps, seed)
+    batches = _batches(train_step, batch_for_step, first_step=first_step, last_step=max_steps,
+                       seed=seed)
     training_time = 0.0
     progress = tqdm.tqdm(total=max_steps, initial=first_step, unit="step", smoothing=0.1,
                          disable=not chief)
@@ -323,8 +323,9 @@ def _train(settings, train_step, batch_for_step, seed, to_images, guard, chief, 
         x_batch, y_batch, x_start = next(batches)
         if step > first_step or step == 0:
             if guard is not None and step % settings.overfitting_check_steps == 0:
-                stopped = _overfitting_stops(guard, step, checkpoint, manager, guard_manager,
-                                             report_line, writer)
+                stopped = _overfitting_stops(guard, step, checkpoint=checkpoint,
+                                             manager=manager, guard_manager=guard_manager,
+                                             report_line=report_line, writer=writer)
                 if stopped:
                     break
             if step % settings.checkpoint_steps == 0:
@@ -339,9 +340,9 @@ def _train(settings, train_step, batch_for_step, seed, to_images, guard, chief, 
             if step > first_step:
                 rate = settings.output_steps * batch_size / training_time
                 training_time = 0.0
-            _report(report_line, step, metrics, batch_size, rate)
+            _report(report_line, step, metrics, batch_size=batch_size, examples_per_second=rate)
         if step % settings.summary_steps == 0:
-            _summarize(writer, step, metrics, batch_size, to_images(images))
+            _summarize(writer, step, metrics, batch_size=batch_size, images=to_images(images))
         global_step.assign(step + 1)
         progress.update(1)
     progress.close()
@@ -350,7 +351,8 @@ def _train(settings, train_step, batch_for_step, seed, to_images, guard, chief, 
     writer.flush()
 
 
-def _overfitting_stops(guard, step, checkpoint, manager, guard_manager, report_line, writer):
+def _overfitting_stops(guard, step, *, checkpoint, manager, guard_manager, report_line,
+                       writer):
     """Runs the guard's check at `step`. Where robustness collapsed, restores the last check
     that passed, marks the run stopped, saves that as the newest checkpoint and returns True;
     otherwise keeps this state as the last good one."""

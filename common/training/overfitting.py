@@ -35,28 +35,37 @@ class GuardState(tf.Module):
 
 @dataclasses.dataclass(frozen=True)
 class Check:
-    """One check's result: `accuracy` now, against `previous` at `previous_step`."""
+    """One check's result: `accuracy` now, against `previous` at `previous_step` (-1: no check
+    passed before); `collapsed` where it fell by more than the guard's max_drop."""
 
     step: int
     accuracy: float
     previous: float
     previous_step: int
+    collapsed: bool
 
-    @property
-    def collapsed(self):
-        return self.previous >= 0 and self.previous - self.accuracy > MAX_DROP
+
+def guard_settings(settings):
+    """The guard's attack in the ball of `settings`: STEPS steps of epsilon / 4 from random
+    starts."""
+    return dataclasses.replace(settings, steps=STEPS, step_size=settings.epsilon / 4,
+                               random_start=True)
 
 
 class OverfittingGuard:
-    """Checks the model's PGD accuracy on `held_out` (images, labels) under `strategy`."""
+    """Checks the model's PGD accuracy on `held_out` (images, labels; the first EXAMPLES) under
+    `strategy`, in the ball of `settings` (a pgd.AttackSettings), from starts drawn once from
+    `seed`; a drop of more than `max_drop` from the last check that passed is a collapse."""
 
-    def __init__(self, strategy, model, held_out, settings, seed):
+    def __init__(self, strategy, model, held_out, *, settings, seed, max_drop=MAX_DROP):
+        if not 0 <= max_drop <= 1:
+            raise ValueError(f"max_drop must be between 0 and 1. Received: max_drop={max_drop}")
         images, labels = (tensor[:EXAMPLES] for tensor in held_out)
         self.strategy = strategy
         self.model = model
+        self.max_drop = max_drop
         self.state = GuardState()
-        self.settings = dataclasses.replace(settings, steps=STEPS,
-                                            step_size=settings.epsilon / 4, random_start=True)
+        self.settings = guard_settings(settings)
         start = pgd.start_point(images, self.settings, seeds.generator(seed, seeds.GUARD))
         self._batch = devices.split_batch(strategy, (tf.convert_to_tensor(images, tf.float32),
                                              tf.convert_to_tensor(labels, tf.int64),
@@ -67,8 +76,8 @@ class OverfittingGuard:
 
     def _count_correct(self, batch):
         def replica(images, labels, start):
-            x_adv = pgd.pgd_steps(self.model, images, labels, start, self.settings,
-                                  unroll=self._unroll)
+            x_adv = pgd.pgd_steps(self.model, images, labels, x_start=start,
+                                  settings=self.settings, unroll=self._unroll)
             logits = self.model(tf.cast(x_adv, tf.float32), training=False)
             return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1), labels), tf.int64))
 
@@ -78,8 +87,10 @@ class OverfittingGuard:
     def check(self, step):
         """Attacks the held-out batch; records the accuracy where it did not collapse."""
         accuracy = float(self._count(self._batch).numpy()) / self._examples
-        result = Check(step, accuracy, float(self.state.accuracy.numpy()),
-                       int(self.state.good_step.numpy()))
+        previous = float(self.state.accuracy.numpy())
+        result = Check(step=step, accuracy=accuracy, previous=previous,
+                       previous_step=int(self.state.good_step.numpy()),
+                       collapsed=previous >= 0 and previous - accuracy > self.max_drop)
         if not result.collapsed:
             self.state.accuracy.assign(accuracy)
             self.state.good_step.assign(step)

@@ -1,0 +1,236 @@
+"""The adversarial training step of one replica, by method: the one definition that the
+challenge loop (loop.py) and `fit` (fit.py) both run.
+
+A method is an entry of METHODS: the attack that makes the batch it trains on, the loss its
+update minimises, and how the attack's start is drawn, on the host in float64 for the loop (whose
+starts are a function of the step, for the original's exact arithmetic and for resuming) or
+inside the graph for `fit`. A step is `attack`, then `update` (the loop reads its natural
+accuracy in between, as the original did); free training's replay is `free_replay`.
+
+- `pgd` (Madry et al., 2018) and `fgsm_rs` (Wong et al., 2020, one step from a random start:
+  see `training_settings`) train on the PGD attack of the training settings.
+- `free` (Shafahi et al., 2019) trains on the clean batch plus a perturbation carried over from
+  the last replay, which the same backward pass moves by one signed step of epsilon.
+- `trades` (Zhang et al., 2019) maximises KL(f(x) || f(x')) from x + 0.001 N(0, 1) with the
+  training attack's steps, and minimises the objective on the clean batch plus
+  beta KL(f(x) || f(x_adv)), the KL reduced over the batch as the objective reduces its
+  cross-entropy (a mean for a mean: the authors' batchmean).
+
+The objective is `objective(labels, logits, model)`, the replica's share of the global batch's
+loss, with `objective.reduce(values)` that sums per-example values into that share in the same
+way (TRADES needs it; common/training/objectives.py's objectives have it).
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from common.attacks import pgd
+from common.runtime import precision
+
+TRADES_NOISE = 0.001  # the start's standard deviation, as a fraction of the pixel range
+DEFAULT_BETA = 6.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepContext:
+    """What a replica's step needs besides its batch.
+
+    Args:
+        model: the Keras model trained.
+        optimizer: its optimizer, built.
+        settings: the training attack (a pgd.AttackSettings, see `training_settings`).
+        method: a key of METHODS.
+        beta: TRADES' weight of the KL term.
+        attack_training: the model runs in training mode during the attack.
+        unroll: the attack's steps are unrolled (pgd.unrolls).
+    """
+
+    model: Any
+    optimizer: Any
+    settings: Any
+    method: str = "pgd"
+    beta: float = DEFAULT_BETA
+    attack_training: bool = False
+    unroll: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown training method; use one of {', '.join(METHODS)}. "
+                             f"Received: method={self.method!r}")
+        if not self.beta >= 0:
+            raise ValueError(f"beta must be at least 0. Received: beta={self.beta}")
+
+    def threat(self, scale=None):
+        """The threat model and step size, times `scale` (the epsilon ramp's) where given."""
+        threat, step_size = self.settings.threat_model, self.settings.step_size
+        if scale is None:
+            return threat, step_size
+        return threat.scaled(scale), step_size * scale
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+    """An update's logits on the adversarial batch, its loss (before the optimizer's scaling)
+    and, where asked, the loss's gradient with respect to the adversarial batch."""
+
+    logits: Any
+    loss: Any
+    input_gradient: Any = None
+
+
+def attack(context, x_nat, labels, *, start, scale=None):
+    """The batch (float32) that the method of `context` trains on, from `start`."""
+    return tf.stop_gradient(tf.cast(
+        METHODS[context.method].attack(context, x_nat, labels, start=start, scale=scale),
+        tf.float32))
+
+
+def update(context, x_nat, labels, *, x_adv, objective, input_gradient=False):
+    """One optimizer step on the method's loss at `x_adv`."""
+    model, optimizer = context.model, context.optimizer
+    with tf.GradientTape() as tape:
+        tape.watch(x_adv)
+        logits, loss = METHODS[context.method].loss(context, x_nat, labels, x_adv=x_adv,
+                                                    objective=objective)
+        scaled = optimizer.scale_loss(loss)
+    sources = [model.trainable_variables, x_adv] if input_gradient \
+        else [model.trainable_variables]
+    gradients = tape.gradient(scaled, sources)
+    optimizer.apply_gradients(zip(gradients[0], model.trainable_variables))
+    return Update(logits, loss, gradients[1] if input_gradient else None)
+
+
+def free_replay(context, x_nat, labels, *, perturbation, objective, scale=None):
+    """One replay of free training: the update at `clip(x_nat + perturbation)` and, from its
+    backward pass, the perturbation moved by a signed step of epsilon within the ball.
+    Returns (x_adv, the Update, the next perturbation)."""
+    threat, _ = context.threat(scale)
+    x_adv = attack(context, x_nat, labels, start=perturbation, scale=scale)
+    result = update(context, x_nat, labels, x_adv=x_adv, objective=objective,
+                    input_gradient=True)
+    gradient = tf.where(tf.math.is_finite(result.input_gradient), result.input_gradient, 0.0)
+    return x_adv, result, threat.within_ball(threat.step(perturbation, gradient, threat.epsilon))
+
+
+def training_settings(settings, method, fgsm_step_size=None):
+    """The attack that `method` trains on, from the evaluation attack's settings: one step of
+    `fgsm_step_size` (by default 1.25 epsilon) from a random start for fgsm_rs; for the others
+    the settings themselves (free uses their ball, TRADES their ball, steps and step size)."""
+    if method == "fgsm_rs":
+        step_size = 1.25 * settings.epsilon if fgsm_step_size is None else fgsm_step_size
+        return dataclasses.replace(settings, steps=1, step_size=step_size, random_start=True)
+    return settings
+
+
+# The attacks.
+
+def _pgd_attack(context, x_nat, labels, *, start, scale):
+    return pgd.pgd_steps(context.model, x_nat, labels, x_start=start, settings=context.settings,
+                         training=context.attack_training, scale=scale, unroll=context.unroll)
+
+
+def _free_attack(context, x_nat, labels, *, start, scale):
+    return tf.clip_by_value(x_nat + start, *context.settings.pixel_range)
+
+
+def _kl_attack(context, x_nat, labels, *, start, scale):
+    """TRADES' inner maximisation: the training attack's steps on the KL divergence from the
+    clean prediction, each projected into the ball and the pixel range."""
+    model, training = context.model, context.attack_training
+    threat, step_size = context.threat(scale)
+    clean = tf.stop_gradient(tf.cast(model(x_nat, training=training), tf.float32))
+    loss_scale = precision.FLOAT16_ATTACK_LOSS_SCALE if precision.computes_in_float16() else 1.0
+    x = start
+    steps = context.settings.steps
+    for _ in range(steps) if training or context.unroll else tf.range(steps):
+        x_float = tf.cast(x, tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(x_float)
+            logits = tf.cast(model(x_float, training=training), tf.float32)
+            loss = tf.reduce_sum(kl_divergence(clean, logits)) * loss_scale
+        gradient = tape.gradient(loss, x_float)
+        gradient = tf.where(tf.math.is_finite(gradient), gradient, 0.0)
+        x = threat.project(threat.step(x, gradient, step_size), x_nat)
+    return tf.clip_by_value(x, *context.settings.pixel_range)
+
+
+# The losses: (logits on the adversarial batch, the loss of the update).
+
+def _adversarial_loss(context, x_nat, labels, *, x_adv, objective):
+    logits = context.model(x_adv, training=True)
+    return logits, objective(labels, logits, context.model)
+
+
+def _trades_loss(context, x_nat, labels, *, x_adv, objective):
+    model = context.model
+    clean = model(x_nat, training=True)
+    logits = model(x_adv, training=True)
+    divergence = kl_divergence(tf.cast(clean, tf.float32), tf.cast(logits, tf.float32))
+    loss = objective(labels, clean, model)
+    return logits, loss + tf.cast(context.beta, loss.dtype) * tf.cast(
+        objective.reduce(divergence), loss.dtype)
+
+
+def kl_divergence(logits_p, logits_q):
+    """Per example, KL(p || q) of the softmax distributions of two float32 logits."""
+    log_p = tf.nn.log_softmax(logits_p)
+    return tf.reduce_sum(tf.exp(log_p) * (log_p - tf.nn.log_softmax(logits_q)), axis=1)
+
+
+# The starts: on the host from a numpy generator (the loop), in the graph from a stateless seed
+# (fit).
+
+def _ball_start_on_host(x_nat, settings, rng):
+    return pgd.start_point(x_nat, settings, rng)
+
+
+def _ball_start_in_graph(x_nat, settings, seed):
+    if not settings.random_start:
+        return tf.cast(tf.cast(x_nat, tf.float32), tf.float64)
+    return settings.threat_model.random_start(x_nat, seed, tf.float64)
+
+
+def _trades_noise(settings):
+    low, high = settings.pixel_range
+    return TRADES_NOISE * (high - low)
+
+
+def _noise_start_on_host(x_nat, settings, rng):
+    x_nat = np.asarray(x_nat, np.float32).astype(np.float64)
+    return x_nat + _trades_noise(settings) * rng.standard_normal(x_nat.shape)
+
+
+def _noise_start_in_graph(x_nat, settings, seed):
+    x_nat = tf.cast(tf.cast(x_nat, tf.float32), tf.float64)
+    return x_nat + _trades_noise(settings) * tf.random.stateless_normal(
+        tf.shape(x_nat), seed, dtype=tf.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A training method: its attack `(context, x_nat, labels, *, start, scale) -> x_adv`, its
+    loss `(context, x_nat, labels, *, x_adv, objective) -> (logits, loss)`, and its start drawn
+    on the host `(x_nat, settings, rng)` or in the graph `(x_nat, settings, seed)`; `carries`:
+    the start is a perturbation carried from replay to replay (free training), not drawn."""
+
+    attack: Callable
+    loss: Callable
+    start_on_host: Callable = None
+    start_in_graph: Callable = None
+
+    @property
+    def carries(self):
+        return self.start_on_host is None
+
+
+METHODS = {
+    "pgd": Method(_pgd_attack, _adversarial_loss, _ball_start_on_host, _ball_start_in_graph),
+    "fgsm_rs": Method(_pgd_attack, _adversarial_loss, _ball_start_on_host,
+                      _ball_start_in_graph),
+    "free": Method(_free_attack, _adversarial_loss),
+    "trades": Method(_kl_attack, _trades_loss, _noise_start_on_host, _noise_start_in_graph),
+}

@@ -4,13 +4,16 @@ on a linear model whose smallest L1 perturbation within the box is known exactly
 standard L1 AutoAttack against fra31/auto-attack's recorded results."""
 
 import itertools
+import json
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import assert_one_error_line, run_script, shared_path
 from test_attacks_api import FIXTURE, reference_mlp
 
 from common.attacks import PGD, AutoAttack, fab
+from mnist_challenge.mnist_input import MNISTData
 
 
 def smallest_step_over_orders(point, weight, needed, pixel_range):
@@ -126,3 +129,22 @@ def test_standard_l1_autoattack_agrees_with_the_reference():
     assert np.mean(result.robust == saved["l1_robust"]) >= 0.97
     sizes = np.abs(result.x_adv - saved["x"]).reshape(len(saved["x"]), -1).sum(1)
     assert sizes.max() <= epsilon * (1 + 1e-5)
+
+
+@pytest.mark.slow
+def test_autoattack_py_in_l1_needs_its_epsilon_and_reports_in_l1(tmp_path):
+    """--norm=L1 without --epsilon is one error line (the config's epsilon is the L-infinity
+    radius); with it, the report's settings and largest perturbation are in L1."""
+    model = (f"--model_dir={shared_path('fixtures', 'tf1_checkpoints', 'mnist')}",
+             f"--data_path={shared_path('data', 'mnist')}")
+    assert_one_error_line(run_script("mnist_challenge/autoattack.py", *model, "--norm=L1"),
+                          "--norm=L1 needs --epsilon")
+    store = tmp_path / "aa.npy"
+    result = run_script("mnist_challenge/autoattack.py", *model, "--norm=L1", "--epsilon=15",
+                        "--attacks=apgd-ce", "--num_eval_examples=4", f"--store_adv_path={store}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.load(open(tmp_path / "aa.json"))
+    assert report["settings"]["norm"] == "L1" and report["settings"]["epsilon"] == 15
+    sizes = np.abs(np.load(store) - MNISTData(shared_path("data", "mnist")).test_images[:4]).sum(1)
+    assert 1 < report["max_perturbation"] == pytest.approx(sizes.max(), rel=1e-5)
+    assert sizes.max() <= 15 * (1 + 1e-5)

@@ -99,7 +99,7 @@ def test_probabilities_and_missing_epsilon_are_refused():
         AutoAttack(model, "Linf", 0.1).evaluate(x, [0, 1])
     with pytest.raises(ValueError, match="needs epsilon"):
         AutoAttack(model, "Linf")
-    with pytest.raises(ValueError, match="unknown norm 'L3'"):
+    with pytest.raises(ValueError, match="Received: norm='L3'"):
         PGD(model, 0.1, norm="L3")
 
 

@@ -1,19 +1,22 @@
-"""Auto-PGD (Croce & Hein, ICML 2020, Algorithm 1) in the L-infinity or L2 norm, with the
-parameters of their reference implementation (fra31/auto-attack, `autopgd_base.py`).
+"""Auto-PGD (Croce & Hein, ICML 2020, Algorithm 1) in the L-infinity or L2 norm, and its L1
+version (Croce & Hein, "Mind the box", ICML 2021: `sparse_steps`), with the parameters of their
+reference implementation (fra31/auto-attack, `autopgd_base.py`).
 
 From a random point on the epsilon sphere, 100 steps of PGD with momentum: the step size starts at
 2 epsilon and is halved at checkpoints where the loss rose in at most 75% of the steps since the
 last one, or where it was not halved at the last checkpoint and the best loss has not improved
 since; after a halving the attack continues from its best point. A point counts as broken as soon
 as any iterate is misclassified. All the iterations run in one `tf.function` with fixed shapes.
+In L1 the steps are sparse and the step size follows the sparsity of the best point instead.
 """
 
 import dataclasses
+import math
 
 import numpy as np
 import tensorflow as tf
 
-from common.attacks import losses
+from common.attacks import losses, threat_model
 from common.attacks.runs import on_robust_examples
 from common.attacks.threat_model import ThreatModel, per_example
 from common.runtime import devices, seeds
@@ -24,6 +27,17 @@ CHECKPOINT_DECREASE = 0.03  # the interval shrinks by this much at each checkpoi
 MIN_CHECKPOINT_INTERVAL = 0.06  # ...down to this
 MOMENTUM = 0.75
 RHO = 0.75  # the fraction of rising steps below which the step size is halved
+# The large-reps schedule (AutoAttack's standard version in L1): epsilon multiples, and each
+# one's share of the iterations.
+LARGE_REPS_EPSILONS = (3.0, 2.0, 1.0)
+LARGE_REPS_ITERATIONS = (0.3, 0.3, 0.4)
+# APGD-L1 (Croce & Hein 2021): checkpoints every 4% of the iterations; the share of coordinates
+# a step moves is the best point's sparsity over 1.5, by which the step size also shrinks,
+# unless the best point became sparser than 95% of the last checkpoint's; at least epsilon / 10.
+L1_CHECKPOINT_SHARE = 0.04
+SPARSITY_DECREASE = 1.5
+L1_SPARSER = 0.95
+L1_SMALLEST_STEP = 10.0
 
 
 def checkpoint_intervals(num_iterations):
@@ -50,6 +64,9 @@ class APGDSettings:
     # Gradients averaged over this many passes (expectation over transformation), for models
     # whose outputs are random (AutoAttack's 'rand' version uses 20).
     eot_iterations: int = 1
+    # The large-reps schedule (LARGE_REPS_EPSILONS), as AutoAttack's standard version runs APGD
+    # in L1.
+    large_reps: bool = False
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -68,16 +85,43 @@ def halve_step(rising, interval, halved_at_last, best_at_last, best):
 
 
 def apgd_steps(model, x_nat, labels, targets, noise, settings):
-    """One run of APGD from the random start given by `noise` (the shape of `x_nat`; U[-1, 1]
-    for L-infinity, standard normal for L2).
+    """One run of APGD from the random start given by `noise` (the shape of `x_nat`, drawn by
+    the threat model's `noise`): the iterations of the threat model's ball (STEPS), or with
+    `large_reps` the reference's schedule: LARGE_REPS_ITERATIONS of the iterations at each of
+    LARGE_REPS_EPSILONS times epsilon in turn, each from the highest-loss point of the one
+    before, projected into its ball (the start: the noise in the largest ball).
 
     Returns the last misclassified iterate of each example (its start where none was), whether
-    the example stayed correctly classified throughout, and its final step size.
+    the example stayed correctly classified throughout (in the large-reps schedule: throughout
+    its last part, within epsilon), and its final step size.
     """
     threat = settings.threat_model
-    intervals = checkpoint_intervals(settings.num_iterations)
-    interval_at = tf.constant([intervals.get(i, 0) for i in range(settings.num_iterations)],
-                              tf.float32)
+    steps = STEPS[type(threat.ball)]
+    loss_and_gradient = _loss_and_gradient(model, labels, targets, settings)
+    if not settings.large_reps:
+        _, x_broken, robust, step_size = steps(loss_and_gradient, x_nat, labels,
+                                               threat.noise_start(x_nat, noise), threat,
+                                               settings.num_iterations, fresh=True)
+        return x_broken, robust, step_size
+    x_best = threat.scaled(LARGE_REPS_EPSILONS[0]).noise_start(x_nat, noise)
+    for factor, iterations in zip(LARGE_REPS_EPSILONS,
+                                  large_reps_iterations(settings.num_iterations)):
+        stage = threat.scaled(factor)
+        x_best, x_broken, robust, step_size = steps(loss_and_gradient, x_nat, labels,
+                                                    stage.project(x_best, x_nat), stage,
+                                                    iterations, fresh=False)
+    return x_broken, robust, step_size
+
+
+def large_reps_iterations(num_iterations):
+    """The iterations of each part of the large-reps schedule: 30%, 30% (rounded up) and the
+    rest; for 100 iterations 30, 30 and 40."""
+    first = [math.ceil(share * num_iterations) for share in LARGE_REPS_ITERATIONS[:-1]]
+    return first + [num_iterations - sum(first)]
+
+
+def _loss_and_gradient(model, labels, targets, settings):
+    """x -> (loss per example, its gradient averaged over `eot_iterations` passes, logits)."""
 
     def loss_and_gradient(x):
         gradient = tf.zeros_like(x)
@@ -90,12 +134,23 @@ def apgd_steps(model, x_nat, labels, targets, noise, settings):
             gradient += tape.gradient(total, x)
         return loss, gradient / settings.eot_iterations, logits
 
-    def correct(logits):
-        return tf.equal(tf.argmax(logits, axis=1), labels)
+    return loss_and_gradient
 
-    x_adv = threat.start_on_sphere(x_nat, noise)
+
+def _correct(logits, labels):
+    return tf.equal(tf.argmax(logits, axis=1), labels)
+
+
+def momentum_steps(loss_and_gradient, x_nat, labels, x_start, threat, num_iterations, fresh):
+    """APGD's iterations in L-infinity and L2 (Algorithm 1) from `x_start`: steps with momentum,
+    the step size halved at the checkpoints (`fresh` plays no part). Returns the highest-loss
+    point, the last misclassified iterate (the start where none was), whether each example
+    stayed correctly classified, and the final step sizes."""
+    intervals = checkpoint_intervals(num_iterations)
+    interval_at = tf.constant([intervals.get(i, 0) for i in range(num_iterations)], tf.float32)
+    x_adv = x_start
     loss, gradient, logits = loss_and_gradient(x_adv)
-    robust = correct(logits)
+    robust = _correct(logits, labels)
     x_broken = x_adv
     x_best, gradient_best, loss_best = x_adv, gradient, loss
     step_size = tf.fill(tf.shape(loss), tf.constant(2.0 * threat.epsilon, tf.float32))
@@ -105,14 +160,14 @@ def apgd_steps(model, x_nat, labels, targets, noise, settings):
     rising = tf.zeros_like(loss)
     loss_best_at_checkpoint = loss_best
     halved_at_checkpoint = tf.ones_like(robust)
-    for iteration in tf.range(settings.num_iterations):
+    for iteration in tf.range(num_iterations):
         momentum = tf.where(iteration > 0, MOMENTUM, 1.0)
         z = threat.project(threat.step(x_adv, gradient, step_size), x_nat)
         moved = x_adv - x_previous
         x_previous = x_adv
         x_adv = threat.project(x_adv + (z - x_adv) * momentum + moved * (1 - momentum), x_nat)
         loss, gradient, logits = loss_and_gradient(x_adv)
-        misclassified = tf.logical_not(correct(logits))
+        misclassified = tf.logical_not(_correct(logits, labels))
         robust = tf.logical_and(robust, tf.logical_not(misclassified))
         x_broken = tf.where(per_example(misclassified, x_adv), x_adv, x_broken)
         improved = loss > loss_best
@@ -131,7 +186,67 @@ def apgd_steps(model, x_nat, labels, targets, noise, settings):
             x_adv = tf.where(per_example(halve, x_adv), x_best, x_adv)
             gradient = tf.where(per_example(halve, x_adv), gradient_best, gradient)
             rising = tf.zeros_like(rising)
-    return x_broken, robust, step_size
+    return x_best, x_broken, robust, step_size
+
+
+def _nonzero(x):
+    """Per example, how many coordinates of `x` are not 0 (its sparsity)."""
+    return tf.reduce_sum(tf.cast(tf.not_equal(tf.reshape(x, (tf.shape(x)[0], -1)), 0),
+                                 tf.float32), axis=1)
+
+
+def sparse_steps(loss_and_gradient, x_nat, labels, x_start, threat, num_iterations, fresh):
+    """APGD's iterations in L1 ("Mind the box", Croce & Hein 2021) from `x_start`, as the
+    reference runs them: no momentum; each step of size `step_size` moves the coordinates of
+    the largest gradients (at first L1_STEP_FRACTION of them, or, from a start that is not
+    `fresh`, the start's non-zero coordinates over SPARSITY_DECREASE), then projects exactly.
+    Every L1_CHECKPOINT_SHARE of the iterations the fraction becomes the best point's over
+    SPARSITY_DECREASE; where the best point's sparsity fell below L1_SPARSER of the last
+    checkpoint's, the step size returns to epsilon and the iterate to the best point, elsewhere
+    the step size shrinks by SPARSITY_DECREASE, down to epsilon / L1_SMALLEST_STEP. Returns as
+    `momentum_steps`."""
+    size = tf.cast(tf.reduce_prod(tf.shape(x_nat)[1:]), tf.float32)
+    interval = max(int(L1_CHECKPOINT_SHARE * num_iterations), 1)
+    x_adv = x_start
+    loss, gradient, logits = loss_and_gradient(x_adv)
+    robust = _correct(logits, labels)
+    x_broken = x_adv
+    x_best, gradient_best, loss_best = x_adv, gradient, loss
+    full_step = tf.fill(tf.shape(loss), tf.constant(threat.epsilon, tf.float32))
+    step_size = full_step
+    if fresh:
+        sparsity = tf.fill(tf.shape(loss), size)
+        fraction = tf.fill(tf.shape(loss), threat_model.L1_STEP_FRACTION)
+    else:
+        sparsity = _nonzero(x_adv - x_nat)
+        fraction = sparsity / size / SPARSITY_DECREASE
+    for iteration in tf.range(num_iterations):
+        step = per_example(step_size, x_adv) * threat_model.sparse_direction(gradient, fraction)
+        x_adv = threat.project(x_adv + step, x_nat)
+        loss, gradient, logits = loss_and_gradient(x_adv)
+        misclassified = tf.logical_not(_correct(logits, labels))
+        robust = tf.logical_and(robust, tf.logical_not(misclassified))
+        x_broken = tf.where(per_example(misclassified, x_adv), x_adv, x_broken)
+        improved = loss > loss_best
+        x_best = tf.where(per_example(improved, x_adv), x_adv, x_best)
+        gradient_best = tf.where(per_example(improved, x_adv), gradient, gradient_best)
+        loss_best = tf.where(improved, loss, loss_best)
+        if (iteration + 1) % interval == 0:
+            sparsity_now = _nonzero(x_best - x_nat)
+            sparser = sparsity_now / sparsity < L1_SPARSER
+            fraction = sparsity_now / size / SPARSITY_DECREASE
+            step_size = tf.clip_by_value(
+                tf.where(sparser, full_step, step_size / SPARSITY_DECREASE),
+                full_step / L1_SMALLEST_STEP, full_step)
+            sparsity = sparsity_now
+            x_adv = tf.where(per_example(sparser, x_adv), x_best, x_adv)
+            gradient = tf.where(per_example(sparser, x_adv), gradient_best, gradient)
+    return x_best, x_broken, robust, step_size
+
+
+# APGD's iterations per ball: keyed by the ball's class.
+STEPS = {threat_model.LinfBall: momentum_steps, threat_model.L2Ball: momentum_steps,
+         threat_model.L1Ball: sparse_steps}
 
 
 class APGD:
@@ -151,12 +266,10 @@ class APGD:
         self._logits = devices.spread_logits(model, strategy)
 
     def noise(self, shape, run):
-        """The noise of the random start of `run` (a restart or target index): U[-1, 1] for
-        L-infinity, standard normal for L2, as the reference draws them."""
-        rng = seeds.generator(self.seed, seeds.APGD_STARTS, run)
-        if self.settings.threat_model.norm == "Linf":
-            return rng.uniform(-1, 1, shape).astype(np.float32)
-        return rng.standard_normal(shape).astype(np.float32)
+        """The noise of the random start of `run` (a restart or target index), drawn by the
+        threat model as the reference draws it."""
+        return self.settings.threat_model.noise(seeds.generator(self.seed, seeds.APGD_STARTS, run),
+                                                shape)
 
     def attack(self, x, y, targets=None, run=0):
         """(adversarial examples, robust) of one run; `targets` for the targeted DLR loss."""

@@ -1,12 +1,14 @@
 """AutoAttack (Croce & Hein, ICML 2020): the standard robustness evaluation, an ensemble of
 parameter-free attacks, each run on the points that all the attacks before it failed to break,
-for any Keras model or callable that returns logits, in the L-infinity or L2 norm.
+for any Keras model or callable that returns logits, in the L-infinity, L2 or L1 norm.
 
 `standard` runs APGD-CE, APGD-T, FAB-T and Square; `plus` adds APGD-DLR and untargeted FAB with
 5 restarts each; `rand` (for models with random outputs) runs APGD-CE and APGD-DLR with gradients
 averaged over 20 passes; a custom list runs the named attacks with the reference's constructor
 defaults. A point is robust only if every attack fails on it. The targeted attacks aim at the
-min(9, classes - 1) most likely wrong classes.
+min(9, classes - 1) most likely wrong classes. In L1 the standard version is the one of "Mind
+the box" (Croce & Hein, ICML 2021): APGD-CE with 5 restarts and APGD-T towards 5 classes, both
+with the large-reps schedule (see STANDARD_BY_BALL).
 
 With a state path, the evaluation keeps a state file, rewritten whole after every batch, so that
 a killed run resumes where it stopped: the attacks done, the batches done of the attack under
@@ -19,8 +21,10 @@ import os
 import time
 
 import numpy as np
+import tensorflow as tf
 import tqdm
 
+from common.attacks import threat_model
 from common.attacks.apgd import APGD, APGDSettings
 from common.attacks.fab import FAB, FABSettings
 from common.attacks.square import Square, SquareSettings
@@ -40,6 +44,10 @@ MAX_TARGET_CLASSES = 9
 # Restarts of APGD-CE, APGD-DLR and FAB, and gradient passes of APGD, per version; a custom list
 # takes the reference's constructor defaults (5 restarts).
 RESTARTS = {"standard": 1, "plus": 5, "rand": 1, "custom": 5}
+# What the standard version changes per ball, keyed by the ball's class: in L1 the reference
+# ("Mind the box") runs APGD with the large-reps schedule, APGD-CE with 5 restarts and APGD-T
+# towards 5 target classes (FAB-T still 9).
+STANDARD_BY_BALL = {threat_model.L1Ball: {"restarts": 5, "apgd_targets": 5, "large_reps": True}}
 EOT_ITERATIONS = {"rand": 20}
 CLEAN, ROBUST = "clean", ""
 
@@ -133,19 +141,25 @@ class AutoAttack:
         per evaluation's number of classes."""
         if (name, classes) in self._built:
             return self._built[(name, classes)]
-        restarts, eot = RESTARTS[self.version], EOT_ITERATIONS.get(self.version, 1)
-        targets = min(MAX_TARGET_CLASSES, classes - 1)
         threat, model, seed, strategy = self.threat_model, self.model, self.seed, self.strategy
+        by_ball = STANDARD_BY_BALL.get(type(threat.ball), {}) if self.version == "standard" \
+            else {}
+        restarts = by_ball.get("restarts", RESTARTS[self.version])
+        eot = EOT_ITERATIONS.get(self.version, 1)
+        targets = min(MAX_TARGET_CLASSES, classes - 1)
+        apgd_targets = min(by_ball.get("apgd_targets", MAX_TARGET_CLASSES), classes - 1)
 
         def apgd(loss):
-            return APGD(model, APGDSettings(threat, loss=loss, eot_iterations=eot), seed, strategy)
+            return APGD(model, APGDSettings(threat, loss=loss, eot_iterations=eot,
+                                            large_reps=by_ball.get("large_reps", False)),
+                        seed, strategy)
 
         if name in ("apgd-ce", "apgd-dlr"):
             attack = apgd("xent" if name == "apgd-ce" else "dlr")
             run = lambda x, y: attack.untargeted(x, y, restarts)  # noqa: E731
         elif name == "apgd-t":
             attack = apgd("dlr-targeted")
-            run = lambda x, y: attack.targeted(x, y, targets)  # noqa: E731
+            run = lambda x, y: attack.targeted(x, y, apgd_targets)  # noqa: E731
         elif name in ("fab", "fab-t"):
             attack = FAB(model, FABSettings(threat), seed, strategy)
             run = (lambda x, y: attack.targeted(x, y, targets)) if name == "fab-t" else \
@@ -283,9 +297,8 @@ def run_attacks(attacks, predict, x, y, settings, batch_size, state_path=None, l
         log(f"robust accuracy after {name.upper()}: {np.mean(state.robust):.2%} "
             f"(total time {state.seconds:.1f} s)")
     norm = settings.get("norm", "Linf")
-    difference = (state.x_adv - x).reshape(len(x), -1)
-    distance = np.abs(difference).max(axis=1) if norm == "Linf" else \
-        np.sqrt((difference.astype(np.float64) ** 2).sum(axis=1))
+    difference = (state.x_adv - x).reshape(len(x), -1).astype(np.float64)
+    distance = threat_model.ball(norm).norms(tf.constant(difference)).numpy()
     log(f"max {norm} perturbation: {distance.max():.5f}, nan in tensor: "
         f"{int(np.isnan(state.x_adv).sum())}, max: {state.x_adv.max():.5f}, "
         f"min: {state.x_adv.min():.5f}")

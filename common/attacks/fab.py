@@ -1,4 +1,4 @@
-"""FAB, the Fast Adaptive Boundary attack (Croce & Hein, ICML 2020) in the L-infinity or L2
+"""FAB, the Fast Adaptive Boundary attack (Croce & Hein, ICML 2020) in the L-infinity, L2 or L1
 norm, with the parameters AutoAttack runs it with (100 iterations, alpha_max 0.1, eta 1.05, beta
 0.9): FAB-T towards the classes of the 9 next highest clean logits in turn, from the clean image;
 untargeted FAB towards the nearest class boundary at each iteration, from the clean image and
@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from common.attacks import losses
+from common.attacks import losses, threat_model
 from common.attacks.runs import on_robust_examples
 from common.attacks.threat_model import ThreatModel
 from common.runtime import devices, seeds
@@ -37,21 +37,28 @@ class FABSettings:
 def project_onto_hyperplane(points, weights, biases, pixel_range, norm="Linf"):
     """The smallest steps `d` in `norm` (one row per example, flat) with
     `weights . (points + d) = biases` and `points + d` within the pixel range; where no step in
-    the range reaches the hyperplane, the step in the range that comes closest to it.
+    the range reaches the hyperplane, every coordinate moves to its bound that way."""
+    projection = PROJECTIONS[type(threat_model.ball(norm))]
+    return projection(points, weights, biases, pixel_range)
 
-    Coordinate i moves towards the hyperplane by `min(t a_i, room_i)` for a common `t`, room_i
-    being the distance to the range's bound that way, and a_i = 1 for L-infinity (every
-    coordinate moves alike) or |w_i| for L2 (each in proportion to its weight). The change of
-    `weights . x`, the sum of `|w_i| min(t a_i, room_i)`, is increasing and piecewise linear in
-    `t` with breakpoints room_i / a_i, so the smallest `t` that reaches the hyperplane comes from
-    cumulative sums over the sorted breakpoints.
-    """
+
+def _towards_hyperplane(points, weights, biases, pixel_range):
+    """How far the hyperplane is (|b - w.x|), which way each coordinate moves to reach it, and
+    how far the pixel range lets it move that way."""
     low, high = pixel_range
     needed = biases - tf.reduce_sum(weights * points, axis=1)
     direction = tf.sign(weights) * tf.sign(needed)[:, None]
     room = tf.where(direction > 0, high - points, points - low)
     room = tf.where(direction == 0, tf.zeros_like(room), room)
-    speed = tf.ones_like(weights) if norm == "Linf" else tf.abs(weights)
+    return tf.abs(needed)[:, None], direction, room
+
+
+def _moving_together(points, weights, biases, pixel_range, speed):
+    """Coordinate i moves towards the hyperplane by `min(t speed_i, room_i)` for a common `t`.
+    The change of `weights . x`, the sum of `|w_i| min(t speed_i, room_i)`, is increasing and
+    piecewise linear in `t` with breakpoints room_i / speed_i, so the smallest `t` that reaches
+    the hyperplane comes from cumulative sums over the sorted breakpoints."""
+    target, direction, room = _towards_hyperplane(points, weights, biases, pixel_range)
     breakpoints = room / tf.maximum(speed, 1e-12)
     order = tf.argsort(breakpoints, axis=1)
     sorted_breakpoints = tf.gather(breakpoints, order, batch_dims=1)
@@ -63,7 +70,6 @@ def project_onto_hyperplane(points, weights, biases, pixel_range, norm="Linf"):
     filled = tf.math.cumsum(sorted_weight * sorted_room, axis=1, exclusive=True)
     remaining = tf.math.cumsum(sorted_weight * sorted_speed, axis=1, reverse=True)
     reached = filled + sorted_breakpoints * remaining
-    target = tf.abs(needed)[:, None]
     breakpoint_index = tf.reduce_sum(tf.cast(reached < target, tf.int32), axis=1)
     feasible = breakpoint_index < tf.shape(points)[1]
     index = tf.minimum(breakpoint_index, tf.shape(points)[1] - 1)[:, None]
@@ -73,22 +79,53 @@ def project_onto_hyperplane(points, weights, biases, pixel_range, norm="Linf"):
     return direction * tf.minimum(t * speed, room)
 
 
+def _linf_onto_hyperplane(points, weights, biases, pixel_range):
+    """In L-infinity every coordinate moves alike."""
+    return _moving_together(points, weights, biases, pixel_range, tf.ones_like(weights))
+
+
+def _l2_onto_hyperplane(points, weights, biases, pixel_range):
+    """In L2 each coordinate moves in proportion to its weight."""
+    return _moving_together(points, weights, biases, pixel_range, tf.abs(weights))
+
+
+def _l1_onto_hyperplane(points, weights, biases, pixel_range):
+    """In L1 the coordinates of the largest |w_i| move first, each all its room, until the
+    next one's share reaches the hyperplane: a unit of L1 moves `weights . x` most there."""
+    target, direction, room = _towards_hyperplane(points, weights, biases, pixel_range)
+    order = tf.argsort(-tf.abs(weights), axis=1)
+    sorted_weight = tf.gather(tf.abs(weights), order, batch_dims=1)
+    sorted_room = tf.gather(room, order, batch_dims=1)
+    filled = tf.math.cumsum(sorted_weight * sorted_room, axis=1, exclusive=True)
+    full = tf.reduce_sum(tf.cast(filled + sorted_weight * sorted_room < target, tf.int32),
+                         axis=1)[:, None]
+    rank = tf.range(tf.shape(points)[1])[None, :]
+    part = (target - filled) / tf.maximum(sorted_weight, 1e-12)
+    moves = tf.where(rank < full, sorted_room,
+                     tf.where(rank == full, tf.minimum(part, sorted_room), 0.0))
+    return direction * tf.gather(moves, tf.argsort(order, axis=1), batch_dims=1)
+
+
+# The projection onto a hyperplane per ball, keyed by the ball's class.
+PROJECTIONS = {threat_model.LinfBall: _linf_onto_hyperplane,
+               threat_model.L2Ball: _l2_onto_hyperplane,
+               threat_model.L1Ball: _l1_onto_hyperplane}
+
+
 def _nearest_boundary(model, x, labels, norm):
     """The difference of logits (other class minus true class) and its gradient, for the class
     whose linearized boundary is nearest in `norm` (distance: the difference over the dual norm
-    of its gradient, L1 for L-infinity, L2 for L2)."""
+    of its gradient)."""
     with tf.GradientTape() as tape:
         tape.watch(x)
         logits = tf.cast(devices.call_model(model, x), tf.float32)
         differences = logits - tf.gather(logits, labels, axis=1, batch_dims=1)[:, None]
     jacobian = tape.batch_jacobian(differences, x)
-    flat = tf.reshape(jacobian, (tf.shape(x)[0], tf.shape(logits)[1], -1))
-    if norm == "Linf":
-        gradient_norms = tf.reduce_sum(tf.abs(flat), -1)
-    else:
-        gradient_norms = tf.sqrt(tf.reduce_sum(tf.square(flat), -1))
+    classes = tf.shape(logits)[1]
+    per_class = tf.reshape(jacobian, (tf.shape(x)[0] * classes, -1))
+    gradient_norms = tf.reshape(threat_model.ball(norm).dual_norms(per_class), (-1, classes))
     distances = tf.abs(differences) / (gradient_norms + 1e-12)
-    distances = tf.where(tf.one_hot(labels, tf.shape(logits)[1]) > 0, np.inf, distances)
+    distances = tf.where(tf.one_hot(labels, classes) > 0, np.inf, distances)
     nearest = tf.argmin(distances, axis=1)
     return (tf.gather(differences, nearest, axis=1, batch_dims=1),
             tf.gather(jacobian, nearest, axis=1, batch_dims=1))
@@ -107,7 +144,7 @@ def _towards_target(model, x, labels, targets):
 
 def fab_steps(model, x_nat, labels, targets, noise, settings, targeted=True, random_start=False):
     """One FAB run from `x_nat` (towards `targets`, or untargeted), from a random point at half
-    epsilon given by `noise` (U[-1, 1] for L-infinity, normal for L2) where `random_start`;
+    epsilon given by `noise` (the threat model's start noise) where `random_start`;
     returns the closest misclassified point found (`x_nat` where none was) and its distance in
     the threat model's norm (infinity where none)."""
     threat = settings.threat_model
@@ -173,10 +210,8 @@ class FAB:
         self._logits = devices.spread_logits(model, strategy)
 
     def _noise(self, shape, run):
-        rng = seeds.generator(self.seed, seeds.FAB_STARTS, run)
-        if self.settings.threat_model.norm == "Linf":
-            return rng.uniform(-1, 1, shape).astype(np.float32)
-        return rng.standard_normal(shape).astype(np.float32)
+        return self.settings.threat_model.noise(seeds.generator(self.seed, seeds.FAB_STARTS, run),
+                                                shape)
 
     def _runs(self, x, y, runs):
         """`runs` ((targets or None, run index) pairs) one after another on the examples still

@@ -1,5 +1,7 @@
-"""The Square attack (Andriushchenko et al., ECCV 2020) in the L-infinity norm, with the parameters
-AutoAttack runs it with (5000 queries, p_init 0.8, the margin loss, no rescaled schedule).
+"""The Square attack (Andriushchenko et al., ECCV 2020) in the L-infinity, L2 or L1 norm, with the
+parameters AutoAttack runs it with (5000 queries, p_init 0.8, the margin loss, no rescaled
+schedule). Below, the L-infinity queries; the L2 and L1 ones (`window_queries`) move mass
+between windows of nested rings instead, as the reference does.
 
 A score-based attack: it uses the model's logits only, never its gradients, so it finds what
 gradient masking hides from APGD and FAB. It starts from vertical stripes of +-epsilon and at
@@ -14,7 +16,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from common.attacks import losses
+from common.attacks import losses, threat_model
 from common.attacks.threat_model import ThreatModel
 from common.runtime import devices
 
@@ -89,8 +91,8 @@ def _search(predict, x_start, labels, num_queries, propose):
     return x_best, margin_best
 
 
-def l2_square_sizes(settings, height, width):
-    """The side of each L2 query's windows: odd, at least 3, at most the image's side."""
+def window_sizes(settings, height, width):
+    """The side of each L2 or L1 query's windows: odd, at least 3, at most the image's side."""
     sides = []
     for query in range(settings.num_queries):
         side = max(int(round(np.sqrt(square_fraction(query, settings.p_init) * height * width))),
@@ -100,49 +102,82 @@ def l2_square_sizes(settings, height, width):
     return sides
 
 
-def _centred_rings(rows, columns):
+def _centred_rings(rows, columns, ring_power, order):
     """A rows x columns pattern of nested rectangles around the centre, the k-th ring weighted
-    1 / (k + 1)^2, of unit L2 norm: most of its mass at the centre."""
+    1 / (k + 1)^ring_power, of unit norm of `order` (2 or 1): most of its mass at the centre."""
     pattern = np.zeros((rows, columns))
     top, left = rows // 2, columns // 2
     for ring in range(max(rows // 2 + 1, columns // 2 + 1)):
         pattern[max(top, 0):min(top + 2 * ring + 1, rows),
-                max(left, 0):min(left + 2 * ring + 1, columns)] += 1.0 / (ring + 1) ** 2
+                max(left, 0):min(left + 2 * ring + 1, columns)] += 1.0 / (ring + 1) ** ring_power
         top, left = top - 1, left - 1
-    return pattern / max(np.sqrt((pattern ** 2).sum()), 1e-12)
+    return pattern / max(np.linalg.norm(pattern.ravel(), order), 1e-12)
+
+
+def window(side, ring_power, order):
+    """The reference's window of `side`: rings of + above rings of -, of unit norm of
+    `order`."""
+    pattern = np.concatenate([_centred_rings(side // 2, side, ring_power, order),
+                              -_centred_rings(side - side // 2, side, ring_power, order)])
+    return pattern / np.linalg.norm(pattern.ravel(), order)
 
 
 def l2_window(side):
-    """The reference's L2 window of `side`: rings of + above rings of -, of unit L2 norm."""
-    window = np.concatenate([_centred_rings(side // 2, side),
-                             -_centred_rings(side - side // 2, side)])
-    return window / np.sqrt((window ** 2).sum())
+    """The L2 window: rings weighted 1 / (k + 1)^2."""
+    return window(side, 2, 2)
 
 
-def _sum_over_pixels(x):
-    return tf.reduce_sum(x, axis=(1, 2), keepdims=True)
+@dataclasses.dataclass(frozen=True)
+class WindowRules:
+    """What Square's window queries take from the ball (L2 or L1), as the reference defines it:
+    the window's ring weights 1 / (k + 1)^`ring_power` and norm `order`; `size(x, axes)`, the
+    norm over those axes; `mass(epsilon, image, windows, channels)`, a new window's norm per
+    channel from the perturbation's norm and the two windows' per channel; and
+    `into_ball(threat, x_nat, delta)`, the candidate image of a perturbation."""
+
+    ring_power: int
+    order: int
+    size: object
+    mass: object
+    into_ball: object
 
 
-def _l2_norms(x):
-    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=(1, 2, 3), keepdims=True))
+L2_RULES = WindowRules(
+    ring_power=2, order=2,
+    size=lambda x, axes: tf.sqrt(tf.reduce_sum(tf.square(x), axis=axes, keepdims=True)),
+    mass=lambda epsilon, image, windows, channels: tf.sqrt(
+        tf.maximum(epsilon ** 2 - tf.square(image), 0.0) / channels + tf.square(windows)),
+    into_ball=lambda threat, x_nat, delta: tf.clip_by_value(
+        x_nat + delta / (L2_RULES.size(delta, (1, 2, 3)) + 1e-12) * threat.epsilon,
+        *threat.pixel_range))
+# In L1 the reference projects onto a ball a little inside epsilon.
+L1_INSIDE = 1 - 1e-6
+L1_RULES = WindowRules(
+    ring_power=4, order=1,
+    size=lambda x, axes: tf.reduce_sum(tf.abs(x), axis=axes, keepdims=True),
+    mass=lambda epsilon, image, windows, channels: (
+        tf.maximum(epsilon - image, 0.0) / channels + windows) * channels,
+    into_ball=lambda threat, x_nat, delta: threat.scaled(L1_INSIDE).project(x_nat + delta,
+                                                                             x_nat))
 
 
-def l2_square_queries(predict, x_nat, labels, settings, seed):
-    """Square's L2 queries (the reference's rules): from a grid of windows of random signs, each
-    query moves the perturbation's mass out of one window and into another, where it sets a new
-    window of random signs per channel, keeping the total norm at epsilon."""
-    low, high = settings.threat_model.pixel_range
-    epsilon = settings.threat_model.epsilon
+def window_queries(predict, x_nat, labels, settings, seed, rules):
+    """Square's L2 or L1 queries (the reference's, by `rules`): from a grid of windows of random
+    signs, each query moves the perturbation's mass out of one window and into another, where
+    it sets a new window of random signs per channel, the total kept at the ball's epsilon."""
+    threat = settings.threat_model
+    epsilon = threat.epsilon
     height, width, channels = x_nat.shape[1:]
     batch = tf.shape(x_nat)[0]
-    sides = l2_square_sizes(settings, height, width)
+    sides = window_sizes(settings, height, width)
     biggest = max(sides)
     # Every window used, padded to the biggest side, and its transpose: [side index, flip].
     distinct = sorted(set(sides))
     windows = np.zeros((len(distinct), 2, biggest, biggest), np.float32)
     for index, side in enumerate(distinct):
-        windows[index, 0, :side, :side] = l2_window(side)
-        windows[index, 1, :side, :side] = l2_window(side).T
+        pattern = window(side, rules.ring_power, rules.order)
+        windows[index, 0, :side, :side] = pattern
+        windows[index, 1, :side, :side] = pattern.T
     windows = tf.constant(windows)
     side_index = tf.constant([distinct.index(side) for side in sides], tf.int32)
     side_of = tf.constant(sides, tf.int32)
@@ -155,14 +190,11 @@ def l2_square_queries(predict, x_nat, labels, settings, seed):
     def signs(shape, stream):
         return tf.sign(tf.random.stateless_uniform(shape, stream, -1.0, 1.0))
 
-    def normalized(delta):
-        return delta / (_l2_norms(delta) + 1e-12)
-
     # The start: a grid of windows of side height // 5 with random signs per channel.
     grid = max(height // 5, 1)
     first = max((height - grid * 5) // 2, 0)
     start_window = np.zeros((biggest + grid, biggest + grid), np.float32)
-    start_window[:grid, :grid] = l2_window(grid)
+    start_window[:grid, :grid] = window(grid, rules.ring_power, rules.order)
     init = tf.zeros_like(x_nat)
     for row in range(first, first + grid * (height // grid), grid):
         for column in range(first, first + grid * (width // grid), grid):
@@ -180,21 +212,33 @@ def l2_square_queries(predict, x_nat, labels, settings, seed):
         window_1 = placed(square, top, left)
         window_2 = placed(square, top_2, left_2)
         delta = x_best - x_nat
-        norm_window_1 = tf.sqrt(_sum_over_pixels(tf.square(delta * window_1)))
-        norm_image = _l2_norms(delta)
+        norm_window_1 = rules.size(delta * window_1, (1, 2))
+        norm_image = rules.size(delta, (1, 2, 3))
         both = tf.maximum(window_1, window_2)
-        norm_windows = tf.sqrt(_sum_over_pixels(tf.square(delta * both)))
+        norm_windows = rules.size(delta * both, (1, 2))
         pattern = placed(windows[side_index[query], draws[4] % 2], top, left)
         fresh = pattern[None] * signs((batch, 1, 1, channels), [seed, query + 2**20])
         fresh += delta * window_1 / (norm_window_1 + 1e-12)
-        room = tf.maximum(epsilon ** 2 - tf.square(norm_image), 0.0) / channels
-        fresh *= tf.sqrt(room + tf.square(norm_windows)) / (
-            tf.sqrt(_sum_over_pixels(tf.square(fresh))) + 1e-12)
+        fresh *= rules.mass(epsilon, norm_image, norm_windows, channels) / (
+            rules.size(fresh, (1, 2)) + 1e-12)
         delta = delta * (1 - window_2) * (1 - window_1) + fresh
-        return tf.clip_by_value(x_nat + normalized(delta) * epsilon, low, high)
+        return rules.into_ball(threat, x_nat, delta)
 
-    return _search(predict, tf.clip_by_value(x_nat + normalized(init) * epsilon, low, high),
-                   labels, settings.num_queries, propose)
+    return _search(predict, rules.into_ball(threat, x_nat, init), labels, settings.num_queries,
+                   propose)
+
+
+def l2_square_queries(predict, x_nat, labels, settings, seed):
+    return window_queries(predict, x_nat, labels, settings, seed, L2_RULES)
+
+
+def l1_square_queries(predict, x_nat, labels, settings, seed):
+    return window_queries(predict, x_nat, labels, settings, seed, L1_RULES)
+
+
+# Square's queries per ball, keyed by the ball's class.
+QUERIES = {threat_model.LinfBall: square_queries, threat_model.L2Ball: l2_square_queries,
+           threat_model.L1Ball: l1_square_queries}
 
 
 class Square:
@@ -207,7 +251,7 @@ class Square:
 
     def __init__(self, model, settings, seed=0, strategy=None, image_shape=None):
         self.settings = settings
-        queries = square_queries if settings.threat_model.norm == "Linf" else l2_square_queries
+        queries = QUERIES[type(settings.threat_model.ball)]
 
         def run(x, y):
             shape = image_shape or _as_image(x.shape[1:])

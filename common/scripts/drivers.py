@@ -7,10 +7,11 @@ import os
 
 import keras
 import numpy as np
+import tensorflow as tf
 import tqdm
 from absl import flags
 
-from common.attacks import AutoAttack, pgd
+from common.attacks import AutoAttack, pgd, threat_model
 from common.attacks import autoattack as autoattack_lib
 from common.evaluation import reproduce as reproduce_lib
 from common.evaluation import robustness, submission
@@ -257,7 +258,8 @@ def _autoattack_report(result, x, settings, path):
         "robust_accuracy": result.robust_accuracy,
         "attacks": attacks,
         "seconds": result.seconds,
-        "max_perturbation": float(np.abs(result.x_adv - x).max()),
+        "max_perturbation": float(np.max(threat_model.ball(settings["norm"]).norms(
+            tf.constant(result.x_adv - x)))),
         "broken_by": [str(name) or None for name in result.broken_by],
     }
     with written_in_place(path, "w") as target:
@@ -299,10 +301,16 @@ def autoattack(challenge):
     flags.DEFINE_string("attacks", None, "A comma list of attacks to run instead of a version, "
                         f"from {', '.join(autoattack_lib.ATTACKS)}.")
     flags.DEFINE_integer("seed", 0, "Seeds the attacks' random starts.", lower_bound=0)
+    flags.DEFINE_enum("norm", "Linf", list(threat_model.BALLS), "The ball: the challenge's "
+                      "L-infinity one, of the config's epsilon, or L2 or L1, which need --epsilon "
+                      "(in pixel units; see docs/autoattack.md for the usual radii).")
 
     def main(argv):
         config = _config()
         version, names = _autoattack_choice(FLAGS.version, FLAGS.attacks)
+        if FLAGS.norm != FLAGS["norm"].default and not FLAGS["epsilon"].present:
+            raise errors.UserError(f"--norm={FLAGS.norm} needs --epsilon, its radius in pixel "
+                                   "units (the config's epsilon is the L-infinity one)")
         store = _autoattack_store(config)
         report_path = os.path.splitext(store)[0] + ".json"
         files.check_writable(store, "output file")
@@ -312,9 +320,10 @@ def autoattack(challenge):
         images, labels = test_set(challenge, config)
         count = config["num_eval_examples"]
         x, y = images[:count], labels[:count]
-        attack = AutoAttack(model, "Linf", config["epsilon"], version, names,
-                            challenge.pixel_range, FLAGS.seed, strategy, challenge.image_shape,
-                            log=print, progress=True)
+        attack = AutoAttack(model, norm=FLAGS.norm, epsilon=config["epsilon"], version=version,
+                            attacks=names, pixel_range=challenge.pixel_range, seed=FLAGS.seed,
+                            strategy=strategy, image_shape=challenge.image_shape, log=print,
+                            progress=True)
         run_info = {"challenge": challenge.name,
                     "checkpoint": checkpoints.latest_checkpoint(config["model_dir"]),
                     "num_examples": count, "batch_size": config["eval_batch_size"]}

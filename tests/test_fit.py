@@ -41,7 +41,7 @@ def compiled(model, attack, method, **options):
 @pytest.mark.parametrize("method", ["pgd", "fgsm_rs"])
 def test_a_fit_step_equals_the_challenge_loop_step(method):
     x, y = data()
-    attack = PGD(small_model(), EPSILON, steps=3, step_size=0.04)
+    attack = PGD(small_model(), epsilon=EPSILON, steps=3, step_size=0.04)
     adversarial = compiled(small_model(), attack, method)
     adversarial.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
 
@@ -57,7 +57,7 @@ def test_a_fit_step_equals_the_challenge_loop_step(method):
 
 def test_a_free_fit_step_equals_the_challenge_loops_replays():
     x, y = data()
-    attack = PGD(small_model(), EPSILON, steps=1)
+    attack = PGD(small_model(), epsilon=EPSILON, steps=1)
     adversarial = compiled(small_model(), attack, "free", replays=3, batch_size=32)
     adversarial.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
 
@@ -76,12 +76,13 @@ def test_a_free_fit_step_equals_the_challenge_loops_replays():
                                              ("free", {"replays": 2, "batch_size": 32})])
 def test_two_replicas_take_the_step_of_one_device(two_replicas, method, options):
     x, y = data()
-    one = compiled(small_model(), PGD(small_model(), EPSILON, steps=3, random_start=False),
+    one = compiled(small_model(),
+                   PGD(small_model(), epsilon=EPSILON, steps=3, random_start=False),
                    method, **options)
     one.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
     with two_replicas.scope():
         model = small_model()
-        two = compiled(model, PGD(model, EPSILON, steps=3, random_start=False), method,
+        two = compiled(model, PGD(model, epsilon=EPSILON, steps=3, random_start=False), method,
                        **options)
     two.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
     for mine, other in zip(two.model.get_weights(), one.model.get_weights()):
@@ -95,10 +96,10 @@ def test_the_guard_stops_a_collapse_and_puts_back_the_last_good_weights():
     kernel, bias, head, head_bias = (np.zeros_like(w) for w in model.get_weights())
     kernel[:3, :3], head[:3, :3] = 10 * np.eye(3), np.eye(3)
     model.set_weights([kernel, bias, head, head_bias])
-    adversarial = fit.AdversarialModel(model, PGD(model, EPSILON, steps=3), "fgsm_rs")
+    adversarial = fit.AdversarialModel(model, PGD(model, epsilon=EPSILON, steps=3), "fgsm_rs")
     adversarial.compile(optimizer=keras.optimizers.SGD(1e-4),
                         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    guard = fit.OverfittingGuardCallback(data(40, seed=1), PGD(model, 0.01), every=2)
+    guard = fit.OverfittingGuardCallback(data(40, seed=1), PGD(model, epsilon=0.01), every=2)
     kept = {}
 
     class Collapse(keras.callbacks.Callback):
@@ -125,7 +126,7 @@ def test_backup_and_restore_resumes_a_killed_run_to_the_same_end(tmp_path):
 
     def run(callbacks=()):
         model = small_model()
-        adversarial = compiled(model, PGD(model, EPSILON, steps=2), "pgd")
+        adversarial = compiled(model, PGD(model, epsilon=EPSILON, steps=2), "pgd")
         adversarial.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0,
                         callbacks=list(callbacks))
         return model.get_weights()
@@ -145,7 +146,7 @@ def test_backup_and_restore_resumes_a_killed_run_to_the_same_end(tmp_path):
 
 
 def test_bad_methods_and_a_free_run_without_its_batch_size_are_refused():
-    attack = PGD(small_model(), EPSILON)
+    attack = PGD(small_model(), epsilon=EPSILON)
     with pytest.raises(ValueError, match="unknown method 'fast'"):
         fit.AdversarialModel(small_model(), attack, "fast")
     with pytest.raises(ValueError, match="free training needs batch_size"):

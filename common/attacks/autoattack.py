@@ -149,7 +149,7 @@ class AutoAttack:
             self._built[(name, classes)] = build[name]().perturb
         return self._built[(name, classes)]
 
-    def evaluate(self, x, y, batch_size=500, state_path=None, run_info=None):
+    def evaluate(self, x, y, *, batch_size=500, state_path=None, run_info=None):
         """Runs the attacks on `x` (any shape, batch first) and labels `y`, `batch_size` examples
         at a time. With `state_path`, resumes from the state file there where it holds a run of
         the same settings (and `run_info`, a JSON-able dict the caller adds to them)."""

@@ -57,7 +57,8 @@ def input_gradient(model, x, labels, loss_func, training=False, targets=None):
     with tf.GradientTape() as tape:
         tape.watch(x)
         logits = tf.cast(devices.call_model(model, x, training), tf.float32)
-        loss = tf.reduce_sum(losses.per_example_loss(logits, labels, loss_func, targets)) * scale
+        loss = tf.reduce_sum(losses.per_example_loss(logits, labels, loss=loss_func,
+                                                     targets=targets)) * scale
     gradient = tape.gradient(loss, x)
     if scale == 1.0:
         return gradient
@@ -97,7 +98,7 @@ def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=Non
         targets = losses.wrong_classes(logits, labels, 1)[:, 0]
     x = x_start
     for _ in range(settings.steps) if training or unroll else tf.range(settings.steps):
-        grad = input_gradient(model, tf.cast(x, tf.float32), labels, settings.loss,
+        grad = input_gradient(model, tf.cast(x, tf.float32), labels, loss_func=settings.loss,
                               training=training, targets=targets)
         x = threat.project(threat.step(x, grad, step_size), x_nat)
     return x
@@ -121,7 +122,7 @@ def loss_trace(model, x_nat, labels, x_start, settings):
     x = x_start
     for step in tf.range(settings.steps):
         trace = trace.write(step, xent(x))
-        x = pgd_steps(model, x_nat, labels, x, one_step)
+        x = pgd_steps(model, x_nat, labels, x_start=x, settings=one_step)
     return trace.write(settings.steps, xent(x)).stack()
 
 

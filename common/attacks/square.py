@@ -241,7 +241,7 @@ class Square:
                 return tf.cast(devices.call_model(model, tf.reshape(candidates, tf.shape(x))),
                                tf.float32)
 
-            x_adv, margins = queries(predict, images, y, settings, seed)
+            x_adv, margins = queries(predict, images, y, settings=settings, seed=seed)
             return tf.reshape(x_adv, tf.shape(x)), margins
 
         self._spread = devices.Spread(strategy, run)

@@ -126,8 +126,8 @@ class Spread:
                                        tf.TensorSpec((None, *array.shape[1:]), array.dtype)
                                        for array in arrays))
             strategy = self.strategy
-            distributed = tf.function(
-                lambda batch: strategy.run(lambda part: function(*part), args=(batch,)),
+            distributed = tf.function(functools.partial(
+                lambda batch: strategy.run(lambda part: function(*part), args=(batch,))),
                 reduce_retracing=True)
             self._traced[key] = function, distributed
         return self._traced[key]

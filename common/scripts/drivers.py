@@ -306,10 +306,13 @@ def autoattack(challenge):
         images, labels = test_set(challenge, config)
         count = config["num_eval_examples"]
         x, y = images[:count], labels[:count]
-        attack = AutoAttack(model, epsilon=config["epsilon"], version=version, attacks=names,
-                            pixel_range=challenge.pixel_range, seed=FLAGS.seed,
-                            strategy=strategy, image_shape=challenge.image_shape, log=print,
-                            progress=True)
+        try:
+            attack = AutoAttack(model, epsilon=config["epsilon"], version=version,
+                                attacks=names, pixel_range=challenge.pixel_range,
+                                seed=FLAGS.seed, strategy=strategy,
+                                image_shape=challenge.image_shape, log=print, progress=True)
+        except ValueError as error:  # a flag the library refuses: one line, as the others
+            raise errors.UserError(str(error)) from error
         run_info = {"challenge": challenge.name,
                     "checkpoint": checkpoints.latest_checkpoint(config["model_dir"]),
                     "num_examples": count, "batch_size": config["eval_batch_size"]}

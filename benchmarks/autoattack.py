@@ -38,14 +38,11 @@ def report(name, iterations_per_second, flops_per_iteration, peak_gflops):
 
 
 def main():
-    import dataclasses
-
     import numpy as np
 
     from benchmarks.flops import forward_flops_per_example
     from benchmarks.timing import alternating_best_seconds
-    from common.attacks import apgd, fab, pgd, square
-    from common.attacks.threat_model import ThreatModel
+    from common.attacks import APGD, FAB, PGD, Square
     from mnist_challenge import model as mnist_model
 
     batch, pgd_steps, iterations, queries = (BATCH.value, PGD_STEPS.value, ITERATIONS.value,
@@ -53,27 +50,24 @@ def main():
     rng = np.random.default_rng(0)
     model = mnist_model.Model()
     x = rng.uniform(0, 1, (batch, 784)).astype(np.float32)
-    y = rng.integers(0, 10, batch)
     gradient_flops = 2 * forward_flops_per_example(model)
-    linf, l2 = ThreatModel(EPSILON), ThreatModel(L2_EPSILON, "L2")
-    pgd_attack = pgd.LinfPGDAttack(model, EPSILON, pgd_steps, PGD_STEP_SIZE, True, "xent",
-                                   seed=0)
-    targets = (y + 1) % 10
+    # Labels the model gives, so that every example is attacked (an attack skips the ones
+    # misclassified already).
+    y = np.argmax(model(x).numpy(), axis=1)
+    pgd_attack = PGD(model, epsilon=EPSILON, steps=pgd_steps, step_size=PGD_STEP_SIZE, seed=0)
     runs = {"pgd": lambda: pgd_attack.perturb(x, y)}
-    for suffix, threat in (("", linf), (" L2", l2)):
-        apgd_ce = apgd.APGD(model, apgd.APGDSettings(threat, num_iterations=iterations))
-        apgd_t = apgd.APGD(model, apgd.APGDSettings(threat, num_iterations=iterations,
-                                                    loss="dlr-targeted"))
-        fab_t = fab.FAB(model, fab.FABSettings(threat, num_iterations=iterations))
+    for suffix, norm, epsilon in (("", "Linf", EPSILON), (" L2", "L2", L2_EPSILON)):
+        apgd_ce = APGD(model, epsilon=epsilon, norm=norm, steps=iterations)
+        apgd_t = APGD(model, epsilon=epsilon, norm=norm, steps=iterations, targets=1)
+        fab_t = FAB(model, epsilon=epsilon, norm=norm, steps=iterations, targets=1)
         # A ball too small to break anything, so that every query runs.
-        square_attack = square.Square(
-            model, square.SquareSettings(dataclasses.replace(threat, epsilon=1e-3),
-                                         num_queries=queries), image_shape=(28, 28, 1))
+        square_attack = Square(model, epsilon=1e-3, norm=norm, steps=queries,
+                               image_shape=(28, 28, 1))
         runs.update({
-            "apgd-ce" + suffix: lambda attack=apgd_ce: attack.attack(x, y),
-            "apgd-t" + suffix: lambda attack=apgd_t: attack.attack(x, y, targets),
-            "fab-t" + suffix: lambda attack=fab_t: attack.targeted(x, y, num_targets=1),
-            "square" + suffix: lambda attack=square_attack: attack.attack(x, y),
+            "apgd-ce" + suffix: lambda attack=apgd_ce: attack.perturb(x, y),
+            "apgd-t" + suffix: lambda attack=apgd_t: attack.perturb(x, y),
+            "fab-t" + suffix: lambda attack=fab_t: attack.perturb(x, y),
+            "square" + suffix: lambda attack=square_attack: attack.perturb(x, y),
         })
     peak_before = peak.flagged_peak_gflops()
     timings = alternating_best_seconds(runs, ROUNDS.value)

@@ -57,8 +57,8 @@ def measure(name, filters, batch_size, repeats, rng, peak_gflops):
     model = cifar_model.Model("eval", filters)
     x = rng.uniform(*CIFAR10.pixel_range, (batch_size, 32, 32, 3)).astype(np.float32)
     y = rng.integers(0, 10, batch_size)
-    attack = pgd.LinfPGDAttack(model, EPSILON, steps, STEP_SIZE, True, "xent",
-                               pixel_range=CIFAR10.pixel_range, seed=0)
+    attack = pgd.PGD(model, epsilon=EPSILON, steps=steps, step_size=STEP_SIZE,
+                     pixel_range=CIFAR10.pixel_range, seed=0)
     strategy = tf.distribute.get_strategy()
     loss = xent_with_weight_decay(2e-4, batch_size, 1, cifar_model.decayed_kernels)
     train_step = loop.TrainStep(strategy, model, TF1Momentum(0.1, 0.9), attack.settings, loss,

@@ -51,7 +51,7 @@ def main():
     examples = max(attack_batch, training_batch)
     x = rng.uniform(0, 1, (examples, 784)).astype(np.float32)
     y = rng.integers(0, 10, examples)
-    attack = pgd.LinfPGDAttack(model, EPSILON, steps, STEP_SIZE, True, "xent", seed=0)
+    attack = pgd.PGD(model, epsilon=EPSILON, steps=steps, step_size=STEP_SIZE, seed=0)
     strategy = tf.distribute.get_strategy()
     optimizer = keras.optimizers.Adam(learning_rate=1e-4, epsilon=1e-8)
     train_step = loop.TrainStep(strategy, model, optimizer, attack.settings, summed_xent)

@@ -88,7 +88,7 @@ def _mnist_port(workload, x, y):
     from mnist_challenge import model as mnist_model
 
     model = mnist_model.Model()
-    attack = pgd.LinfPGDAttack(model, 0.3, MNIST_STEPS.value, 0.01, True, "xent", seed=0)
+    attack = pgd.PGD(model, epsilon=0.3, steps=MNIST_STEPS.value, step_size=0.01, seed=0)
     if workload == "mnist_attack":
         return model, lambda: attack.perturb(x, y)
     import keras
@@ -129,7 +129,8 @@ def _cifar_port(x, y):
     from common.attacks import pgd
 
     model = cifar_model.Model("eval", [int(width) for width in CIFAR_FILTERS.value])
-    attack = pgd.LinfPGDAttack(model, 8.0, CIFAR_STEPS.value, 2.0, True, "xent", seed=0)
+    attack = pgd.PGD(model, epsilon=8.0, steps=CIFAR_STEPS.value, step_size=2.0, seed=0,
+                     pixel_range=(0.0, 255.0))
     return model, lambda: attack.perturb(x, y)
 
 

@@ -57,36 +57,43 @@ def test_on_a_loss_that_stops_rising_the_step_size_halves_at_every_checkpoint():
     model = linear_model([[0.0] * 6, [1.0, -2.0, 0.5, 3.0, -1.0, 2.0]])
     x = np.full((4, 6), 0.5, np.float32)
     y = np.zeros(4, np.int64)
-    settings = apgd.APGDSettings(ThreatModel(0.1), 100, "xent")
+    settings = apgd.APGDSettings(threat_model=ThreatModel(0.1), num_iterations=100, loss="xent")
     noise = np.random.default_rng(0).uniform(-1, 1, x.shape).astype(np.float32)
     x_adv, robust, step_size = (t.numpy() for t in tf.function(apgd.apgd_steps)(
-        model, tf.constant(x), tf.constant(y), tf.constant(y), tf.constant(noise), settings))
+        model, tf.constant(x), tf.constant(y), targets=tf.constant(y), noise=tf.constant(noise),
+        settings=settings))
     np.testing.assert_allclose(step_size, 2 * 0.1 / 2**8, rtol=1e-6)
     corner = x + 0.1 * np.sign([1.0, -2.0, 0.5, 3.0, -1.0, 2.0])
     np.testing.assert_allclose(x_adv, np.broadcast_to(corner, x.shape), atol=1e-6)
     assert not robust.any()
 
 
-@pytest.mark.parametrize("pixel_range, epsilon, loss", [
-    ((0.0, 1.0), 0.3, "xent"), ((0.0, 255.0), 8.0, "dlr"), ((0.0, 255.0), 8.0, "dlr-targeted")])
-def test_results_stay_in_the_ball_and_the_pixel_range(pixel_range, epsilon, loss):
+@pytest.mark.parametrize("pixel_range, epsilon, options", [
+    ((0.0, 1.0), 0.3, {"loss": "xent"}), ((0.0, 255.0), 8.0, {"loss": "dlr"}),
+    ((0.0, 255.0), 8.0, {"targets": 2})])
+def test_results_stay_in_the_ball_and_the_pixel_range(pixel_range, epsilon, options):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((12,))
     model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Dense(16, "relu")(inputs)))
     rng = np.random.default_rng(1)
     x = rng.uniform(*pixel_range, (32, 12)).astype(np.float32)
-    y = rng.integers(0, 10, 32)
-    threat = ThreatModel(epsilon, "Linf", pixel_range)
-    attack = apgd.APGD(model, apgd.APGDSettings(threat, 20, loss), seed=3)
-    x_adv, robust = attack.attack(x, y, targets=(y + 1) % 10)
+    y = np.argmax(model(x).numpy(), axis=1)
+
+    def attack(seed):
+        return apgd.APGD(model, epsilon=epsilon, steps=20, pixel_range=pixel_range, seed=seed,
+                         **options).perturb(x, y)
+
+    x_adv = attack(3)
+    assert x_adv.dtype == np.float32 and x_adv.shape == x.shape
     assert np.all(np.abs(x_adv - x) <= epsilon * (1 + 1e-6))
     assert x_adv.min() >= pixel_range[0] and x_adv.max() <= pixel_range[1]
-    again, _ = attack.attack(x, y, targets=(y + 1) % 10)
-    np.testing.assert_array_equal(x_adv, again)
-    other_run, _ = attack.attack(x, y, targets=(y + 1) % 10, run=1)
-    assert not np.array_equal(x_adv, other_run)
-    predictions = np.argmax(model(x_adv).numpy(), axis=1)
-    assert np.all(predictions[~robust] != y[~robust])
+    np.testing.assert_array_equal(x_adv, attack(3))
+    assert not np.array_equal(x_adv, attack(4))
+    # An example keeps its clean image exactly where the attack did not break it.
+    wrong = np.argmax(model(x_adv).numpy(), axis=1) != y
+    assert wrong.any()
+    np.testing.assert_array_equal(x_adv[~wrong], x[~wrong])
+    assert np.all(np.abs(x_adv[wrong] - x[wrong]).max(axis=1) > 0)
 
 
 def test_apgd_is_at_least_as_strong_as_pgd_on_the_mnist_fixture(mnist_data, mnist_fixture):
@@ -97,9 +104,8 @@ def test_apgd_is_at_least_as_strong_as_pgd_on_the_mnist_fixture(mnist_data, mnis
     epsilon = 0.05
     x_pgd = pgd.LinfPGDAttack(model, epsilon, 40, 0.01, True, "xent", seed=0).perturb(x, y)
     pgd_accuracy = np.mean(np.argmax(model(x_pgd.astype(np.float32)).numpy(), axis=1) == y)
-    x_apgd, robust = apgd.APGD(model, apgd.APGDSettings(ThreatModel(epsilon)), seed=0).attack(x, y)
+    x_apgd = apgd.APGD(model, epsilon=epsilon, seed=0).perturb(x, y)
     apgd_accuracy = np.mean(np.argmax(model(x_apgd).numpy(), axis=1) == y)
-    assert apgd_accuracy == np.mean(robust)
     assert 0 < apgd_accuracy <= pgd_accuracy < 1, (apgd_accuracy, pgd_accuracy)
 
 
@@ -114,12 +120,9 @@ def test_apgd_t_keeps_the_clean_image_where_it_fails_and_the_break_where_it_succ
     bias = keras.layers.Lambda(lambda logits: logits + tf.constant([[4.0, 3.0, 2.0, 0.0, -1.0]]))
     model = keras.Sequential([model, bias])
     model.build((None, 4))
-    attack = apgd.APGD(model, apgd.APGDSettings(ThreatModel(0.3, "Linf", (-10.0, 10.0)), 10,
-                                                    "dlr-targeted"))
-    x_adv, robust = attack.targeted(x, np.array([0]), num_targets=2)
-    assert robust.all()
+    x_adv = apgd.APGD(model, epsilon=0.3, steps=10, targets=2,
+                      pixel_range=(-10.0, 10.0)).perturb(x, np.array([0]))
     np.testing.assert_array_equal(x_adv, x)
-    attack = apgd.APGD(model, apgd.APGDSettings(ThreatModel(5.0, "Linf", (-10.0, 10.0)), 10,
-                                                    "dlr-targeted"))
-    x_adv, robust = attack.targeted(x, np.array([0]), num_targets=3)
-    assert not robust.any() and np.argmax(model(x_adv).numpy()) == 3
+    x_adv = apgd.APGD(model, epsilon=5.0, steps=10, targets=3,
+                      pixel_range=(-10.0, 10.0)).perturb(x, np.array([0]))
+    assert np.argmax(model(x_adv).numpy()) == 3

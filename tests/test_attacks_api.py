@@ -10,7 +10,6 @@ import pytest
 import tensorflow as tf
 
 from common.attacks import PGD, AutoAttack
-from common.runtime.errors import UserError
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "autoattack_reference.npz")
 
@@ -36,8 +35,8 @@ def test_standard_autoattack_agrees_with_the_reference(norm):
         saved = dict(saved)
     prefix = norm.lower() + "_"
     epsilon = float(saved[prefix + "eps"])
-    result = AutoAttack(reference_mlp(saved), norm, epsilon).evaluate(saved["x"], saved["y"],
-                                                                      batch_size=200)
+    result = AutoAttack(reference_mlp(saved), epsilon=epsilon, norm=norm).evaluate(
+        saved["x"], saved["y"], batch_size=200)
     reference = dict(zip((str(name) for name in saved["attacks"]),
                          saved[prefix + "accuracy_after"]))
     assert list(result.accuracy_after) == list(reference)
@@ -69,10 +68,12 @@ def test_a_subclassed_model_on_images_in_0_255():
     x = np.random.default_rng(0).uniform(0, 255, (12, 16, 16, 3)).astype(np.float32)
     y = np.argmax(model(x).numpy(), axis=1)
     for norm, epsilon in (("Linf", 8.0), ("L2", 200.0)):
-        x_adv = PGD(model, epsilon, steps=10, norm=norm, pixel_range=(0, 255)).perturb(x, y)
+        x_adv = PGD(model, epsilon=epsilon, steps=10, norm=norm,
+                    pixel_range=(0, 255)).perturb(x, y)
         assert x_adv.dtype == np.float32 and x_adv.shape == x.shape
         assert x_adv.min() >= 0 and x_adv.max() <= 255
-        result = AutoAttack(model, norm, epsilon, pixel_range=(0, 255)).evaluate(x, y, 6)
+        result = AutoAttack(model, epsilon=epsilon, norm=norm,
+                            pixel_range=(0, 255)).evaluate(x, y, batch_size=6)
         assert list(result.accuracy_after) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
         assert 0 <= result.robust_accuracy <= 1 and result.robust.shape == (12,)
 
@@ -87,20 +88,19 @@ def test_a_functional_model_of_100_classes_and_a_sequential_one_on_flat_inputs()
     for model, x in ((many, rng.uniform(0, 1, (10, 8, 8, 1))), (flat, rng.uniform(0, 1, (10, 20)))):
         x = x.astype(np.float32)
         y = np.argmax(model(x).numpy(), axis=1)
-        result = AutoAttack(model, "Linf", 0.1).evaluate(x, y, batch_size=10)
+        result = AutoAttack(model, epsilon=0.1).evaluate(x, y, batch_size=10)
         assert result.x_adv.shape == x.shape
         assert np.abs(result.x_adv - x).max() <= 0.1 + 1e-6
 
 
-def test_probabilities_and_missing_epsilon_are_refused():
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
-    x = np.zeros((2, 4), np.float32)
-    with pytest.raises(UserError, match="probabilities"):
-        AutoAttack(model, "Linf", 0.1).evaluate(x, [0, 1])
-    with pytest.raises(ValueError, match="needs epsilon"):
-        AutoAttack(model, "Linf")
+def test_a_missing_epsilon_and_an_unknown_norm_are_refused():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    with pytest.raises(TypeError, match="epsilon"):
+        AutoAttack(model, norm="Linf")
+    with pytest.raises(TypeError, match="epsilon"):
+        PGD(model, steps=3)
     with pytest.raises(ValueError, match="Received: norm='L3'"):
-        PGD(model, 0.1, norm="L3")
+        PGD(model, epsilon=0.1, norm="L3")
 
 
 @pytest.mark.parametrize("norm", ["Linf", "L2"])
@@ -117,7 +117,8 @@ def test_a_linear_model_is_broken_exactly_where_a_boundary_is_within_epsilon(nor
     keep = np.abs(distance - epsilon) > 0.02 * epsilon  # leave out the ones right at epsilon
     model = lambda inputs: tf.stack([tf.linalg.matvec(inputs, w),  # noqa: E731
                                      -tf.linalg.matvec(inputs, w)], axis=1)
-    result = AutoAttack(model, norm, epsilon, pixel_range=(-100, 100)).evaluate(x, y, 60)
+    result = AutoAttack(model, epsilon=epsilon, norm=norm, pixel_range=(-100, 100)).evaluate(
+        x, y, batch_size=60)
     np.testing.assert_array_equal(result.robust[keep], distance[keep] > epsilon)
 
 

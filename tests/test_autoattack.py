@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import run_script, writable_copy
 
-from common.attacks import AutoAttack, autoattack, pgd
+from common.attacks import AutoAttack, autoattack, checks, pgd
 from common.io import checkpoints
 from common.runtime.errors import UserError
 from mnist_challenge import mnist_input
@@ -22,7 +22,7 @@ from mnist_challenge import model as mnist_model
     ("standard", ["apgd-ce", "apgd-t"], ("custom", ("apgd-ce", "apgd-t"))),
 ])
 def test_versions_and_attack_lists(version, attacks, expected):
-    attack = AutoAttack(lambda x: x, "Linf", 0.1, version, attacks)
+    attack = AutoAttack(lambda x: x, epsilon=0.1, version=version, attacks=attacks)
     assert (attack.version, attack.attacks) == expected
 
 
@@ -32,17 +32,17 @@ def test_versions_and_attack_lists(version, attacks, expected):
     ("standard", ["apgd-ce", "apgd-ce"], "name each attack once"),
 ])
 def test_bad_versions_and_lists_are_refused(version, attacks, message):
-    with pytest.raises(UserError, match=message):
-        AutoAttack(lambda x: x, "Linf", 0.1, version, attacks)
+    with pytest.raises(ValueError, match=message):
+        AutoAttack(lambda x: x, epsilon=0.1, version=version, attacks=attacks)
 
 
 def test_outputs_must_be_logits_of_two_classes_or_more():
-    assert autoattack.check_logits(np.random.default_rng(0).normal(size=(4, 3))) == 3
-    with pytest.raises(UserError, match="have shape \\(1,\\): AutoAttack needs a vector"):
-        autoattack.check_logits(np.zeros((4, 1)))
+    assert checks.check_logits(np.random.default_rng(0).normal(size=(4, 3))) == 3
+    with pytest.raises(ValueError, match="Received: outputs of shape \\(1,\\) per example"):
+        checks.check_logits(np.zeros((4, 1)))
     probabilities = np.full((4, 10), 0.1)
-    with pytest.raises(UserError, match="are probabilities"):
-        autoattack.check_logits(probabilities)
+    with pytest.raises(ValueError, match="not probabilities"):
+        checks.check_logits(probabilities)
 
 
 class Threshold:
@@ -66,7 +66,7 @@ class Threshold:
             moved = x.copy()
             moved[:, 0] += reach
             robust = moved[:, 0] <= self.threshold
-            return np.where(robust[:, None], x, moved), robust
+            return np.where(robust[:, None], x, moved)
         return run
 
 
@@ -74,8 +74,8 @@ def evaluation(tmp_path, attacks, name="state.npz", settings=None):
     model = Threshold(1.0)
     x = np.linspace(0, 1, 50)[:, None].repeat(3, axis=1).astype(np.float32)
     y = np.zeros(50, np.int64)
-    return autoattack.run_attacks(attacks, model.predict, x, y, settings or {"run": 1}, 8,
-                                  str(tmp_path / name), log=print), x
+    return autoattack.run_attacks(attacks, model.predict, x, y, settings=settings or {"run": 1},
+                                  batch_size=8, state_path=str(tmp_path / name), log=print), x
 
 
 def test_each_attack_runs_on_what_the_ones_before_left_robust(tmp_path, capsys):

@@ -72,9 +72,10 @@ def test_fab_finds_the_smallest_perturbation_of_a_linear_model():
     x = (0.5 - needed[:, None] * signs).astype(np.float32)
     labels = tf.zeros(16, tf.int64)
     for targeted in (True, False):
-        x_adv, distance = fab.fab_steps(model, tf.constant(x), labels, tf.ones(16, tf.int64),
-                                        tf.zeros_like(x), fab.FABSettings(ThreatModel(0.1)),
-                                        targeted)
+        x_adv, distance = fab.fab_steps(model, tf.constant(x), labels,
+                                        targets=tf.ones(16, tf.int64), noise=tf.zeros_like(x),
+                                        settings=fab.FABSettings(threat_model=ThreatModel(0.1)),
+                                        targeted=targeted)
         assert np.all(distance.numpy() >= needed * (1 - 1e-5))
         assert np.all(distance.numpy() <= needed * 1.01)
         assert np.all(np.argmax(model(x_adv).numpy(), axis=1) == 1)
@@ -84,9 +85,9 @@ def test_fab_and_fab_t_break_exactly_the_examples_within_epsilon():
     model, signs = linear_model()
     needed = np.linspace(0.05, 0.15, 16)
     x = (0.5 - needed[:, None] * signs).astype(np.float32)
-    attack = fab.FAB(model, fab.FABSettings(ThreatModel(0.1)), seed=2)
-    for x_adv, robust in (attack.targeted(x, np.zeros(16, np.int64), num_targets=1),
-                          attack.untargeted(x, np.zeros(16, np.int64), restarts=3)):
+    for options in ({"targets": 1}, {"restarts": 3}):
+        x_adv = fab.FAB(model, epsilon=0.1, seed=2, **options).perturb(x, np.zeros(16, np.int64))
+        robust = np.argmax(model(x_adv).numpy(), axis=1) == 0
         np.testing.assert_array_equal(robust, needed * 1.01 > 0.1)
         np.testing.assert_array_equal(x_adv[robust], x[robust])
         assert np.all(np.abs(x_adv - x).max(axis=1) <= 0.1 + 1e-6)

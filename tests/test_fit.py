@@ -76,7 +76,8 @@ def test_a_free_fit_step_equals_the_challenge_loops_replays():
                                              ("free", {"replays": 2, "batch_size": 32})])
 def test_two_replicas_take_the_step_of_one_device(two_replicas, method, options):
     x, y = data()
-    one = compiled(small_model(), PGD(small_model(), epsilon=EPSILON, steps=3, random_start=False),
+    one = compiled(small_model(),
+                   PGD(small_model(), epsilon=EPSILON, steps=3, random_start=False),
                    method, **options)
     one.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
     with two_replicas.scope():

@@ -20,7 +20,7 @@ def tiny_model(input_size=12, classes=3):
 def test_unknown_loss_and_zero_restarts_are_rejected():
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):
         pgd.LinfPGDAttack(tiny_model(), 0.3, 5, 0.1, True, "hinge")
-    with pytest.raises(ValueError, match="restarts must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="restarts must be at least 1. Received: restarts=0"):
         pgd.LinfPGDAttack(tiny_model(), 0.3, 5, 0.1, True, "xent", restarts=0)
 
 
@@ -224,7 +224,8 @@ def test_l2_pgd_stays_in_the_ball_and_the_range_and_raises_the_loss():
     x_nat = rng.uniform(0, 1, (64, 12)).astype(np.float32)
     model = tiny_model()
     y = np.argmax(model(x_nat).numpy(), axis=1)
-    x_adv = pgd.PGD(model, 0.5, steps=20, step_size=0.1, norm="L2", seed=1).perturb(x_nat, y)
+    x_adv = pgd.PGD(model, epsilon=0.5, steps=20, step_size=0.1, norm="L2",
+                    seed=1).perturb(x_nat, y)
     assert x_adv.dtype == np.float32 and x_adv.shape == x_nat.shape
     distances = np.linalg.norm(x_adv - x_nat, axis=1)
     assert distances.max() <= 0.5 + 1e-5 and distances.max() > 0.45
@@ -239,8 +240,8 @@ def test_an_l2_step_moves_by_the_step_size_along_the_gradient():
     weights = np.array([[1.0, 2.0, 2.0], [0.0, 0.0, 0.0]], np.float32).T  # 3 inputs, 2 classes
     model = lambda x: tf.matmul(x, weights)  # noqa: E731 (a plain callable as the model)
     x_nat = np.full((1, 3), 0.5, np.float32)
-    attack = pgd.PGD(model, 10.0, steps=1, step_size=0.3, norm="L2", random_start=False,
-                     loss="margin", pixel_range=(-10, 10))
+    attack = pgd.PGD(model, epsilon=10.0, steps=1, step_size=0.3, norm="L2",
+                     random_start=False, loss="margin", pixel_range=(-10, 10))
     np.testing.assert_allclose(attack.perturb(x_nat, [0]) - x_nat, [[-0.1, -0.2, -0.2]],
                                atol=1e-6)
 
@@ -269,4 +270,4 @@ def test_the_steps_unroll_on_cpus_up_to_a_fixed_count():
     assert pgd.unrolls(strategy, pgd.MAX_UNROLLED_STEPS)
     assert not pgd.unrolls(strategy, pgd.MAX_UNROLLED_STEPS + 1)
     assert pgd.unrolls(tf.distribute.get_strategy(), 40)  # the default strategy, no GPU here
-    assert pgd.PGD(tiny_model(), 0.1, steps=40)._unroll
+    assert pgd.PGD(tiny_model(), epsilon=0.1, steps=40)._unroll

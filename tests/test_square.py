@@ -11,7 +11,7 @@ from common.attacks.threat_model import ThreatModel
 
 
 def test_square_sizes_follow_the_reference_schedule():
-    settings = square.SquareSettings(ThreatModel(0.3))
+    settings = square.SquareSettings(threat_model=ThreatModel(0.3))
     assert [square.square_fraction(query, 0.8) for query in (0, 10, 11, 50, 51, 8001)] == \
         [0.8, 0.8, 0.4, 0.4, 0.2, 0.8 / 512]
     sizes = square.square_sizes(settings, 28, 28)
@@ -45,9 +45,10 @@ def test_on_a_linear_model_it_finds_what_the_closed_form_allows():
     needed = np.linspace(0.05, 0.15, 16)
     x = (0.5 - needed[:, None] * np.sign(weights)).reshape(16, 8, 8, 1).astype(np.float32)
     epsilon = 0.1
-    attack = square.Square(model, square.SquareSettings(ThreatModel(epsilon)), seed=1)
-    x_adv, robust = attack.attack(x, np.zeros(16, np.int64))
+    x_adv = square.Square(model, epsilon=epsilon, seed=1).perturb(x, np.zeros(16, np.int64))
+    robust = np.argmax(model(x_adv).numpy(), axis=1) == 0
     assert np.all(np.abs(x_adv - x) <= epsilon * (1 + 1e-6))
+    np.testing.assert_array_equal(x_adv[robust], x[robust])
     np.testing.assert_array_equal(robust[needed > epsilon], True)
     np.testing.assert_array_equal(robust[needed < 0.7 * epsilon], False)
     np.testing.assert_array_equal(np.argmax(model(x_adv).numpy(), axis=1)[~robust], 1)
@@ -63,8 +64,9 @@ def test_l2_square_on_a_linear_model_finds_what_the_closed_form_allows():
     unit = weights / np.linalg.norm(weights)
     x = (0.5 - needed[:, None] * unit).reshape(16, 8, 8, 1).astype(np.float32)
     epsilon = 0.4
-    attack = square.Square(model, square.SquareSettings(ThreatModel(epsilon, "L2")), seed=1)
-    x_adv, robust = attack.attack(x, np.zeros(16, np.int64))
+    x_adv = square.Square(model, epsilon=epsilon, norm="L2", seed=1).perturb(
+        x, np.zeros(16, np.int64))
+    robust = np.argmax(model(x_adv).numpy(), axis=1) == 0
     assert np.all(np.linalg.norm((x_adv - x).reshape(16, -1), axis=1) <= epsilon * (1 + 1e-5))
     np.testing.assert_array_equal(robust[needed > epsilon], True)
     np.testing.assert_array_equal(robust[needed < 0.6 * epsilon], False)

@@ -13,15 +13,14 @@ In L1 the steps are sparse and the step size follows the sparsity of the best po
 import dataclasses
 import math
 
-import numpy as np
 import tensorflow as tf
 
-from common.attacks import losses, threat_model
-from common.attacks.runs import on_robust_examples
+from common.attacks import checks, losses, runs, threat_model
 from common.attacks.threat_model import ThreatModel, per_example
 from common.runtime import devices, seeds
 
-LOSSES = ("xent", "dlr", "dlr-targeted")
+# The registered losses (common/attacks/losses.py) APGD maximises; any callable loss too.
+LOSSES = ("xent", "dlr", "targeted", "dlr-targeted")
 FIRST_CHECKPOINT = 0.22  # p1
 CHECKPOINT_DECREASE = 0.03  # the interval shrinks by this much at each checkpoint...
 MIN_CHECKPOINT_INTERVAL = 0.06  # ...down to this
@@ -56,11 +55,13 @@ def checkpoint_intervals(num_iterations):
     return intervals
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class APGDSettings:
+    """What one APGD run needs (APGD builds it from its keywords)."""
+
     threat_model: ThreatModel
     num_iterations: int = 100
-    loss: str = "xent"
+    loss: object = "xent"  # a name of LOSSES or a callable
     # Gradients averaged over this many passes (expectation over transformation), for models
     # whose outputs are random (AutoAttack's 'rand' version uses 20).
     eot_iterations: int = 1
@@ -69,10 +70,9 @@ class APGDSettings:
     large_reps: bool = False
 
     def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown APGD loss {self.loss!r}: use one of {LOSSES}")
-        if self.num_iterations < 1:
-            raise ValueError(f"num_iterations must be at least 1, got {self.num_iterations}")
+        losses.check_loss(self.loss, LOSSES)
+        checks.check_keywords(steps=(self.num_iterations, 1),
+                              eot_iterations=(self.eot_iterations, 1))
 
 
 def halve_step(rising, interval, halved_at_last, best_at_last, best):
@@ -250,19 +250,59 @@ STEPS = {threat_model.LinfBall: momentum_steps, threat_model.L2Ball: momentum_st
 
 
 class APGD:
-    """APGD on a Keras model or callable. `attack(x, y, targets, run)` is one run;
-    `untargeted(x, y)` and `targeted(x, y)` are APGD-CE (or APGD-DLR) and APGD-T as AutoAttack
-    runs them, returning the adversarial examples (the clean image where the attack failed) and
-    which examples stayed robust. The random starts are drawn on the host from `seed`, one stream
-    per run, so a run is reproducible; each batch is spread over the replicas of `strategy`."""
+    """APGD on a Keras model or callable returning logits: `perturb(x, y)` returns float32
+    adversarial examples in the shape of `x` (the clean image where the attack failed or the
+    example was misclassified already). `restarts` runs follow one another, each on the examples
+    still robust; with `targets`, APGD-T: the targeted runs towards the most likely wrong class
+    of the clean image, then the next, ... up to `targets` classes, `restarts` times each. Each
+    batch is checked first, as PGD's.
 
-    def __init__(self, model, settings, seed=0, strategy=None, jit_compile=False):
+    The random starts are drawn on the host from `seed`, one stream per run, so a run is
+    reproducible; each batch is spread over the replicas of `strategy`.
+
+    Args:
+        model: a Keras model or a callable returning logits.
+        epsilon: the radius of the ball.
+        norm: the ball's norm, "Linf", "L2" or "L1".
+        steps: iterations of a run.
+        loss: xent or dlr (untargeted), targeted or dlr-targeted (with `targets`), or a
+            callable (logits, labels) -> per-example loss; by default xent, or dlr-targeted
+            with `targets`.
+        restarts: runs from different random starts (per target class with `targets`).
+        targets: the number of target classes of APGD-T (None: untargeted).
+        eot_iterations: gradients averaged over this many passes (expectation over
+            transformation), for models whose outputs are random.
+        large_reps: runs each restart at 3, 2 and 1 times epsilon in turn, as AutoAttack's
+            standard version runs APGD in L1 (see `large_reps_iterations`).
+        seed: seeds the random starts.
+        pixel_range: (low, high), the range of valid inputs.
+        strategy: spreads each batch over its replicas.
+        jit_compile: compiles the iterations with XLA.
+    """
+
+    def __init__(self, model, *, epsilon, norm="Linf", steps=100, loss=None, restarts=1,
+                 targets=None, eot_iterations=1, large_reps=False, seed=0,
+                 pixel_range=(0.0, 1.0), strategy=None, jit_compile=False):
+        checks.check_keywords(restarts=(restarts, 1))
+        if targets is not None:
+            checks.check_keywords(targets=(targets, 1))
+        if loss is None:
+            loss = "xent" if targets is None else "dlr-targeted"
+        if (targets is None) == (loss in losses.TARGETED):
+            raise ValueError(f"the targeted losses ({', '.join(losses.TARGETED)}) go with "
+                             f"targets and only they do. Received: loss={loss!r}, "
+                             f"targets={targets!r}")
+        self.settings = APGDSettings(
+            threat_model=ThreatModel(epsilon=epsilon, norm=norm, pixel_range=pixel_range),
+            num_iterations=steps, loss=loss, eot_iterations=eot_iterations,
+            large_reps=large_reps)
+        self.threat_model = self.settings.threat_model
         self.model = model
-        self.settings = settings
+        self.restarts, self.targets = int(restarts), targets
         self.seed = seed
         self._spread = devices.Spread(
-            strategy, lambda x, y, targets, noise: apgd_steps(model, x, y, targets, noise,
-                                                              settings), jit_compile)
+            strategy, lambda x, y, targets, noise: apgd_steps(
+                model, x, y, targets=targets, noise=noise, settings=self.settings), jit_compile)
         self._logits = devices.spread_logits(model, strategy)
 
     def noise(self, shape, run):
@@ -271,35 +311,19 @@ class APGD:
         return self.settings.threat_model.noise(seeds.generator(self.seed, seeds.APGD_STARTS, run),
                                                 shape)
 
-    def attack(self, x, y, targets=None, run=0):
-        """(adversarial examples, robust) of one run; `targets` for the targeted DLR loss."""
-        x = np.asarray(x, np.float32)
-        y = np.asarray(y, np.int64)
-        targets = y if targets is None else np.asarray(targets, np.int64)
-        x_adv, robust, _ = self._spread(x, y, targets, self.noise(x.shape, run))
-        return x_adv, robust
-
-    def _runs(self, x, y, runs):
-        """`runs` ((targets, run index) pairs) one after another on the examples still robust."""
+    def perturb(self, x, y):
+        """Adversarial examples for `(x, y)` (arrays or tensors), float32, the shape of `x`."""
+        x, y, logits = checks.checked_with_model(x, y, self.threat_model.pixel_range,
+                                                 self._logits)
+        if self.targets is None:
+            planned = runs.untargeted_runs(y, self.restarts)
+        else:
+            planned = runs.ranked_target_runs(logits, y, count=self.targets,
+                                              restarts=self.restarts)
 
         def attack(todo, run):
-            targets, index = run
-            adversarial, robust = self.attack(x[todo], y[todo], targets[todo], index)
-            return adversarial, ~robust
+            x_adv, robust, _ = self._spread(x[todo], y[todo], run.targets[todo],
+                                            self.noise(x[todo].shape, run.index))
+            return x_adv, ~robust
 
-        return on_robust_examples(x, runs, attack)
-
-    def untargeted(self, x, y, restarts=1):
-        """APGD-CE or APGD-DLR: `restarts` runs, each on the examples still robust."""
-        x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
-        return self._runs(x, y, [(y, run) for run in range(restarts)])
-
-    def targeted(self, x, y, num_targets=9):
-        """APGD-T: the targeted DLR run towards the most likely wrong class of the clean image,
-        then the next... up to `num_targets` classes, each on the examples still robust."""
-        if self.settings.loss != "dlr-targeted":
-            raise ValueError("APGD-T needs the loss 'dlr-targeted'")
-        x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
-        targets = losses.wrong_classes(self._logits(x), y, num_targets).numpy()
-        return self._runs(x, y, [(targets[:, rank - 1], rank)
-                                 for rank in range(1, num_targets + 1)])
+        return runs.on_robust_examples(x, planned, attack, robust=runs.correct(logits, y))

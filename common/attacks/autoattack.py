@@ -24,15 +24,14 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from common.attacks import threat_model
-from common.attacks.apgd import APGD, APGDSettings
-from common.attacks.fab import FAB, FABSettings
-from common.attacks.square import Square, SquareSettings
+from common.attacks import checks, threat_model
+from common.attacks.apgd import APGD
+from common.attacks.fab import FAB
+from common.attacks.square import Square
 from common.attacks.threat_model import ThreatModel
 from common.io.files import read_state, written_in_place
 from common.runtime import devices
 from common.runtime.batching import batch_bounds
-from common.runtime.errors import UserError
 
 VERSIONS = {
     "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
@@ -53,23 +52,13 @@ CLEAN, ROBUST = "clean", ""
 
 
 def check_attacks(attacks):
-    """The attack names of a custom list, each once; UserError otherwise."""
+    """The attack names of a custom list, each once; ValueError otherwise."""
     names = tuple(attacks)
     unknown = [name for name in names if name not in ATTACKS]
     if unknown or not names or len(set(names)) != len(names):
-        raise UserError(f"name each attack once, from {', '.join(ATTACKS)}; got {names}")
+        raise ValueError(f"name each attack once, from {', '.join(ATTACKS)}. Received: "
+                         f"attacks={list(names)}")
     return names
-
-
-def check_logits(logits):
-    """Refuses model outputs that are not the logits of at least 2 classes."""
-    if logits.ndim != 2 or logits.shape[1] < 2:
-        raise UserError(f"the model's outputs have shape {logits.shape[1:]}: AutoAttack needs "
-                        "a vector of logits per example, of 2 classes or more")
-    if np.all(logits >= 0) and np.allclose(logits.sum(axis=1), 1, atol=1e-4):
-        raise UserError("the model's outputs are probabilities (they sum to 1): AutoAttack "
-                        "needs logits (remove the final softmax)")
-    return logits.shape[1]
 
 
 @dataclasses.dataclass
@@ -96,30 +85,38 @@ class Result:
 
 class AutoAttack:
     """AutoAttack on `model` (a Keras model or a callable returning logits) within `epsilon` in
-    `norm`, inputs in `pixel_range`: `evaluate(x, y)` returns a Result.
+    `norm`, inputs in `pixel_range`: `evaluate(x, y)` returns a Result. The inputs, labels and
+    model are checked first, as every attack checks them (ValueError).
 
-    `version` is standard, plus or rand; `attacks` (a list of names) runs those instead. `seed`
-    seeds every random start; each batch is spread over the replicas of `strategy` (by default
-    the one in scope, else every local GPU). `image_shape` (HWC) tells Square how one input is
-    an image where the input is not one already (flat MNIST: (28, 28, 1)). `log` (a callable
-    taking a line), where given, receives the reference's report lines; `progress` shows a
-    progress bar per attack.
+    Args:
+        model: a Keras model or a callable returning logits.
+        epsilon: the radius of the ball.
+        norm: the ball's norm, "Linf", "L2" or "L1".
+        version: standard, plus or rand.
+        attacks: a list of attack names (from ATTACKS) run instead of a version's, with the
+            reference's constructor defaults.
+        pixel_range: (low, high), the range of valid inputs.
+        seed: seeds every random start.
+        strategy: spreads each batch over its replicas (by default the one in scope, else every
+            local GPU).
+        image_shape: (height, width, channels) of one input, for Square, where the input is not
+            an image already (flat MNIST: (28, 28, 1)).
+        log: a callable taking a line, where given, receives the reference's report lines.
+        progress: shows a progress bar per attack.
     """
 
-    def __init__(self, model, norm="Linf", epsilon=None, version="standard", attacks=None,
+    def __init__(self, model, *, epsilon, norm="Linf", version="standard", attacks=None,
                  pixel_range=(0.0, 1.0), seed=0, strategy=None, image_shape=None, log=None,
                  progress=False):
-        if epsilon is None:
-            raise ValueError("AutoAttack needs epsilon, the radius of the threat model")
         if attacks is not None:
             version, names = "custom", check_attacks(attacks)
         elif version in VERSIONS:
             names = VERSIONS[version]
         else:
-            raise UserError(f"unknown AutoAttack version {version!r}: use one of "
-                            f"{', '.join(VERSIONS)}")
+            raise ValueError(f"unknown AutoAttack version {version!r}: use one of "
+                             f"{', '.join(VERSIONS)}. Received: version={version!r}")
         self.model = model
-        self.threat_model = ThreatModel(epsilon, norm, pixel_range)
+        self.threat_model = ThreatModel(epsilon=epsilon, norm=norm, pixel_range=pixel_range)
         self.version, self.attacks = version, names
         self.seed = seed
         self.strategy = strategy
@@ -137,57 +134,48 @@ class AutoAttack:
                 "attacks": list(self.attacks), "seed": self.seed}
 
     def _attack(self, name, classes):
-        """The attack `name` as a function (x, y) -> (adversarial examples, robust), built once
-        per evaluation's number of classes."""
-        if (name, classes) in self._built:
-            return self._built[(name, classes)]
-        threat, model, seed, strategy = self.threat_model, self.model, self.seed, self.strategy
-        by_ball = STANDARD_BY_BALL.get(type(threat.ball), {}) if self.version == "standard" \
-            else {}
-        restarts = by_ball.get("restarts", RESTARTS[self.version])
-        eot = EOT_ITERATIONS.get(self.version, 1)
-        targets = min(MAX_TARGET_CLASSES, classes - 1)
-        apgd_targets = min(by_ball.get("apgd_targets", MAX_TARGET_CLASSES), classes - 1)
+        """The attack `name` as a function (x, y) -> adversarial examples, built once per
+        evaluation's number of classes."""
+        if (name, classes) not in self._built:
+            by_ball = STANDARD_BY_BALL.get(type(self.threat_model.ball), {}) \
+                if self.version == "standard" else {}
+            restarts = by_ball.get("restarts", RESTARTS[self.version])
+            eot = EOT_ITERATIONS.get(self.version, 1)
+            targets = min(MAX_TARGET_CLASSES, classes - 1)
+            apgd_targets = min(by_ball.get("apgd_targets", MAX_TARGET_CLASSES), classes - 1)
+            shared = {"epsilon": self.threat_model.epsilon, "norm": self.threat_model.norm,
+                      "pixel_range": self.threat_model.pixel_range, "seed": self.seed,
+                      "strategy": self.strategy}
+            apgd = {"eot_iterations": eot, "large_reps": by_ball.get("large_reps", False),
+                    **shared}
+            build = {
+                "apgd-ce": lambda: APGD(self.model, loss="xent", restarts=restarts, **apgd),
+                "apgd-dlr": lambda: APGD(self.model, loss="dlr", restarts=restarts, **apgd),
+                "apgd-t": lambda: APGD(self.model, targets=apgd_targets, **apgd),
+                "fab": lambda: FAB(self.model, restarts=restarts, **shared),
+                "fab-t": lambda: FAB(self.model, targets=targets, **shared),
+                "square": lambda: Square(self.model, image_shape=self.image_shape, **shared),
+            }
+            self._built[(name, classes)] = build[name]().perturb
+        return self._built[(name, classes)]
 
-        def apgd(loss):
-            return APGD(model, APGDSettings(threat, loss=loss, eot_iterations=eot,
-                                            large_reps=by_ball.get("large_reps", False)),
-                        seed, strategy)
-
-        if name in ("apgd-ce", "apgd-dlr"):
-            attack = apgd("xent" if name == "apgd-ce" else "dlr")
-            run = lambda x, y: attack.untargeted(x, y, restarts)  # noqa: E731
-        elif name == "apgd-t":
-            attack = apgd("dlr-targeted")
-            run = lambda x, y: attack.targeted(x, y, apgd_targets)  # noqa: E731
-        elif name in ("fab", "fab-t"):
-            attack = FAB(model, FABSettings(threat), seed, strategy)
-            run = (lambda x, y: attack.targeted(x, y, targets)) if name == "fab-t" else \
-                (lambda x, y: attack.untargeted(x, y, restarts))
-        else:
-            run = Square(model, SquareSettings(threat), seed, strategy, self.image_shape).attack
-        self._built[(name, classes)] = run
-        return run
-
-    def evaluate(self, x, y, batch_size=500, state_path=None, run_info=None):
+    def evaluate(self, x, y, *, batch_size=500, state_path=None, run_info=None):
         """Runs the attacks on `x` (any shape, batch first) and labels `y`, `batch_size` examples
         at a time. With `state_path`, resumes from the state file there where it holds a run of
         the same settings (and `run_info`, a JSON-able dict the caller adds to them)."""
-        x = np.asarray(x, np.float32)
-        y = np.asarray(y, np.int64)
-        if len(x) != len(y) or not len(x):
-            raise ValueError(f"x and y must hold the same number of examples, at least one; got "
-                             f"{len(x)} and {len(y)}")
-        classes = check_logits(self._logits(x[:batch_size]))
+        x, y = checks.checked(x, y, self.threat_model.pixel_range)
+        classes = checks.check_logits(self._logits(x[:batch_size]))
+        checks.check_classes(y, classes)
         attacks = {name: self._attack(name, classes) for name in self.attacks}
         settings = {**self.settings, **(run_info or {})}
-        state = run_attacks(attacks, self._logits, x, y, settings, batch_size, state_path,
-                            self.log, self.progress)
+        state = run_attacks(attacks, self._logits, x, y, settings=settings,
+                            batch_size=batch_size, state_path=state_path, log=self.log,
+                            progress=self.progress)
         accuracy_after = {CLEAN: float(np.mean(state.broken_by != CLEAN))}
         accuracy_after.update((result["attack"], result["robust_accuracy"])
                               for result in state.results)
-        return Result(state.robust, state.x_adv, accuracy_after, state.broken_by.astype(str),
-                      state.seconds)
+        return Result(robust=state.robust, x_adv=state.x_adv, accuracy_after=accuracy_after,
+                      broken_by=state.broken_by.astype(str), seconds=state.seconds)
 
 
 @dataclasses.dataclass
@@ -218,14 +206,16 @@ class State:
 
     @classmethod
     def load(cls, path, settings):
-        """The state saved at `path` if it belongs to a run of `settings`, else UserError."""
+        """The state saved at `path` if it belongs to a run of `settings`, else the UserError of
+        `read_state`."""
 
         def read(path):
             with np.load(path, allow_pickle=False) as saved:
                 meta = json.loads(str(saved["meta"]))
-                return cls(meta["settings"], saved["x_adv"], saved["broken_by"].astype(object),
-                           meta["results"], saved["todo"] if saved["has_todo"] else None,
-                           meta["batches_done"], meta["seconds"])
+                return cls(settings=meta["settings"], x_adv=saved["x_adv"],
+                           broken_by=saved["broken_by"].astype(object), results=meta["results"],
+                           todo=saved["todo"] if saved["has_todo"] else None,
+                           batches_done=meta["batches_done"], seconds=meta["seconds"])
 
         return read_state(path, settings, read, "AutoAttack state file", "give another path")
 
@@ -235,7 +225,7 @@ def _predictions(predict, x, batch_size):
                            for first, end in batch_bounds(len(x), batch_size)])
 
 
-def _run_attack(name, attack, predict, x, y, state, batch_size, save, progress):
+def _run_attack(name, attack, predict, x, y, *, state, batch_size, save, progress):
     """Runs one attack, batch by batch, on the points robust when it started; a point is broken
     where the model misclassifies the example the attack returns, as in the reference."""
     if state.todo is None:
@@ -246,7 +236,7 @@ def _run_attack(name, attack, predict, x, y, state, batch_size, save, progress):
     for first, end in bounds[state.batches_done:]:
         started = time.perf_counter()
         indices = state.todo[first:end]
-        adversarial, _ = attack(x[indices], y[indices])
+        adversarial = attack(x[indices], y[indices])
         wrong = np.argmax(predict(adversarial), axis=1) != y[indices]
         broken = indices[wrong]
         state.x_adv[broken] = adversarial[wrong]
@@ -262,9 +252,10 @@ def _run_attack(name, attack, predict, x, y, state, batch_size, save, progress):
     save(state)
 
 
-def run_attacks(attacks, predict, x, y, settings, batch_size, state_path=None, log=None,
+def run_attacks(attacks, predict, x, y, *, settings, batch_size, state_path=None, log=None,
                 progress=False):
-    """Runs the attacks (a dict name -> attack(x, y), in order) on `x`, `y`; returns the final
+    """Runs the attacks (a dict name -> attack(x, y) returning adversarial examples, in order)
+    on `x`, `y`; returns the final
     State. `predict(x)` gives the model's logits. With `state_path`, resumes from the state file
     there where it holds a run of the same `settings`, and rewrites it after every batch. `log`
     receives the reference's report lines.
@@ -293,7 +284,8 @@ def run_attacks(attacks, predict, x, y, settings, batch_size, state_path=None, l
     for name, attack in attacks.items():
         if name in done:
             continue
-        _run_attack(name, attack, predict, x, y, state, batch_size, save, progress)
+        _run_attack(name, attack, predict, x, y, state=state, batch_size=batch_size, save=save,
+                    progress=progress)
         log(f"robust accuracy after {name.upper()}: {np.mean(state.robust):.2%} "
             f"(total time {state.seconds:.1f} s)")
     norm = settings.get("norm", "Linf")

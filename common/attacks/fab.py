@@ -17,16 +17,17 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from common.attacks import losses, threat_model
-from common.attacks.runs import on_robust_examples
+from common.attacks import checks, runs, threat_model
 from common.attacks.threat_model import ThreatModel
 from common.runtime import devices, seeds
 
 SMALLEST_NORM = 1e-8
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class FABSettings:
+    """What one FAB run needs (FAB builds it from its keywords)."""
+
     threat_model: ThreatModel
     num_iterations: int = 100
     alpha_max: float = 0.1
@@ -191,19 +192,44 @@ def fab_steps(model, x_nat, labels, targets, noise, settings, targeted=True, ran
 
 
 class FAB:
-    """FAB on a Keras model or callable: `targeted(x, y)` (FAB-T) and `untargeted(x, y,
-    restarts)` return the adversarial examples (the clean image where the attack failed) and
-    which examples stayed robust, an example being broken by a misclassified point within
-    epsilon. Runs follow each other on the examples still robust; random starts come from
-    `seed`, one stream per run."""
+    """FAB on a Keras model or callable returning logits: `perturb(x, y)` returns float32
+    adversarial examples in the shape of `x` (the clean image where the attack failed or the
+    example was misclassified already), an example being broken by a misclassified point within
+    epsilon. Untargeted, `restarts` runs, the first from the clean image, the others from random
+    starts; with `targets`, FAB-T: towards the most likely wrong class of the clean image,
+    `restarts` times, then the next, ... up to `targets` classes. Runs follow each other on the
+    examples still robust; each batch is checked first, as PGD's.
 
-    def __init__(self, model, settings, seed=0, strategy=None):
-        self.settings = settings
+    Args:
+        model: a Keras model or a callable returning logits.
+        epsilon: the radius of the ball.
+        norm: the ball's norm, "Linf", "L2" or "L1".
+        steps: iterations of a run.
+        restarts: runs (per target class with `targets`).
+        targets: the number of target classes of FAB-T (None: untargeted).
+        seed: seeds the random starts, one stream per run.
+        pixel_range: (low, high), the range of valid inputs.
+        strategy: spreads each batch over its replicas.
+    """
+
+    def __init__(self, model, *, epsilon, norm="Linf", steps=100, restarts=1, targets=None,
+                 seed=0, pixel_range=(0.0, 1.0), strategy=None):
+        checks.check_keywords(steps=(steps, 1), restarts=(restarts, 1))
+        if targets is not None:
+            checks.check_keywords(targets=(targets, 1))
+        self.settings = FABSettings(
+            threat_model=ThreatModel(epsilon=epsilon, norm=norm, pixel_range=pixel_range),
+            num_iterations=steps)
+        self.threat_model = self.settings.threat_model
+        self.model = model
+        self.restarts, self.targets = int(restarts), targets
         self.seed = seed
+        settings = self.settings
 
         def runner(targeted, random_start):
             return devices.Spread(strategy, lambda x, y, targets, noise: fab_steps(
-                model, x, y, targets, noise, settings, targeted, random_start))
+                model, x, y, targets=targets, noise=noise, settings=settings, targeted=targeted,
+                random_start=random_start))
 
         self._runs_by_kind = {(targeted, random_start): runner(targeted, random_start)
                               for targeted in (True, False) for random_start in (True, False)}
@@ -213,29 +239,22 @@ class FAB:
         return self.settings.threat_model.noise(seeds.generator(self.seed, seeds.FAB_STARTS, run),
                                                 shape)
 
-    def _runs(self, x, y, runs):
-        """`runs` ((targets or None, run index) pairs) one after another on the examples still
-        robust; a misclassified point within epsilon breaks an example."""
+    def perturb(self, x, y):
+        """Adversarial examples for `(x, y)` (arrays or tensors), float32, the shape of `x`."""
+        x, y, logits = checks.checked_with_model(x, y, self.threat_model.pixel_range,
+                                                 self._logits)
+        if self.targets is None:
+            planned = runs.untargeted_runs(y, self.restarts)
+        else:
+            planned = runs.ranked_target_runs(logits, y, count=self.targets,
+                                              restarts=self.restarts)
 
         def attack(todo, run):
-            targets, index = run
-            fab_run = self._runs_by_kind[(targets is not None, index > 0 and targets is None)]
-            adversarial, distance = fab_run(x[todo], y[todo], y[todo] if targets is None else
-                                            targets[todo], self._noise(x[todo].shape, index))
+            fab_run = self._runs_by_kind[(self.targets is not None, run.restart > 0)]
+            adversarial, distance = fab_run(x[todo], y[todo], run.targets[todo],
+                                            self._noise(x[todo].shape, run.index))
             predictions = np.argmax(self._logits(adversarial), axis=1)
-            epsilon = self.settings.threat_model.epsilon
+            epsilon = self.threat_model.epsilon
             return adversarial, (predictions != y[todo]) & (distance <= epsilon)
 
-        return on_robust_examples(x, runs, attack)
-
-    def targeted(self, x, y, num_targets=9):
-        """FAB-T: towards the most likely wrong class of the clean image, then the next..."""
-        x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
-        targets = losses.wrong_classes(self._logits(x), y, num_targets).numpy()
-        return self._runs(x, y, [(targets[:, rank - 1], rank)
-                                 for rank in range(1, num_targets + 1)])
-
-    def untargeted(self, x, y, restarts=1):
-        """FAB: the first run from the clean image, the others from random starts."""
-        x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
-        return self._runs(x, y, [(None, run) for run in range(restarts)])
+        return runs.on_robust_examples(x, planned, attack, robust=runs.correct(logits, y))

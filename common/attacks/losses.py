@@ -9,11 +9,13 @@ The DLR losses divide by a gap between ranked logits that needs at least 3 class
 or 4 (targeted). With fewer, where the reference implementation fails, the gap uses the lowest
 rank there is (the targeted loss on 3 classes divides by z_1 - z_3), and with 2 classes the
 divisor is 1: the loss is then the plain margin between the two logits.
+
+A loss is a registered name or a callable `(logits, labels) -> per-example loss`; the targeted
+losses (TARGETED) take the target classes as a third argument.
 """
 
 import tensorflow as tf
 
-LOSSES = ("xent", "cw", "margin", "targeted", "dlr", "dlr-targeted")
 CW_CONFIDENCE = 50.0
 DENOMINATOR_FLOOR = 1e-12
 
@@ -68,17 +70,45 @@ def dlr_targeted(logits, labels, targets):
     return -(_take(logits, labels) - _take(logits, targets)) / divisor
 
 
+def cw(logits, labels):
+    """The original's CW margin loss: -relu(margin + 50)."""
+    return -tf.nn.relu(logit_margin(logits, labels) + CW_CONFIDENCE)
+
+
+def margin(logits, labels):
+    """The paper's CW loss: -relu(margin)."""
+    return -tf.nn.relu(logit_margin(logits, labels))
+
+
+def targeted_xent(logits, labels, targets):
+    """Minus the cross-entropy of the target class: rises as the target becomes likely."""
+    return -xent(logits, targets)
+
+
+LOSSES = {"xent": xent, "cw": cw, "margin": margin, "targeted": targeted_xent, "dlr": dlr,
+          "dlr-targeted": dlr_targeted}
+TARGETED = ("targeted", "dlr-targeted")
+
+
+def check_loss(loss, supported=tuple(LOSSES)):
+    """`loss` if it is one of the `supported` names or a callable; ValueError or TypeError
+    otherwise."""
+    if callable(loss):
+        return loss
+    if not isinstance(loss, str):
+        raise TypeError(f"loss must be a name or a callable (logits, labels) -> per-example "
+                        f"loss. Received: loss={loss!r}")
+    if loss not in supported:
+        raise ValueError(f"unknown loss {loss!r}: use one of {', '.join(supported)} or a "
+                         f"callable. Received: loss={loss!r}")
+    return loss
+
+
 def per_example_loss(logits, labels, loss, targets=None):
-    """The loss named `loss` per example; `targets` for the targeted ones."""
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
-    if loss == "xent":
-        return xent(logits, labels)
-    if loss == "targeted":
-        return -xent(logits, targets)
-    if loss == "dlr":
-        return dlr(logits, labels)
-    if loss == "dlr-targeted":
-        return dlr_targeted(logits, labels, targets)
-    confidence = CW_CONFIDENCE if loss == "cw" else 0.0
-    return -tf.nn.relu(logit_margin(logits, labels) + confidence)
+    """The loss `loss` (a registered name or a callable) per example; `targets` for the
+    targeted ones."""
+    if callable(loss):
+        return loss(logits, labels)
+    if loss in TARGETED:
+        return LOSSES[check_loss(loss)](logits, labels, targets)
+    return LOSSES[check_loss(loss)](logits, labels)

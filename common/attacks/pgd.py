@@ -11,14 +11,15 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from common.attacks import losses
+from common.attacks import checks, losses
 from common.attacks.threat_model import ThreatModel
 from common.runtime import devices, precision, seeds
 
+# The registered losses (common/attacks/losses.py) PGD maximises; any callable loss too.
 LOSS_FUNCTIONS = ("xent", "cw", "margin", "targeted")
 # On CPUs the steps are unrolled up to this many: in a graph loop's body oneDNN leaves the
-# max-pool gradient to a generic kernel many times slower (MNIST PGD-40: about 1 s of 3.7 s a
-# batch on an AVX-512 EPYC, see benchmarks/README.md); beyond it, tracing would take too long.
+# max-pool gradient to a generic kernel, many times slower (see benchmarks/README.md); beyond
+# it, tracing would take too long.
 MAX_UNROLLED_STEPS = 200
 
 
@@ -30,13 +31,12 @@ class AttackSettings:
     steps: int
     step_size: float
     random_start: bool
-    loss: str = "xent"
+    loss: object = "xent"  # a name of LOSS_FUNCTIONS or a callable (logits, labels) -> loss
     pixel_range: tuple = (0.0, 1.0)
     norm: str = "Linf"
 
     def __post_init__(self):
-        if self.loss not in LOSS_FUNCTIONS:
-            raise ValueError(f"unknown loss {self.loss!r}: use one of {LOSS_FUNCTIONS}")
+        losses.check_loss(self.loss, LOSS_FUNCTIONS)
         for name, kind in (("epsilon", float), ("steps", int), ("step_size", float),
                            ("random_start", bool)):
             object.__setattr__(self, name, kind(getattr(self, name)))
@@ -57,7 +57,8 @@ def input_gradient(model, x, labels, loss_func, training=False, targets=None):
     with tf.GradientTape() as tape:
         tape.watch(x)
         logits = tf.cast(devices.call_model(model, x, training), tf.float32)
-        loss = tf.reduce_sum(losses.per_example_loss(logits, labels, loss_func, targets)) * scale
+        loss = tf.reduce_sum(losses.per_example_loss(logits, labels, loss=loss_func,
+                                                     targets=targets)) * scale
     gradient = tape.gradient(loss, x)
     if scale == 1.0:
         return gradient
@@ -92,13 +93,13 @@ def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=Non
         threat, step_size = threat.scaled(scale), step_size * scale
     x_nat = tf.cast(x_nat, tf.float32)
     targets = None
-    if settings.loss == "targeted":
+    if settings.loss in losses.TARGETED:
         logits = tf.cast(devices.call_model(model, x_nat), tf.float32)
         targets = losses.wrong_classes(logits, labels, 1)[:, 0]
     x = x_start
     for _ in range(settings.steps) if training or unroll else tf.range(settings.steps):
-        grad = input_gradient(model, tf.cast(x, tf.float32), labels, settings.loss,
-                              training, targets)
+        grad = input_gradient(model, tf.cast(x, tf.float32), labels, loss_func=settings.loss,
+                              training=training, targets=targets)
         x = threat.project(threat.step(x, grad, step_size), x_nat)
     return x
 
@@ -121,30 +122,41 @@ def loss_trace(model, x_nat, labels, x_start, settings):
     x = x_start
     for step in tf.range(settings.steps):
         trace = trace.write(step, xent(x))
-        x = pgd_steps(model, x_nat, labels, x, one_step)
+        x = pgd_steps(model, x_nat, labels, x_start=x, settings=one_step)
     return trace.write(settings.steps, xent(x)).stack()
 
 
 class PGD:
     """PGD on any Keras model or callable that returns logits: `perturb(x, y)` returns float32
-    adversarial examples within `epsilon` of `x` in `norm` ("Linf" or "L2") and the pixel range.
+    adversarial examples in the shape of `x`, within `epsilon` of it in `norm` and within the
+    pixel range.
 
-    `steps` steps of `step_size` (by default 2.5 epsilon / steps, so that the steps reach well
-    past epsilon), from a random point of the ball when `random_start`, maximising `loss` (xent,
-    cw, margin or targeted: see common/attacks/losses.py). With `restarts`, each example keeps
-    the restart that misclassifies it, or else has the highest loss. Random starts come from
-    `seed` (None: a fresh seed); each batch is spread over the replicas of `strategy` (by default
-    the one in scope, else every local GPU: devices.default_strategy); `jit_compile` compiles the
-    steps with XLA. Inputs of any shape.
+    Inputs of any shape; each batch is checked first (inputs in the pixel range, integer labels
+    of the model's classes, logits rather than probabilities: ValueError otherwise).
+
+    Args:
+        model: a Keras model or a callable returning logits.
+        epsilon: the radius of the ball.
+        norm: the ball's norm, "Linf", "L2" or "L1".
+        steps: gradient steps.
+        step_size: the length of a step; by default 2.5 epsilon / steps, so that the steps
+            reach well past epsilon.
+        loss: the loss maximised: xent, cw, margin or targeted (see common/attacks/losses.py),
+            or a callable (logits, labels) -> per-example loss.
+        restarts: runs from different random starts; each example keeps the run that
+            misclassifies it, or else the one of highest loss.
+        random_start: start from a random point of the ball (else from the input).
+        seed: seeds the random starts (None: a fresh seed).
+        pixel_range: (low, high), the range of valid inputs.
+        strategy: spreads each batch over its replicas (by default the one in scope, else every
+            local GPU: devices.default_strategy).
+        jit_compile: compiles the steps with XLA.
     """
 
-    def __init__(self, model, epsilon, steps=40, step_size=None, norm="Linf", random_start=True,
-                 loss="xent", restarts=1, pixel_range=(0.0, 1.0), seed=0, strategy=None,
+    def __init__(self, model, *, epsilon, norm="Linf", steps=40, step_size=None, loss="xent",
+                 restarts=1, random_start=True, seed=0, pixel_range=(0.0, 1.0), strategy=None,
                  jit_compile=False):
-        if steps < 0:
-            raise ValueError(f"steps must be at least 0, got {steps}")
-        if restarts < 1:
-            raise ValueError(f"restarts must be at least 1, got {restarts}")
+        checks.check_keywords(steps=(steps, 0), restarts=(restarts, 1))
         step_size = 2.5 * epsilon / max(steps, 1) if step_size is None else step_size
         self.settings = AttackSettings(epsilon=epsilon, steps=steps, step_size=step_size,
                                        random_start=random_start, loss=loss,
@@ -158,24 +170,27 @@ class PGD:
         self._unroll = unrolls(self.strategy, steps)
         self._spread_attack = devices.Spread(self.strategy, self._attack_batch, jit_compile)
         self._spread_score = devices.Spread(self.strategy, self._score_batch)
+        self._logits = devices.spread_logits(model, self.strategy)
 
     @classmethod
     def from_settings(cls, model, settings, **options):
         """The attack of `settings` (an AttackSettings); `options` as the constructor's."""
-        return cls(model, settings.epsilon, settings.steps, settings.step_size,
-                   norm=settings.norm, random_start=settings.random_start,
-                   loss=settings.loss, pixel_range=settings.pixel_range, **options)
+        return cls(model, epsilon=settings.epsilon, norm=settings.norm, steps=settings.steps,
+                   step_size=settings.step_size, loss=settings.loss,
+                   random_start=settings.random_start, pixel_range=settings.pixel_range,
+                   **options)
 
     def _attack_batch(self, x_nat, labels, x_start):
-        return pgd_steps(self.model, x_nat, labels, x_start, self.settings, unroll=self._unroll)
+        return pgd_steps(self.model, x_nat, labels, x_start=x_start, settings=self.settings,
+                         unroll=self._unroll)
 
     def _score_batch(self, x, labels):
         """Per example, the loss restarts compare (for a targeted attack, the cross-entropy of
         the label) and whether it is misclassified."""
         logits = tf.cast(devices.call_model(self.model, x), tf.float32)
         misclassified = tf.not_equal(tf.argmax(logits, axis=1), labels)
-        loss_func = "xent" if self.settings.loss == "targeted" else self.settings.loss
-        return losses.per_example_loss(logits, labels, loss_func), misclassified
+        loss = "xent" if self.settings.loss in losses.TARGETED else self.settings.loss
+        return losses.per_example_loss(logits, labels, loss), misclassified
 
     def start_point(self, x_nat):
         """A fresh start for `x_nat`, drawn from this attack's seeded generator."""
@@ -190,8 +205,8 @@ class PGD:
     def attack_float64(self, x_nat, y, start=None):
         """The adversarial examples as the float64 iterate holds them; with `start`, the first
         restart begins there instead of at a drawn start point."""
-        x_nat = np.asarray(x_nat, dtype=np.float32)
-        y = np.asarray(y, dtype=np.int64)
+        x_nat, y, _ = checks.checked_with_model(x_nat, y, self.threat_model.pixel_range,
+                                                self._logits)
         start = self.start_point(x_nat) if start is None else np.asarray(start, np.float64)
         best = self._spread_attack(x_nat, y, start)
         if self.restarts == 1:
@@ -207,7 +222,8 @@ class PGD:
         return best
 
     def perturb(self, x, y, start=None):
-        """Adversarial examples for `(x, y)` (arrays or tensors), float32, the shape of `x`."""
+        """Adversarial examples for `(x, y)` (arrays or tensors), float32, the shape of `x`;
+        with `start` (float64, the shape of `x`), the first restart begins there."""
         return self.attack_float64(x, y, start).astype(np.float32)
 
 
@@ -221,13 +237,15 @@ class LinfPGDAttack(PGD):
 
     def __init__(self, model, epsilon, k, a, random_start, loss_func, pixel_range=(0.0, 1.0),
                  restarts=1, seed=None, jit_compile=False, strategy=None):
-        super().__init__(model, epsilon, k, a, "Linf", random_start, loss_func, restarts,
-                         pixel_range, seed, strategy, jit_compile)
+        super().__init__(model, epsilon=epsilon, steps=k, step_size=a, loss=loss_func,
+                         restarts=restarts, random_start=random_start, seed=seed,
+                         pixel_range=pixel_range, strategy=strategy, jit_compile=jit_compile)
 
     @classmethod
     def from_settings(cls, model, settings, **options):
-        return cls(model, settings.epsilon, settings.steps, settings.step_size,
-                   settings.random_start, settings.loss, settings.pixel_range, **options)
+        return cls(model, epsilon=settings.epsilon, k=settings.steps, a=settings.step_size,
+                   random_start=settings.random_start, loss_func=settings.loss,
+                   pixel_range=settings.pixel_range, **options)
 
     # The original's attribute names.
     epsilon = property(lambda self: self.settings.epsilon)

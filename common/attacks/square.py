@@ -1,14 +1,14 @@
-"""The Square attack (Andriushchenko et al., ECCV 2020) in the L-infinity, L2 or L1 norm, with the
+"""The Square attack (Andriushchenko et al., ECCV 2020) in the threat model's norm, with the
 parameters AutoAttack runs it with (5000 queries, p_init 0.8, the margin loss, no rescaled
-schedule). Below, the L-infinity queries; the L2 and L1 ones (`window_queries`) move mass
-between windows of nested rings instead, as the reference does.
+schedule).
 
 A score-based attack: it uses the model's logits only, never its gradients, so it finds what
-gradient masking hides from APGD and FAB. It starts from vertical stripes of +-epsilon and at
-each query tries one square window, the same for every example of the batch, set to +-2 epsilon
-per channel and projected back into the ball, keeping it where the margin loss falls or the
-example becomes misclassified. The queries run in one `tf.function` and stop when every example
-of the batch is broken.
+gradient masking hides from APGD and FAB. In L-infinity it starts from vertical stripes of
++-epsilon and at each query tries one square window, the same for every example of the batch,
+set to +-2 epsilon per channel and projected back into the ball, keeping it where the margin
+loss falls or the example becomes misclassified; the other norms move the perturbation's mass
+between windows by their reference's rules (below). The queries run in one `tf.function` and
+stop when every example of the batch is broken.
 """
 
 import dataclasses
@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from common.attacks import losses, threat_model
+from common.attacks import checks, losses, runs, threat_model
 from common.attacks.threat_model import ThreatModel
 from common.runtime import devices
 
@@ -25,8 +25,10 @@ from common.runtime import devices
 HALVING_QUERIES = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SquareSettings:
+    """What Square's queries need (Square builds it from its keywords)."""
+
     threat_model: ThreatModel
     num_queries: int = 5000
     p_init: float = 0.8
@@ -242,15 +244,35 @@ QUERIES = {threat_model.LinfBall: square_queries, threat_model.L2Ball: l2_square
 
 
 class Square:
-    """Square on a Keras model or callable: `attack(x, y)` returns the adversarial examples (the
-    clean image where the attack failed, in the shape of `x`) and which examples stayed robust.
+    """Square on a Keras model or callable returning logits: `perturb(x, y)` returns float32
+    adversarial examples in the shape of `x` (the clean image where the attack failed or the
+    example was misclassified already). Each batch is checked first, as PGD's.
 
     The windows are squares of an image: `image_shape` (HWC) says how one input is one; by
     default an input of rank 3 is that image, and any other (a flat vector, say) is read as an
-    image of one row and one channel."""
+    image of one row and one channel.
 
-    def __init__(self, model, settings, seed=0, strategy=None, image_shape=None):
-        self.settings = settings
+    Args:
+        model: a Keras model or a callable returning logits.
+        epsilon: the radius of the ball.
+        norm: the ball's norm, "Linf", "L2" or "L1".
+        steps: queries of the model per example at most.
+        p_init: the fraction of the image the first squares cover.
+        seed: seeds the squares and their signs.
+        pixel_range: (low, high), the range of valid inputs.
+        strategy: spreads each batch over its replicas.
+        image_shape: (height, width, channels) of one input, where it is not an image already.
+    """
+
+    def __init__(self, model, *, epsilon, norm="Linf", steps=5000, p_init=0.8, seed=0,
+                 pixel_range=(0.0, 1.0), strategy=None, image_shape=None):
+        checks.check_keywords(steps=(steps, 1))
+        if not 0 < p_init <= 1:
+            raise ValueError(f"p_init must be in (0, 1]. Received: p_init={p_init!r}")
+        settings = SquareSettings(
+            threat_model=ThreatModel(epsilon=epsilon, norm=norm, pixel_range=pixel_range),
+            num_queries=steps, p_init=p_init)
+        self.settings, self.threat_model, self.model = settings, settings.threat_model, model
         queries = QUERIES[type(settings.threat_model.ball)]
 
         def run(x, y):
@@ -261,16 +283,23 @@ class Square:
                 return tf.cast(devices.call_model(model, tf.reshape(candidates, tf.shape(x))),
                                tf.float32)
 
-            x_adv, margins = queries(predict, images, y, settings, seed)
+            x_adv, margins = queries(predict, images, y, settings=settings, seed=seed)
             return tf.reshape(x_adv, tf.shape(x)), margins
 
         self._spread = devices.Spread(strategy, run)
+        self._logits = devices.spread_logits(model, strategy)
 
-    def attack(self, x, y):
-        x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
-        x_adv, margins = self._spread(x, y)
-        robust = margins > 0
-        return np.where(robust.reshape((-1,) + (1,) * (x.ndim - 1)), x, x_adv), robust
+    def perturb(self, x, y):
+        """Adversarial examples for `(x, y)` (arrays or tensors), float32, the shape of `x`."""
+        x, y, logits = checks.checked_with_model(x, y, self.threat_model.pixel_range,
+                                                 self._logits)
+
+        def attack(todo, run):
+            x_adv, margins = self._spread(x[todo], y[todo])
+            return x_adv, margins <= 0
+
+        return runs.on_robust_examples(x, runs.untargeted_runs(y, 1), attack,
+                                       robust=runs.correct(logits, y))
 
 
 def _as_image(example_shape):

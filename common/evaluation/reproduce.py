@@ -127,9 +127,8 @@ class Reproduction:
         return self.challenge.paper
 
     def attack(self, model, settings, restarts=1):
-        return pgd.LinfPGDAttack.from_settings(model, settings, restarts=restarts, seed=self.seed,
-                                               jit_compile=self.jit_compile,
-                                               strategy=self.strategy)
+        return pgd.PGD.from_settings(model, settings, restarts=restarts, seed=self.seed,
+                                     jit_compile=self.jit_compile, strategy=self.strategy)
 
     def row_settings(self, row, epsilon=None, step_size=None):
         epsilon = self.attack_settings.epsilon if epsilon is None else epsilon

@@ -117,13 +117,17 @@ class Spread:
         """(the function, its distributed call) for arrays of these example shapes."""
         key = tuple((array.shape[1:], array.dtype.str) for array in arrays)
         if key not in self._traced:
-            function = tf.function(self._python_function, jit_compile=self._jit_compile,
+            # TensorFlow counts the traces of every function of the same code together and warns
+            # of retracing after five; each Spread traces once per example shape, so a partial
+            # gives it its own count (a sweep building one attack per epsilon is no retracing).
+            function = tf.function(functools.partial(self._python_function),
+                                   jit_compile=self._jit_compile,
                                    input_signature=tuple(
                                        tf.TensorSpec((None, *array.shape[1:]), array.dtype)
                                        for array in arrays))
             strategy = self.strategy
-            distributed = tf.function(
-                lambda batch: strategy.run(lambda part: function(*part), args=(batch,)),
+            distributed = tf.function(functools.partial(
+                lambda batch: strategy.run(lambda part: function(*part), args=(batch,))),
                 reduce_retracing=True)
             self._traced[key] = function, distributed
         return self._traced[key]

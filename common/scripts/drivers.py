@@ -108,7 +108,7 @@ def evaluate(challenge):
         strategy = devices.local_strategy(cpu_only=config["eval_on_cpu"])
         model = _model(challenge, config, strategy)
         with strategy.scope():
-            attack = pgd.LinfPGDAttack.from_settings(
+            attack = pgd.PGD.from_settings(
                 model, challenge.attack_settings(config), restarts=FLAGS.restarts,
                 seed=challenge.data_seed(config), jit_compile=config["jit_compile"],
                 strategy=strategy)
@@ -137,7 +137,7 @@ def attack(challenge):
         files.check_writable(config["store_adv_path"], "store_adv_path")
         strategy = devices.local_strategy()
         model = restored_model(challenge, config, strategy, _no_model(config))
-        attack = pgd.LinfPGDAttack.from_settings(
+        attack = pgd.PGD.from_settings(
             model, challenge.attack_settings(config), restarts=FLAGS.restarts,
             seed=challenge.data_seed(config), jit_compile=config["jit_compile"],
             strategy=strategy)
@@ -279,7 +279,7 @@ def _autoattack_choice(version, attacks):
         return version, None
     try:
         return "custom", autoattack_lib.check_attacks(name.strip() for name in attacks.split(","))
-    except errors.UserError as error:
+    except ValueError as error:
         raise errors.UserError(f"--attacks: {error}") from error
 
 
@@ -320,17 +320,22 @@ def autoattack(challenge):
         images, labels = test_set(challenge, config)
         count = config["num_eval_examples"]
         x, y = images[:count], labels[:count]
-        attack = AutoAttack(model, norm=FLAGS.norm, epsilon=config["epsilon"], version=version,
-                            attacks=names, pixel_range=challenge.pixel_range, seed=FLAGS.seed,
-                            strategy=strategy, image_shape=challenge.image_shape, log=print,
-                            progress=True)
+        try:
+            attack = AutoAttack(model, epsilon=config["epsilon"], norm=FLAGS.norm,
+                                version=version, attacks=names,
+                                pixel_range=challenge.pixel_range, seed=FLAGS.seed,
+                                strategy=strategy, image_shape=challenge.image_shape, log=print,
+                                progress=True)
+        except ValueError as error:  # a flag the library refuses: one line, as the others
+            raise errors.UserError(str(error)) from error
         run_info = {"challenge": challenge.name,
                     "checkpoint": checkpoints.latest_checkpoint(config["model_dir"]),
                     "num_examples": count, "batch_size": config["eval_batch_size"]}
         print(f"using {attack.version} version including {', '.join(attack.attacks)}.")
         state = files.keyed_path(os.path.splitext(store)[0] + ".state.npz",
                                  {**attack.settings, **run_info})
-        result = attack.evaluate(x, y, config["eval_batch_size"], state, run_info)
+        result = attack.evaluate(x, y, batch_size=config["eval_batch_size"], state_path=state,
+                                 run_info=run_info)
         _store_attack(result.x_adv, store)
         _autoattack_report(result, x, {**attack.settings, **run_info}, report_path)
         os.remove(state)

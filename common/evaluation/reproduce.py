@@ -99,10 +99,11 @@ class Job:
     run: object
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Reproduction:
     """One reproduce.py run: the model (and the transfer's source), the first test images, and
-    the config's attack (`attack_settings`), batch size, seed and XLA choice."""
+    the config's attack (`attack_settings`), batch size, seed and XLA choice. Built in one call,
+    with keywords."""
 
     challenge: object
     attack_settings: object  # the config's PGD (common.attacks.pgd.AttackSettings)
@@ -115,8 +116,8 @@ class Reproduction:
     out_dir: str
     checkpoint: str
     landscape_restarts: int
-    images: np.ndarray = None  # the first num_eval_examples test images, and their labels
-    labels: np.ndarray = None
+    images: np.ndarray  # the first num_eval_examples test images, and their labels
+    labels: np.ndarray
     source: object = None  # the transfer's source model
     source_model_dir: str = None
     source_checkpoint: str = None

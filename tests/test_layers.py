@@ -148,6 +148,7 @@ def test_the_attack_predicts_the_same_with_either_layer_path(mnist_fixture, mnis
     assert np.mean(predictions[0] == y) < 0.95  # the attack did something
 
 
+@pytest.mark.slow
 def test_every_process_of_a_machine_picks_the_same_variants():
     """The choices are rules of the devices and the step count, never timings: two new processes
     choose alike."""

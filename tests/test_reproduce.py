@@ -145,7 +145,8 @@ def test_the_table_equals_pgd_attack_and_run_attack(mnist_out, tmp_path):
                                     ("Targeted 40 steps", 40, 0.01, True, "targeted"),
                                     ("CW 40 steps", 40, 0.01, True, "margin"),
                                     ("CW+ 40 steps", 40, 0.01, True, "cw")):
-        attack = pgd.LinfPGDAttack(model, EPSILON, k, a, start, loss, seed=seed)
+        attack = pgd.PGD(model, epsilon=EPSILON, steps=k, step_size=a, random_start=start,
+                         loss=loss, seed=seed)
         x_adv = np.concatenate([attack.perturb(x[first:first + BATCH], y[first:first + BATCH])
                                 for first in range(0, COUNT, BATCH)])
         assert table[name] == accuracy(x_adv), name

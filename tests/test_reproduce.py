@@ -105,7 +105,8 @@ def test_artifact_lists_and_state_files(tmp_path):
                           ("transfer", "needs --source_model_dir")):
         with pytest.raises(UserError, match=message):
             artifact_list(text, MNIST.paper, None)
-    no_filters = Paper("Table 2", (), {}, (0.0,), 5)
+    no_filters = Paper(table_name="Table 2", table=(), transfer={}, epsilon_grid=(0.0,),
+                       sweep_steps=5)
     with pytest.raises(UserError, match="from table, transfer, eps_sweep, loss_landscape;"):
         artifact_list("filters", no_filters, None)
     ledger = Ledger.open(str(tmp_path / "table.state.json"), {"checkpoint": "a"})

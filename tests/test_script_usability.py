@@ -166,16 +166,27 @@ def test_help_shows_the_scripts_flags_and_the_config_in_effect():
 
 
 def _driver_flags(script):
-    """The flags the script's driver in common/scripts/drivers.py defines (read with ast)."""
+    """The flags the script's driver in common/scripts/drivers.py defines, itself or through the
+    module's functions it calls (read with ast)."""
     with open(os.path.join(REPO, script)) as source:
         calls = [node.func.attr for node in ast.walk(ast.parse(source.read()))
                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                  and isinstance(node.func.value, ast.Name) and node.func.value.id == "drivers"]
     with open(os.path.join(REPO, "common", "scripts", "drivers.py")) as source:
-        (driver,) = [node for node in ast.parse(source.read()).body
-                     if isinstance(node, ast.FunctionDef) and node.name == calls[0]]
-    return {node.args[0].value for node in ast.walk(driver) if isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute) and node.func.attr.startswith("DEFINE_")}
+        functions = {node.name: node for node in ast.parse(source.read()).body
+                     if isinstance(node, ast.FunctionDef)}
+    found, seen, waiting = set(), set(), [calls[0]]
+    while waiting:
+        name = waiting.pop()
+        seen.add(name)
+        for node in ast.walk(functions[name]):
+            if not isinstance(node, ast.Call):
+                continue
+            if isinstance(node.func, ast.Attribute) and node.func.attr.startswith("DEFINE_"):
+                found.add(node.args[0].value)
+            elif isinstance(node.func, ast.Name) and node.func.id in functions.keys() - seen:
+                waiting.append(node.func.id)
+    return found
 
 
 @pytest.mark.slow

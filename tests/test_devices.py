@@ -37,11 +37,14 @@ def test_attack_and_scores_over_two_devices_equal_one(two_replicas, mnist_data, 
     results = []
     for strategy in (tf.distribute.get_strategy(), two_replicas):
         model = fixture_model(mnist_fixture, strategy)
-        attack = pgd.LinfPGDAttack(model, 0.1, 5, 0.02, True, "xent", seed=0, strategy=strategy)
-        x_adv = attack.perturb(x, y).astype(np.float32)
-        accuracy, predictions = submission.score(model, x_adv, y, 10, strategy)
+        attack = pgd.PGD(model, epsilon=0.1, steps=5, step_size=0.02, loss="xent", seed=0,
+                         strategy=strategy)
+        x_adv = attack.perturb(x, y)
+        accuracy, predictions = submission.score(model, x_adv, y, batch_size=10,
+                                                 strategy=strategy)
         results.append((x_adv, predictions, accuracy,
-                        robustness.evaluate(model, attack, x, y, 25, 10)))
+                        robustness.evaluate(model, attack, x, y, num_examples=25,
+                                            batch_size=10)))
     (one_x, one_predictions, one_accuracy, one_eval), (two_x, two_predictions, two_accuracy,
                                                        two_eval) = results
     assert np.mean(np.abs(one_x - two_x) < 1e-6) >= 0.99

@@ -140,7 +140,7 @@ def test_the_attack_predicts_the_same_with_either_layer_path(mnist_fixture, mnis
         model = mnist_model.Model(on_cpu)
         checkpoints.load_weights(model, f"{mnist_fixture}/checkpoint-300",
                                  mnist_model.tf1_variables)
-        attack = pgd.LinfPGDAttack(model, 0.3, 40, 0.01, True, "xent")
+        attack = pgd.PGD(model, epsilon=0.3, steps=40, step_size=0.01, loss="xent")
         attack._unroll = on_cpu
         x_adv = attack.perturb(x, y, start=start)
         predictions.append(np.argmax(model.predict(x_adv.astype(np.float32), verbose=0), 1))
@@ -148,6 +148,7 @@ def test_the_attack_predicts_the_same_with_either_layer_path(mnist_fixture, mnis
     assert np.mean(predictions[0] == y) < 0.95  # the attack did something
 
 
+@pytest.mark.slow
 def test_every_process_of_a_machine_picks_the_same_variants():
     """The choices are rules of the devices and the step count, never timings: two new processes
     choose alike."""

@@ -45,7 +45,7 @@ def test_truncated_file_is_named(mnist_data, tmp_path):
         shutil.copy(os.path.join(mnist_data, name), tmp_path)
     with gzip.open(os.path.join(mnist_data, "t10k-images-idx3-ubyte.gz")) as images:
         content = images.read()
-    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as images:
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb", compresslevel=1) as images:
         images.write(content[:-100])
     with pytest.raises(UserError, match="t10k-images-idx3-ubyte.gz is truncated"):
         mnist_input.MNISTData(str(tmp_path))

@@ -105,7 +105,8 @@ def test_artifact_lists_and_state_files(tmp_path):
                           ("transfer", "needs --source_model_dir")):
         with pytest.raises(UserError, match=message):
             artifact_list(text, MNIST.paper, None)
-    no_filters = Paper("Table 2", (), {}, (0.0,), 5)
+    no_filters = Paper(table_name="Table 2", table=(), transfer={}, epsilon_grid=(0.0,),
+                       sweep_steps=5)
     with pytest.raises(UserError, match="from table, transfer, eps_sweep, loss_landscape;"):
         artifact_list("filters", no_filters, None)
     ledger = Ledger.open(str(tmp_path / "table.state.json"), {"checkpoint": "a"})
@@ -145,7 +146,8 @@ def test_the_table_equals_pgd_attack_and_run_attack(mnist_out, tmp_path):
                                     ("Targeted 40 steps", 40, 0.01, True, "targeted"),
                                     ("CW 40 steps", 40, 0.01, True, "margin"),
                                     ("CW+ 40 steps", 40, 0.01, True, "cw")):
-        attack = pgd.LinfPGDAttack(model, EPSILON, k, a, start, loss, seed=seed)
+        attack = pgd.PGD(model, epsilon=EPSILON, steps=k, step_size=a, random_start=start,
+                         loss=loss, seed=seed)
         x_adv = np.concatenate([attack.perturb(x[first:first + BATCH], y[first:first + BATCH])
                                 for first in range(0, COUNT, BATCH)])
         assert table[name] == accuracy(x_adv), name

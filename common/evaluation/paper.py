@@ -75,10 +75,5 @@ class Paper:
     def artifacts(self):
         return tuple(name for name in ARTIFACTS if name != "filters" or self.first_layer)
 
-    def sweep_rows(self):
-        """(epsilon, FGSM row, PGD row) per point of the epsilon grid."""
-        return [(epsilon, Row("FGSM"), Row("PGD", self.sweep_steps))
-                for epsilon in self.epsilon_grid]
-
     def sweep_step_size(self, epsilon):
         return 2.5 * epsilon / self.sweep_steps

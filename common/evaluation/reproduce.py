@@ -72,7 +72,8 @@ class Ledger:
                 saved = json.load(source)
             return cls(path, saved["settings"], saved["results"], saved["partial"])
 
-        return read_state(path, settings, read, "state file", "give another --out_dir")
+        return read_state(path, settings, read=read, what="state file",
+                          instead="give another --out_dir")
 
     def remove(self):
         """Ends the run: its results are written, so another run starts afresh."""
@@ -99,10 +100,11 @@ class Job:
     run: object
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Reproduction:
     """One reproduce.py run: the model (and the transfer's source), the first test images, and
-    the config's attack (`attack_settings`), batch size, seed and XLA choice."""
+    the config's attack (`attack_settings`), batch size, seed and XLA choice. Built in one call,
+    with keywords."""
 
     challenge: object
     attack_settings: object  # the config's PGD (common.attacks.pgd.AttackSettings)
@@ -115,8 +117,8 @@ class Reproduction:
     out_dir: str
     checkpoint: str
     landscape_restarts: int
-    images: np.ndarray = None  # the first num_eval_examples test images, and their labels
-    labels: np.ndarray = None
+    images: np.ndarray  # the first num_eval_examples test images, and their labels
+    labels: np.ndarray
     source: object = None  # the transfer's source model
     source_model_dir: str = None
     source_checkpoint: str = None
@@ -154,7 +156,7 @@ class Reproduction:
         return dataclasses.replace(self.attack_settings, loss="xent", random_start=True)
 
 
-def accuracy_under_attack(ledger, key, attack, score, x, y, batch_size):
+def accuracy_under_attack(ledger, key, *, attack, score, x, y, batch_size):
     """Stores the accuracy on `x, y` under `attack` (None: natural), batch by batch as
     pgd_attack.py attacks them; the state file gains the count after every batch."""
     bounds = batch_bounds(len(x), batch_size)
@@ -180,25 +182,26 @@ def accuracy_under_attack(ledger, key, attack, score, x, y, batch_size):
                         "seconds": progress["seconds"]})
 
 
-def _row_job(run, key, row, settings, attacked_model):
+def _row_job(run, key, row, *, settings, attacked_model):
     """The accuracy of run.model under `row` crafted on `attacked_model`, at `settings`."""
     score = robustness.scoring_function(run.model, run.strategy)
 
     def compute(ledger):
         attack = None if settings is None else run.attack(attacked_model, settings, row.restarts)
-        accuracy_under_attack(ledger, key, attack, score, run.images, run.labels,
-                              run.batch_size)
+        accuracy_under_attack(ledger, key, attack=attack, score=score, x=run.images,
+                              y=run.labels, batch_size=run.batch_size)
 
     return Job(key, row.gradients * len(run.labels), compute)
 
 
 def table_jobs(run):
-    return [_row_job(run, row.name, row, run.row_settings(row), run.model)
+    return [_row_job(run, row.name, row, settings=run.row_settings(row), attacked_model=run.model)
             for row in run.paper.table]
 
 
 def transfer_jobs(run):
-    return [_row_job(run, row.name, row, run.row_settings(row), run.source)
+    return [_row_job(run, row.name, row, settings=run.row_settings(row),
+                     attacked_model=run.source)
             for row in run.paper.transfer[run.source_name]]
 
 
@@ -207,8 +210,8 @@ def sweep_jobs(run):
     for epsilon in run.paper.epsilon_grid:
         for row in (Row("FGSM"), Row("PGD", run.paper.sweep_steps)):
             settings = run.row_settings(row, epsilon, run.paper.sweep_step_size(epsilon))
-            jobs.append(_row_job(run, f"{row.method} epsilon={epsilon:g}", row, settings,
-                                 run.model))
+            jobs.append(_row_job(run, f"{row.method} epsilon={epsilon:g}", row,
+                                 settings=settings, attacked_model=run.model))
     return jobs
 
 
@@ -227,7 +230,7 @@ def _trace_job(run, index, trace):
     return Job(f"trace {index}", TRACE_RESTARTS * settings.steps, compute)
 
 
-def _histogram_job(run, index, attack, score):
+def _histogram_job(run, index, *, attack, score):
     """Figure 2: the cross-entropy at the end of PGD from many random starts."""
     settings = run.landscape_settings()
 
@@ -257,7 +260,7 @@ def landscape_jobs(run):
     score = robustness.scoring_function(run.model, run.strategy)
     examples = range(min(LANDSCAPE_EXAMPLES, len(run.labels)))
     return [_trace_job(run, index, trace) for index in examples] + \
-        [_histogram_job(run, index, attack, score) for index in examples]
+        [_histogram_job(run, index, attack=attack, score=score) for index in examples]
 
 
 JOBS = {"table": table_jobs, "transfer": transfer_jobs, "eps_sweep": sweep_jobs,
@@ -323,7 +326,7 @@ def _header(run, artifact, results):
             "seconds": sum(result.get("seconds", 0.0) for result in results.values())}
 
 
-def _write(run, name, report, markdown):
+def _write(run, name, *, report, markdown):
     """Writes name.json and name.md into the output folder; returns their paths."""
     json_path = os.path.join(run.out_dir, f"{name}.json")
     markdown_path = os.path.join(run.out_dir, f"{name}.md")
@@ -345,7 +348,7 @@ def _intro(run, title, report):
             f"{report['versions']['tensorflow']}.\n\n")
 
 
-def _rows_report(run, artifact, rows, results, source):
+def _rows_report(run, artifact, *, rows, results, source):
     report = _header(run, artifact, results)
     report["rows"] = []
     for row in rows:
@@ -358,7 +361,7 @@ def _rows_report(run, artifact, rows, results, source):
     return report
 
 
-def _rows_markdown(run, title, report, rows, column):
+def _rows_markdown(run, title, *, report, rows, column):
     lines = [f"| attack | source | settings | accuracy | {column} |",
              "| --- | --- | --- | ---: | ---: |"]
     for entry, row in zip(report["rows"], rows):
@@ -370,20 +373,22 @@ def _rows_markdown(run, title, report, rows, column):
 
 def write_table(run, results):
     rows = run.paper.table
-    report = _rows_report(run, "table", rows, results, "A (white-box)")
+    report = _rows_report(run, "table", rows=rows, results=results, source="A (white-box)")
     title = f"{run.paper.table_name}: white-box attacks"
     column = f"paper ({run.paper.table_name}, model A)"
-    return _write(run, "table", report, _rows_markdown(run, title, report, rows, column))
+    return _write(run, "table", report=report,
+                  markdown=_rows_markdown(run, title, report=report, rows=rows, column=column))
 
 
 def write_transfer(run, results):
     rows = run.paper.transfer[run.source_name]
-    report = _rows_report(run, "transfer", rows, results,
-                          f"{run.source_name} ({run.source_model_dir})")
+    report = _rows_report(run, "transfer", rows=rows, results=results,
+                          source=f"{run.source_name} ({run.source_model_dir})")
     report["source_checkpoint"] = run.source_checkpoint
     title = f"{run.paper.table_name}: black-box attacks crafted on {run.source_name}"
     column = f"paper ({run.paper.table_name}, source {run.source_name})"
-    return _write(run, "transfer", report, _rows_markdown(run, title, report, rows, column))
+    return _write(run, "transfer", report=report,
+                  markdown=_rows_markdown(run, title, report=report, rows=rows, column=column))
 
 
 def write_eps_sweep(run, results):
@@ -396,7 +401,7 @@ def write_eps_sweep(run, results):
                                  for epsilon in epsilons] for method in ("FGSM", "PGD")}
     png = os.path.join(run.out_dir, "eps_sweep.png")
     report["figures"] = {"eps_sweep.png": figures.accuracy_against_epsilon(
-        epsilons, report["curves"], run.challenge.name, png)}
+        epsilons, report["curves"], challenge_name=run.challenge.name, path=png)}
     lines = ["| epsilon | FGSM | PGD |", "| ---: | ---: | ---: |"]
     lines += [f"| {epsilon:g} | {100 * fgsm:.2f}% | {100 * pgd_accuracy:.2f}% |"
               for epsilon, fgsm, pgd_accuracy in zip(epsilons, *report["curves"].values())]
@@ -404,7 +409,7 @@ def write_eps_sweep(run, results):
                 f"FGSM: one step of epsilon. PGD: {run.paper.sweep_steps} steps of 2.5 epsilon / "
                 f"{run.paper.sweep_steps}, from a random start.\n\n" + "\n".join(lines) +
                 "\n\n![accuracy against epsilon](eps_sweep.png)\n")
-    return _write(run, "eps_sweep", report, markdown) + [png]
+    return _write(run, "eps_sweep", report=report, markdown=markdown) + [png]
 
 
 def write_loss_landscape(run, results):
@@ -432,7 +437,8 @@ def write_loss_landscape(run, results):
                 "cross-entropy, each from a uniformly random start in the epsilon ball.\n\n" +
                 "\n".join(lines) + "\n\n![loss over the PGD steps](loss_landscape.png)\n\n"
                 "![final loss over many random starts](loss_histogram.png)\n")
-    return _write(run, "loss_landscape", report, markdown) + [trace_png, histogram_png]
+    return _write(run, "loss_landscape", report=report, markdown=markdown) + [trace_png,
+                                                                             histogram_png]
 
 
 def write_filters(run, results):
@@ -453,7 +459,8 @@ def write_filters(run, results):
                 f"{kernel.shape[1]}), weights from {kernel.min():.3f} to {kernel.max():.3f}.\n\n"
                 "![first-layer filters](filters.png)\n\n"
                 "![first-layer weights](filters_histogram.png)\n")
-    return _write(run, "filters", report, markdown) + [filters_png, histogram_png]
+    return _write(run, "filters", report=report, markdown=markdown) + [filters_png,
+                                                                      histogram_png]
 
 
 WRITERS = {"table": write_table, "transfer": write_transfer, "eps_sweep": write_eps_sweep,

@@ -19,10 +19,10 @@ MIN_CHANNELS_FOR_CONVOLUTION_GRADIENT = 8
 
 
 def depthwise_gradient_wins(features=None):
-    """The rule for layers with few input channels: the depthwise form where the CPU has AVX-512
-    (3.2 times as fast as Conv2DBackpropInput on an AVX-512 EPYC), TensorFlow's own kernel
-    elsewhere (1.8 times as fast as the depthwise form on an AVX2 EPYC). `python
-    benchmarks/layers.py` measures both on any CPU."""
+    """The rule for layers with few input channels: the depthwise form where the CPU has AVX-512,
+    where it beat Conv2DBackpropInput, TensorFlow's own kernel elsewhere, where it beat the
+    depthwise form (figures in benchmarks/README.md). `python benchmarks/layers.py` measures
+    both on any CPU."""
     return "avx512f" in (devices.cpu_features() if features is None else features)
 
 
@@ -91,9 +91,8 @@ class Conv2D(keras.layers.Conv2D):
     the convolution of the output gradient with the flipped, channel-swapped kernel. On CPU that
     convolution beat Conv2DBackpropInput from 8 input channels up. Below, it has only a few
     output channels and ran no faster; there, on CPUs with AVX-512, a depthwise convolution of
-    the output gradient summed over its channels ran 3 times as fast as Conv2DBackpropInput (the
-    MNIST network's first layer: 3.3 against 10.5 ms at batch 200 on an AVX-512 EPYC), while on
-    AVX2 it ran slower (20.2 against 11.4 ms; `depthwise_gradient_wins`). Other settings keep
+    the output gradient summed over its channels beat Conv2DBackpropInput, while on AVX2 it lost
+    (`depthwise_gradient_wins`; the figures are in benchmarks/README.md). Other settings keep
     Keras' own path.
     """
 

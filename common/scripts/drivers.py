@@ -364,15 +364,20 @@ def reproduce(challenge):
             files.check_writable_folder(out_dir, "--out_dir")
         strategy = devices.local_strategy()
         model = restored_model(challenge, config, strategy, _no_model(config))
-        run = reproduce_lib.Reproduction(
-            challenge, challenge.attack_settings(config), config["eval_batch_size"],
-            challenge.data_seed(config), config["jit_compile"], config["model_dir"], model,
-            strategy, out_dir, checkpoints.latest_checkpoint(config["model_dir"]),
-            FLAGS.restarts)
+        source, source_checkpoint = None, None
         if "transfer" in names:
-            _add_source(run, challenge, config, strategy)
+            source, source_checkpoint = _source(challenge, config, strategy)
         files.check_writable_folder(out_dir, "--out_dir")  # made once the models are found
-        run.images, run.labels = _first_test_images(challenge, config)
+        images, labels = _first_test_images(challenge, config)
+        run = reproduce_lib.Reproduction(
+            challenge=challenge, attack_settings=challenge.attack_settings(config),
+            batch_size=config["eval_batch_size"], seed=challenge.data_seed(config),
+            jit_compile=config["jit_compile"], model_dir=config["model_dir"], model=model,
+            strategy=strategy, out_dir=out_dir,
+            checkpoint=checkpoints.latest_checkpoint(config["model_dir"]),
+            landscape_restarts=FLAGS.restarts, images=images, labels=labels, source=source,
+            source_model_dir=FLAGS.source_model_dir, source_checkpoint=source_checkpoint,
+            source_name=FLAGS.source_name)
         reproduce_lib.reproduce(run, names)
 
     cli.run(main, challenge.config_path)
@@ -383,15 +388,13 @@ def _first_test_images(challenge, config):
     return images[:config["num_eval_examples"]], labels[:config["num_eval_examples"]]
 
 
-def _add_source(run, challenge, config, strategy):
-    """The transfer's source model, from --source_model_dir."""
+def _source(challenge, config, strategy):
+    """The transfer's source model, from --source_model_dir, and its checkpoint."""
     folder = FLAGS.source_model_dir
-    run.source = _model(challenge, config, strategy)
+    source = _model(challenge, config, strategy)
     try:
-        checkpoints.require_latest_weights(run.source, folder, challenge.tf1_variables,
+        checkpoints.require_latest_weights(source, folder, challenge.tf1_variables,
                                            f"No model found in {folder}")
     except errors.UserError as error:
         raise errors.UserError(f"--source_model_dir: {error}") from error
-    run.source_model_dir = folder
-    run.source_checkpoint = checkpoints.latest_checkpoint(folder)
-    run.source_name = FLAGS.source_name
+    return source, checkpoints.latest_checkpoint(folder)

@@ -63,7 +63,7 @@ def iso_time(seconds):
     """Seconds since the epoch as ISO 8601 in UTC, or None."""
     if seconds is None:
         return None
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 

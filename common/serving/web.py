@@ -174,7 +174,7 @@ class Service:
             return await asyncio.wait_for(uploads.receive(request, self.spool_dir, self.rules,
                                                           on_field, before_file),
                                           UPLOAD_SECONDS)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise uploads.Refused(408, f"the upload took longer than {UPLOAD_SECONDS} s",
                                   close=True) from None
 
@@ -275,7 +275,7 @@ class Service:
         client trickling bytes holds no connection open); whether it all came."""
         try:
             return await asyncio.wait_for(self._read_rest(request), DRAIN_SECONDS)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def _read_rest(self, request):

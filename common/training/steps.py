@@ -195,8 +195,8 @@ def kl_divergence(logits_p, logits_q):
 
 
 # The starts: on the host from a numpy generator (the loop), in the graph from a stateless seed
-# (fit); each method's start is one function of threat_model's host or graph draws where it draws
-# its own, as Ball.sample is.
+# (fit). The ball's start is the threat model's; TRADES' is one function of threat_model's host
+# or graph draws, as Ball.sample is.
 
 def _float64(x_nat):
     """The batch as the float64 iterate holds it: its float32 values."""

@@ -61,8 +61,8 @@ def measure(name, filters, batch_size, repeats, rng, peak_gflops):
                      pixel_range=CIFAR10.pixel_range, seed=0)
     strategy = tf.distribute.get_strategy()
     loss = xent_with_weight_decay(2e-4, batch_size, 1, cifar_model.decayed_kernels)
-    train_step = loop.TrainStep(strategy, model, TF1Momentum(0.1, 0.9), attack.settings, loss,
-                                attack_training=True)
+    train_step = loop.TrainStep(strategy, model, TF1Momentum(0.1, 0.9), settings=attack.settings,
+                                loss_fn=loss, attack_training=True)
     start = pgd.start_point(x, attack.settings, rng)
     attack_seconds = best_seconds(lambda: attack.perturb(x, y), repeats)
     training_seconds = best_seconds(timed_training_step(train_step, x, y, start), repeats)

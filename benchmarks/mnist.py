@@ -54,7 +54,8 @@ def main():
     attack = pgd.PGD(model, epsilon=EPSILON, steps=steps, step_size=STEP_SIZE, seed=0)
     strategy = tf.distribute.get_strategy()
     optimizer = keras.optimizers.Adam(learning_rate=1e-4, epsilon=1e-8)
-    train_step = loop.TrainStep(strategy, model, optimizer, attack.settings, summed_xent)
+    train_step = loop.TrainStep(strategy, model, optimizer, settings=attack.settings,
+                                loss_fn=summed_xent)
     start = pgd.start_point(x[:training_batch], attack.settings, rng)
 
     peak_before = peak.flagged_peak_gflops()

@@ -43,27 +43,25 @@ def training_steps(batch_size):
     import tensorflow as tf
 
     from common.attacks import pgd
-    from common.training import loop
+    from common.training import loop, steps
     from common.training.objectives import summed_xent
     from mnist_challenge import model as mnist_model
 
     strategy = tf.distribute.get_strategy()
     settings = pgd.AttackSettings(epsilon=EPSILON, steps=PGD_STEPS.value, step_size=PGD_STEP_SIZE,
                                   random_start=True)
-    steps = {}
+    by_method = {}
     for method in METHODS:
         model = mnist_model.Model()
         optimizer = keras.optimizers.Adam(learning_rate=1e-4, epsilon=1e-8)
-        if method == "free":
-            steps[method] = (loop.FreeTrainStep(strategy, model, optimizer, settings,
-                                                summed_xent, replays=REPLAYS.value,
-                                                batch_size=batch_size), 0)
-        else:
-            attack = settings if method == "pgd" else pgd.AttackSettings(
-                epsilon=EPSILON, steps=1, step_size=FGSM_STEP_SIZE, random_start=True)
-            steps[method] = (loop.TrainStep(strategy, model, optimizer, attack,
-                                            summed_xent), attack.steps)
-    return steps
+        attack = steps.training_settings(settings, method, fgsm_step_size=FGSM_STEP_SIZE)
+        step = loop.build_train_step(strategy, model, optimizer, method=method, settings=attack,
+                                     loss_fn=summed_xent, replays=REPLAYS.value,
+                                     batch_size=batch_size)
+        # A carried perturbation moves in the update's own backward pass: no attack steps.
+        attack_steps = 0 if steps.training_method(method).carries else attack.steps
+        by_method[method] = (step, attack_steps)
+    return by_method
 
 
 def main():

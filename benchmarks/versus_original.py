@@ -98,8 +98,8 @@ def _mnist_port(workload, x, y):
     from common.training.objectives import summed_xent
 
     optimizer = keras.optimizers.Adam(learning_rate=1e-4, epsilon=1e-8)
-    step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer, attack.settings,
-                          summed_xent)
+    step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer,
+                          settings=attack.settings, loss_fn=summed_xent)
     rng = np.random.default_rng(0)
 
     def train():

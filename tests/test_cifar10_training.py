@@ -94,7 +94,7 @@ def one_step(strategy, batch, initial_weights):
         optimizer = TF1Momentum(0.1, momentum=0.9)
     attack = pgd.LinfPGDAttack(model, 8.0, 2, 2.0, True, "xent", pixel_range=(0.0, 255.0))
     loss = original_loss(2e-4, len(batch[0]), strategy.num_replicas_in_sync)
-    step = loop.TrainStep(strategy, model, optimizer, attack.settings, loss,
+    step = loop.TrainStep(strategy, model, optimizer, settings=attack.settings, loss_fn=loss,
                               attack_training=False)
     metrics, _ = step(*batch, report=True)
     return model.get_weights(), {name: value.numpy() for name, value in metrics.items()}
@@ -110,7 +110,7 @@ def test_two_replicas_take_the_same_step_as_one_device(cifar_data, two_replicas)
     x, y = cifar10_input.training_batch(cifar, 0, 16, seed=4)
     settings = pgd.AttackSettings(epsilon=8.0, steps=2, step_size=2.0, random_start=True,
                                   loss="xent", pixel_range=(0.0, 255.0))
-    batch = (x, y, loop.training_start(x, settings, 4, 0))
+    batch = (x, y, loop.training_start(x, settings, seed=4, step=0))
     keras.utils.set_random_seed(5)
     initial = cifar_model.Model("eval", cifar_model.SIMPLE_FILTERS).get_weights()
     weights_two, metrics_two = one_step(two_replicas, batch, initial)

@@ -14,7 +14,7 @@ from test_mnist_training import summaries
 
 from common.attacks import pgd
 from common.runtime import seeds
-from common.training import loop, schedules
+from common.training import loop, schedules, steps
 from common.training.objectives import summed_xent
 from mnist_challenge import mnist_input
 from mnist_challenge import model as mnist_model
@@ -70,8 +70,8 @@ def test_fgsm_rs_is_one_pgd_step_of_its_size_from_a_random_start(batch, initial_
                                           random_start=True, loss="xent", pixel_range=(0.0, 1.0))
     x, y = batch
     model, optimizer = model_and_adam(initial_weights)
-    step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer, settings,
-                          summed_xent)
+    step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer, settings=settings,
+                          loss_fn=summed_xent)
     step(x, y, step.start_points(x, 5, 7), report=False, step=7)
 
     reference, reference_optimizer = model_and_adam(initial_weights)
@@ -106,8 +106,8 @@ def test_free_replays_equal_a_hand_written_loop(batch, initial_weights):
     x, y = batch
     settings = pgd.AttackSettings(epsilon=EPSILON, steps=40, step_size=0.01, random_start=True)
     model, optimizer = model_and_adam(initial_weights)
-    step = loop.FreeTrainStep(tf.distribute.get_strategy(), model, optimizer, settings,
-                              summed_xent, replays=3, batch_size=BATCH)
+    step = loop.FreeTrainStep(tf.distribute.get_strategy(), model, optimizer, settings=settings,
+                              loss_fn=summed_xent, replays=3, batch_size=BATCH)
     assert step.start_points(x, 0, 0).shape == (0, 784)
     for replay in range(3):
         step(x, y, step.start_points(x, 0, replay), report=False, step=replay)
@@ -150,8 +150,9 @@ def test_the_optimizer_follows_the_cyclic_schedule(batch, initial_weights):
         optimizer = keras.optimizers.Adam(
             learning_rate=schedules.PiecewiseLinear([[0, 0.0], [2, 1e-3], [4, 0.0]]))
     step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer,
-                              pgd.AttackSettings(epsilon=EPSILON, steps=1, step_size=0.375,
-                                                 random_start=True), summed_xent)
+                          settings=pgd.AttackSettings(epsilon=EPSILON, steps=1, step_size=0.375,
+                                                      random_start=True),
+                          loss_fn=summed_xent)
     step(x, y, step.start_points(x, 0, 0), report=False)
     for ours, before in zip(model.get_weights(), initial_weights):
         np.testing.assert_array_equal(ours, before)  # the rate of step 0 is 0
@@ -163,8 +164,8 @@ def test_the_epsilon_ramp_scales_starts_and_steps(batch, initial_weights):
     x, y = batch
     model, optimizer = model_and_adam(initial_weights)
     settings = pgd.AttackSettings(epsilon=EPSILON, steps=2, step_size=0.1, random_start=True)
-    step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer, settings,
-                          summed_xent, epsilon_ramp_steps=10)
+    step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer, settings=settings,
+                          loss_fn=summed_xent, epsilon_ramp_steps=10)
     assert [step.epsilon_scale(s) for s in (0, 5, 10, 50)] == [0.0, 0.5, 1.0, 1.0]
     start = step.start_points(x, 0, 5)
     assert np.abs(start - x).max() <= EPSILON / 2 + 1e-7
@@ -176,15 +177,12 @@ def test_the_epsilon_ramp_scales_starts_and_steps(batch, initial_weights):
 
 def one_step(method, strategy, batch, initial_weights):
     model, optimizer = model_and_adam(initial_weights, strategy)
-    settings = pgd.AttackSettings(epsilon=EPSILON, steps=3, step_size=0.1, random_start=True)
-    if method == "free":
-        step = loop.FreeTrainStep(strategy, model, optimizer, settings, summed_xent,
-                                  replays=2, batch_size=BATCH)
-    else:
-        if method == "fgsm_rs":
-            settings = pgd.AttackSettings(epsilon=EPSILON, steps=1, step_size=0.375,
-                                          random_start=True)
-        step = loop.TrainStep(strategy, model, optimizer, settings, summed_xent)
+    settings = steps.training_settings(
+        pgd.AttackSettings(epsilon=EPSILON, steps=3, step_size=0.1, random_start=True), method,
+        fgsm_step_size=0.375)
+    step = loop.build_train_step(strategy, model, optimizer, method=method, settings=settings,
+                                 loss_fn=summed_xent, replays=2, batch_size=BATCH)
+    assert step.replays == (2 if method == "free" else 1)
     x, y = batch
     for index in range(step.replays):  # free: the second replay starts from the carried one
         metrics, _ = step(x, y, step.start_points(x, 1, index), report=True, step=index)
@@ -214,10 +212,10 @@ GUARDED = ("--epsilon=0.05", "--training_method=fgsm_rs", "--fgsm_step_size=0.06
            "--step_size_schedule=[[0,0.001],[30,0.5]]")
 
 
-def guarded_run(model_dir, mnist_data, steps):
+def guarded_run(model_dir, mnist_data, max_steps):
     result = run_script("mnist_challenge/train.py", f"--model_dir={model_dir}",
                         f"--data_path={mnist_data}", *GUARDED,
-                        f"--max_num_training_steps={steps}")
+                        f"--max_num_training_steps={max_steps}")
     assert result.returncode == 0, result.stderr
     return result.stdout
 

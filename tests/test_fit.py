@@ -48,7 +48,7 @@ def test_a_fit_step_equals_the_challenge_loop_step(method):
     theirs = small_model()
     settings = steps.training_settings(attack.settings, method)
     step = loop.TrainStep(tf.distribute.get_strategy(), theirs, keras.optimizers.SGD(0.5),
-                          settings, mean_xent)
+                          settings=settings, loss_fn=mean_xent)
     step(x, y, adversarial.start_points(x, 0).numpy(), report=False)
     for mine, other in zip(adversarial.model.get_weights(), theirs.get_weights()):
         np.testing.assert_allclose(mine, other, atol=1e-6)
@@ -63,7 +63,8 @@ def test_a_free_fit_step_equals_the_challenge_loops_replays():
 
     theirs = small_model()
     step = loop.FreeTrainStep(tf.distribute.get_strategy(), theirs, keras.optimizers.SGD(0.5),
-                              attack.settings, mean_xent, replays=3, batch_size=32)
+                              settings=attack.settings, loss_fn=mean_xent, replays=3,
+                              batch_size=32)
     for _ in range(3):
         step(x, y, report=False)
     for mine, other in zip(adversarial.model.get_weights(), theirs.get_weights()):
@@ -144,6 +145,11 @@ def test_backup_and_restore_resumes_a_killed_run_to_the_same_end(tmp_path):
     resumed = run([keras.callbacks.BackupAndRestore(backup)])
     for mine, other in zip(resumed, whole):
         np.testing.assert_allclose(mine, other, atol=1e-6)
+
+
+def test_the_guard_callback_refuses_a_bad_max_drop_when_made():
+    with pytest.raises(ValueError, match="Received: max_drop=1.5"):
+        fit.OverfittingGuardCallback(data(8), PGD(small_model(), epsilon=EPSILON), max_drop=1.5)
 
 
 def test_bad_methods_and_a_free_run_without_its_batch_size_are_refused():

@@ -49,6 +49,15 @@ def test_a_weights_only_checkpoint_loads_into_the_users_model(tmp_path):
         np.testing.assert_array_equal(restored, expected)
 
 
+def test_a_full_save_with_a_callable_loss_is_refused_before_its_file_is_written(tmp_path):
+    model = small_model()
+    attack = PGD(model, epsilon=EPSILON, loss=lambda logits, labels: -logits[:, 0])
+    path = tmp_path / "model.keras"
+    with pytest.raises(TypeError, match="Received: loss=") as error:
+        fit.AdversarialModel(model, attack).save(str(path))
+    assert "\n" not in str(error.value) and not path.exists()
+
+
 def test_early_stopping_puts_back_the_best_epochs_weights():
     history = []
 

@@ -101,7 +101,8 @@ def one_step(strategy, batch, initial_weights):
         model.set_weights(initial_weights)
         optimizer = keras.optimizers.Adam(learning_rate=1e-4, epsilon=1e-8)
     attack = pgd.LinfPGDAttack(model, 0.3, 10, 0.01, True, "xent")
-    step = loop.TrainStep(strategy, model, optimizer, attack.settings, summed_xent)
+    step = loop.TrainStep(strategy, model, optimizer, settings=attack.settings,
+                          loss_fn=summed_xent)
     metrics, _ = step(*batch, report=True)
     return model.get_weights(), {name: value.numpy() for name, value in metrics.items()}
 
@@ -112,8 +113,9 @@ def test_two_replicas_take_the_same_step_as_one_device(mnist_data, two_replicas)
     indices = mnist_input.batch_indices(0, 50, len(mnist.train_labels), seed=1)
     batch = (mnist.train_images[indices], mnist.train_labels[indices],
              loop.training_start(mnist.train_images[indices],
-                                     pgd.AttackSettings(epsilon=0.3, steps=10, step_size=0.01,
-                                                        random_start=True), 1, 0))
+                                 pgd.AttackSettings(epsilon=0.3, steps=10, step_size=0.01,
+                                                    random_start=True),
+                                 seed=1, step=0))
     keras.utils.set_random_seed(3)
     initial = mnist_model.Model().get_weights()
     assert two_replicas.num_replicas_in_sync == 2
@@ -135,7 +137,8 @@ def test_an_uneven_split_is_refused(two_replicas):
         model = mnist_model.Model()
         optimizer = keras.optimizers.Adam()
     step = loop.TrainStep(two, model, optimizer,
-                              pgd.AttackSettings(epsilon=0.3, steps=1, step_size=0.01,
-                                                 random_start=True), summed_xent)
+                          settings=pgd.AttackSettings(epsilon=0.3, steps=1, step_size=0.01,
+                                                      random_start=True),
+                          loss_fn=summed_xent)
     with pytest.raises(UserError, match="training_batch_size 5 does not split over 2 replicas"):
         step(np.zeros((5, 784), np.float32), np.zeros(5, np.int64), np.zeros((5, 784)))

@@ -83,8 +83,8 @@ def test_float16_training_scales_its_loss(policy, mnist_data):
     optimizer = precision.training_optimizer(keras.optimizers.Adam(1e-4, epsilon=1e-8))
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     attack = pgd.LinfPGDAttack(model, 0.3, 3, 0.1, True, "xent")
-    step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer, attack.settings,
-                              summed_xent)
+    step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer,
+                          settings=attack.settings, loss_fn=summed_xent)
     before = model.get_layer("fc1").kernel.numpy()
     initial_scale = float(optimizer.dynamic_scale.numpy())
     x, y = data.train_images[:50], data.train_labels[:50]
@@ -105,9 +105,9 @@ def test_mixed_precision_free_training_keeps_a_finite_perturbation(mode, policy,
     model = mnist_model.Model()
     optimizer = precision.training_optimizer(keras.optimizers.Adam(1e-3, epsilon=1e-8))
     step = loop.FreeTrainStep(tf.distribute.get_strategy(), model, optimizer,
-                                  pgd.AttackSettings(epsilon=0.3, steps=1, step_size=0.1,
-                                                     random_start=True), summed_xent,
-                              replays=4, batch_size=50)
+                              settings=pgd.AttackSettings(epsilon=0.3, steps=1, step_size=0.1,
+                                                          random_start=True),
+                              loss_fn=summed_xent, replays=4, batch_size=50)
     x, y = data.train_images[:50], data.train_labels[:50]
     for replay in range(8):
         metrics, x_adv = step(x, y, report=True, step=replay)
@@ -143,8 +143,9 @@ def test_xla_training_step_gives_the_same_weights(mnist_data):
         model.set_weights(initial)
         attack = pgd.LinfPGDAttack(model, 0.3, 3, 0.1, True, "xent")
         step = loop.TrainStep(tf.distribute.get_strategy(), model,
-                                  keras.optimizers.Adam(LEARNING_RATE, epsilon=1e-8),
-                                  attack.settings, summed_xent, jit_compile=jit_compile)
+                              keras.optimizers.Adam(LEARNING_RATE, epsilon=1e-8),
+                              settings=attack.settings, loss_fn=summed_xent,
+                              jit_compile=jit_compile)
         step(x, y, start, report=False)
         weights.append(model.get_weights())
     equal = total = 0
@@ -167,9 +168,9 @@ def test_new_batch_sizes_and_checkpoints_reuse_the_traced_functions(mnist_data, 
     scoring = robustness.scoring_function(model, attack.strategy)
     assert scoring.tracing_count() == 1
     optimizer = keras.optimizers.Adam(1e-4, epsilon=1e-8)
-    step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer, attack.settings,
-                              summed_xent)
+    step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer,
+                          settings=attack.settings, loss_fn=summed_xent)
     for report in (True, False, True, False):
         step(data.train_images[:10], data.train_labels[:10],
-             data.train_images[:10].astype(np.float64), report)
+             data.train_images[:10].astype(np.float64), report=report)
     assert step._step.experimental_get_tracing_count() == 2

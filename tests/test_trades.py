@@ -83,7 +83,8 @@ def test_the_loops_trades_step_equals_fits():
 
     theirs = small_model()
     step = loop.TrainStep(tf.distribute.get_strategy(), theirs, keras.optimizers.SGD(0.5),
-                          adversarial.settings, objectives.Xent(divisor=32), method="trades")
+                          settings=adversarial.settings, loss_fn=objectives.Xent(divisor=32),
+                          method="trades")
     step(x, y, adversarial.start_points(x, 0).numpy(), report=False)
     for mine, other in zip(model.get_weights(), theirs.get_weights()):
         np.testing.assert_allclose(mine, other, atol=1e-6)
@@ -93,19 +94,21 @@ def test_the_loops_trades_step_equals_fits():
 def test_the_loop_draws_trades_starts_near_the_batch():
     x, y = data()
     settings = PGD(small_model(), epsilon=EPSILON, steps=1).settings
-    start = loop.training_start(x, settings, 1, 2, method="trades")
+    start = loop.training_start(x, settings, seed=1, step=2, method="trades")
     noise = start - x
     assert start.dtype == np.float64
     assert abs(noise.std() - steps.TRADES_NOISE) < 0.1 * steps.TRADES_NOISE
-    np.testing.assert_array_equal(start, loop.training_start(x, settings, 1, 2, method="trades"))
+    np.testing.assert_array_equal(start, loop.training_start(x, settings, seed=1, step=2,
+                                                             method="trades"))
 
 
 def test_trades_needs_an_objective_that_reduces():
     model = small_model()
     settings = PGD(model, epsilon=EPSILON, steps=1).settings
     with pytest.raises(TypeError, match="Received: loss_fn="):
-        loop.TrainStep(tf.distribute.get_strategy(), model, keras.optimizers.SGD(0.1), settings,
-                       lambda labels, logits, model: 0.0, method="trades")
+        loop.TrainStep(tf.distribute.get_strategy(), model, keras.optimizers.SGD(0.1),
+                       settings=settings, loss_fn=lambda labels, logits, model: 0.0,
+                       method="trades")
     with pytest.raises(ValueError, match="Received: beta=-1"):
         fit.AdversarialModel(model, PGD(model, epsilon=EPSILON), method="trades", beta=-1)
 
@@ -137,13 +140,13 @@ def test_a_short_trades_run_on_mnist_is_more_robust_than_natural_training(mnist_
 def test_two_replicas_take_the_loops_trades_step_of_one_device(two_replicas):
     x, y = data()
     settings = PGD(small_model(), epsilon=EPSILON, steps=2, step_size=0.05).settings
-    start = loop.training_start(x, settings, 0, 0, method="trades")
+    start = loop.training_start(x, settings, seed=0, step=0, method="trades")
     weights = []
     for strategy in (two_replicas, tf.distribute.OneDeviceStrategy("/cpu:0")):
         with strategy.scope():
             model, optimizer = small_model(), keras.optimizers.SGD(0.5)
-        step = loop.TrainStep(strategy, model, optimizer, settings,
-                              objectives.Xent(divisor=32), method="trades")
+        step = loop.TrainStep(strategy, model, optimizer, settings=settings,
+                              loss_fn=objectives.Xent(divisor=32), method="trades")
         step(x, y, start, report=False)
         weights.append(model.get_weights())
     for mine, other in zip(*weights):

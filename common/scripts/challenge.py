@@ -83,17 +83,12 @@ class Challenge:
                               loss=config["loss_func"], pixel_range=self.pixel_range)
 
     def training_attack_settings(self, config):
-        """The attack that training_method trains on: the config's PGD, or its steps and step
-        size from `training_attack` (for pgd and trades); one step of fgsm_step_size from a
-        random start; for free training, the config's epsilon ball."""
-        settings = self.attack_settings(config)
-        method = config["training_method"]
-        if method == "fgsm_rs":
-            return steps.training_settings(settings, method, config["fgsm_step_size"])
-        if method in ("pgd", "trades") and config["training_attack"]:
-            attack_steps, step_size = config["training_attack"]
-            return dataclasses.replace(settings, steps=attack_steps, step_size=float(step_size))
-        return settings
+        """The attack that training_method trains on (steps.training_settings): the config's
+        PGD, or its steps and step size from `training_attack` (for pgd and trades); one step of
+        fgsm_step_size from a random start; for free training, the config's epsilon ball."""
+        return steps.training_settings(self.attack_settings(config), config["training_method"],
+                                       fgsm_step_size=config["fgsm_step_size"],
+                                       attack_steps=config["training_attack"])
 
     def weights_seed(self, config):
         return config[self.seed_keys[0]]

@@ -69,30 +69,24 @@ def train(challenge):
             guard = overfitting.OverfittingGuard(strategy, model, challenge.held_out(data),
                                                  settings=challenge.attack_settings(config),
                                                  seed=seed)
-        train_step = _train_step(challenge, config, strategy, model, optimizer)
+        train_step = _train_step(challenge, config, strategy, model=model, optimizer=optimizer)
         loop.train(loop.LoopSettings.from_config(config), train_step,
-                   batch_for_step=lambda index: challenge.training_batch(data, index,
-                                                                         batch_size, seed),
+                   batch_for_step=lambda index: challenge.training_batch(
+                       data, index, batch_size=batch_size, seed=seed),
                    seed=seed, to_images=challenge.summary_images, guard=guard)
 
     cli.run(main, challenge.config_path)
 
 
-def _train_step(challenge, config, strategy, model, optimizer):
+def _train_step(challenge, config, strategy, *, model, optimizer):
     """The training step of the config's training_method."""
-    settings = challenge.training_attack_settings(config)
-    loss = challenge.loss(config, strategy.num_replicas_in_sync)
-    if config["training_method"] == "free":
-        return loop.FreeTrainStep(strategy, model, optimizer, settings, loss,
-                                  replays=config["replay_m"],
-                                  batch_size=config["training_batch_size"],
-                                  epsilon_ramp_steps=config["epsilon_ramp_steps"],
-                                  jit_compile=config["jit_compile"])
-    return loop.TrainStep(strategy, model, optimizer, settings, loss,
-                          method=config["training_method"], beta=config["trades_beta"],
-                          attack_training=challenge.attack_training(config),
-                          epsilon_ramp_steps=config["epsilon_ramp_steps"],
-                          jit_compile=config["jit_compile"])
+    return loop.build_train_step(
+        strategy, model, optimizer, method=config["training_method"],
+        settings=challenge.training_attack_settings(config),
+        loss_fn=challenge.loss(config, strategy.num_replicas_in_sync),
+        replays=config["replay_m"], batch_size=config["training_batch_size"],
+        beta=config["trades_beta"], attack_training=challenge.attack_training(config),
+        epsilon_ramp_steps=config["epsilon_ramp_steps"], jit_compile=config["jit_compile"])
 
 
 def evaluate(challenge):
@@ -115,9 +109,9 @@ def evaluate(challenge):
             robustness.eval_loop(
                 config["model_dir"],
                 lambda path: checkpoints.load_weights(model, path, challenge.tf1_variables),
-                lambda: robustness.evaluate(model, attack, images, labels,
-                                            config["num_eval_examples"],
-                                            config["eval_batch_size"]),
+                lambda: robustness.evaluate(model, attack, images=images, labels=labels,
+                                            num_examples=config["num_eval_examples"],
+                                            batch_size=config["eval_batch_size"]),
                 once=FLAGS.once)
 
     cli.run(main, challenge.config_path)

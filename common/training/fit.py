@@ -53,14 +53,15 @@ class AdversarialModel(keras.Model):
         super().__init__(**kwargs)
         if not isinstance(attack, PGD):
             raise TypeError(f"attack must be a common.attacks.PGD. Received: attack={attack!r}")
-        if method == "free" and not batch_size:
+        if steps.training_method(method).carries and not batch_size:
             raise ValueError("Free training needs batch_size, the size of fit's batches. "
                              f"Received: batch_size={batch_size}")
         if replays < 1:
             raise ValueError(f"replays must be at least 1. Received: replays={replays}")
         self.model = model
         self.attack = attack
-        settings = steps.training_settings(attack.settings, method, fgsm_step_size)
+        settings = steps.training_settings(attack.settings, method,
+                                           fgsm_step_size=fgsm_step_size)
         self.context = steps.StepContext(model=model, optimizer=None, settings=settings,
                                          method=method, beta=float(beta),
                                          attack_training=attack_training,
@@ -82,13 +83,14 @@ class AdversarialModel(keras.Model):
         return self.context.settings
 
     def get_config(self):
+        """The config of a full save; a callable attack loss cannot be saved in it."""
         settings = self.attack.settings
+        if callable(settings.loss):
+            raise TypeError("A full save needs the attack's loss by name, not a callable; save "
+                            f"the weights only. Received: loss={settings.loss!r}")
         return {**super().get_config(),
                 "model": keras.saving.serialize_keras_object(self.model),
-                "attack": {"epsilon": settings.epsilon, "steps": settings.steps,
-                           "step_size": settings.step_size, "norm": settings.norm,
-                           "random_start": settings.random_start, "loss": settings.loss,
-                           "pixel_range": list(settings.pixel_range)},
+                "attack": dataclasses.asdict(settings),
                 "method": self.method, "beta": self.context.beta,
                 "fgsm_step_size": self.fgsm_step_size, "replays": self.replays,
                 "batch_size": self.batch_size,
@@ -101,6 +103,11 @@ class AdversarialModel(keras.Model):
                                                       custom_objects=custom_objects)
         settings = pgd.AttackSettings(**config.pop("attack"))
         return cls(model, PGD.from_settings(model, settings), **config)
+
+    def save(self, filepath, *args, **kwargs):
+        """Keras' full save, refused before its file is opened where `get_config` fails."""
+        self.get_config()
+        return super().save(filepath, *args, **kwargs)
 
     def call(self, x, training=False):
         return self.model(x, training=training)
@@ -142,22 +149,22 @@ class AdversarialModel(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         context = self._context()
         objective = _CompiledLoss(self, sample_weight)
-        if self.method == "free":
-            return self._free_replays(context, objective, x, y)
+        if steps.training_method(self.method).carries:
+            return self._free_replays(context, x, y, objective=objective)
         x_adv = self._attack(x, y, self.start_points(x, self.optimizer.iterations))
         result = steps.update(context, x, y, x_adv=x_adv, objective=objective)
-        return self._tracked_metrics(result, x_adv, y, sample_weight)
+        return self._tracked_metrics(result, x_adv, y, sample_weight=sample_weight)
 
-    def _free_replays(self, context, objective, x, y):
+    def _free_replays(self, context, x, y, *, objective):
         variable = self._free_perturbation(x)
         size = tf.shape(x)[0]
         for _ in range(self.replays):
             x_adv, result, moved = steps.free_replay(context, x, y, perturbation=variable[:size],
                                                      objective=objective)
             variable.assign(tf.concat([moved, variable[size:]], axis=0))
-        return self._tracked_metrics(result, x_adv, y, objective.sample_weight)
+        return self._tracked_metrics(result, x_adv, y, sample_weight=objective.sample_weight)
 
-    def _tracked_metrics(self, result, x_adv, y, sample_weight):
+    def _tracked_metrics(self, result, x_adv, y, *, sample_weight):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         for metric in self.metrics:
             if metric.name == "loss":  # the loss of the global batch, as Keras' own step
@@ -203,6 +210,7 @@ class OverfittingGuardCallback(keras.callbacks.Callback):
         super().__init__()
         if every < 1:
             raise ValueError(f"every must be at least 1. Received: every={every}")
+        overfitting.check_max_drop(max_drop)
         self.held_out = tuple(np.asarray(array) for array in held_out)
         self.attack = attack
         self.every, self.max_drop, self.seed = every, max_drop, seed

@@ -66,31 +66,41 @@ class LoopSettings:
 
 class TrainStep:
     """One distributed training step on an attacked batch, by a method of
-    common/training/steps.py that draws its start (pgd, fgsm_rs, trades).
+    common/training/steps.py that draws its start (pgd, fgsm_rs, trades); `build_train_step`
+    picks this class or FreeTrainStep by the method.
 
-    `loss_fn(labels, logits, model)` returns what the replica minimises, scaled so that the
-    sum over replicas is the loss of the global batch (for trades, one with `reduce`: see
-    common/training/objectives.py). `settings` (a pgd.AttackSettings) is the training attack;
-    `attack_training` selects the mode the model runs in during it (training mode in the
-    CIFAR-10 original); `beta` is TRADES' weight. `epsilon_ramp_steps` (0: none) lets epsilon,
-    and the step sizes with it, rise linearly from 0 at step 0 to `settings.epsilon` at that
-    step. `jit_compile` compiles the replica step with XLA.
+    Args:
+        strategy: the tf.distribute strategy the step runs under.
+        model: the Keras model trained, returning logits.
+        optimizer: its optimizer, built here in the strategy's scope.
+        settings: the training attack, a pgd.AttackSettings (see steps.training_settings).
+        loss_fn: `loss_fn(labels, logits, model)`, what the replica minimises, scaled so that
+            the sum over replicas is the loss of the global batch; for a method whose loss
+            `reduces` (trades), one with `reduce` (common/training/objectives.py).
+        method: a key of steps.METHODS.
+        beta: TRADES' weight of the KL term.
+        attack_training: the model runs in training mode during the attack (the CIFAR-10
+            original's batch norm).
+        epsilon_ramp_steps: epsilon, and the step sizes with it, rise linearly from 0 at step 0
+            to `settings.epsilon` at this step (0: no ramp).
+        jit_compile: compiles the replica step with XLA.
     """
 
     replays = 1  # steps per batch
 
-    def __init__(self, strategy, model, optimizer, settings, loss_fn, *, method="pgd",
+    def __init__(self, strategy, model, optimizer, *, settings, loss_fn, method="pgd",
                  beta=steps.DEFAULT_BETA, attack_training=False, epsilon_ramp_steps=0,
                  jit_compile=False):
         self.context = steps.StepContext(model=model, optimizer=optimizer, settings=settings,
                                          method=method, beta=beta,
                                          attack_training=attack_training,
                                          unroll=pgd.unrolls(strategy, settings.steps))
-        if steps.METHODS[method].carries is not isinstance(self, FreeTrainStep):
+        rules = steps.training_method(method)
+        if rules.carries is not isinstance(self, FreeTrainStep):
             raise ValueError(f"{type(self).__name__} does not run this method. "
                              f"Received: method={method!r}")
-        if method == "trades" and not hasattr(loss_fn, "reduce"):
-            raise TypeError(f"trades needs an objective with `reduce` (common.training."
+        if rules.reduces and not hasattr(loss_fn, "reduce"):
+            raise TypeError(f"{method} needs an objective with `reduce` (common.training."
                             f"objectives.Xent). Received: loss_fn={loss_fn!r}")
         self.strategy = strategy
         self.model = model
@@ -119,7 +129,8 @@ class TrainStep:
         """The attack's start points (float64) for the batch of `step`."""
         settings = dataclasses.replace(
             self.settings, epsilon=self.settings.epsilon * self.epsilon_scale(step))
-        return training_start(x_batch, settings, seed, step, method=self.context.method)
+        return training_start(x_batch, settings, seed=seed, step=step,
+                              method=self.context.method)
 
     def _replica_step(self, x_nat, labels, x_start, scale, report):
         x_adv = steps.attack(self.context, x_nat, labels, start=x_start, scale=scale)
@@ -136,7 +147,7 @@ class TrainStep:
         return {name: self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
                 for name, value in metrics.items()}
 
-    def __call__(self, x_nat, labels, x_start, report=True, step=0):
+    def __call__(self, x_nat, labels, x_start, *, report=True, step=0):
         """Runs the step on a global batch from its start points (float64, see pgd.start_point);
         returns summed metrics and some adversarial images."""
         batch = (tf.convert_to_tensor(x_nat), tf.convert_to_tensor(labels),
@@ -154,12 +165,20 @@ class FreeTrainStep(TrainStep):
     the next batch; it is part of the checkpoint. The weights' update and the input gradient
     come from the same loss (with CIFAR-10's weight decay, which has no input gradient), as in
     their code.
+
+    Args:
+        strategy, model, optimizer, settings, loss_fn, epsilon_ramp_steps, jit_compile: as
+            TrainStep's (of `settings` only the ball is used).
+        replays: replays of each batch.
+        batch_size: the global batch's size, the perturbation's first dimension.
+        method: a key of steps.METHODS whose start is a carried perturbation.
     """
 
-    def __init__(self, strategy, model, optimizer, settings, loss_fn, *, replays, batch_size,
-                 epsilon_ramp_steps=0, jit_compile=False):
-        super().__init__(strategy, model, optimizer, settings, loss_fn, method="free",
-                         epsilon_ramp_steps=epsilon_ramp_steps, jit_compile=jit_compile)
+    def __init__(self, strategy, model, optimizer, *, settings, loss_fn, replays, batch_size,
+                 method="free", epsilon_ramp_steps=0, jit_compile=False):
+        super().__init__(strategy, model, optimizer, settings=settings, loss_fn=loss_fn,
+                         method=method, epsilon_ramp_steps=epsilon_ramp_steps,
+                         jit_compile=jit_compile)
         self.replays = replays
         self.perturbation = tf.Variable(tf.zeros((batch_size, *model.input_shape[1:])),
                                         trainable=False, name="free_perturbation")
@@ -185,7 +204,7 @@ class FreeTrainStep(TrainStep):
         self.perturbation.assign(self.strategy.gather(perturbation, axis=0))
         return self._totals(metrics), self.strategy.experimental_local_results(x_adv)[0]
 
-    def __call__(self, x_nat, labels, x_start=None, report=True, step=0):
+    def __call__(self, x_nat, labels, x_start=None, *, report=True, step=0):
         """Runs one replay on a global batch; `x_start` is not used."""
         batch = (tf.convert_to_tensor(x_nat), tf.convert_to_tensor(labels),
                  tf.convert_to_tensor(self.perturbation))
@@ -208,7 +227,19 @@ def _num_correct(logits, labels):
     return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1), labels), tf.int64))
 
 
-def training_start(x_nat, settings, seed, step, *, method="pgd"):
+def build_train_step(strategy, model, optimizer, *, method="pgd", replays=1, batch_size=None,
+                     beta=steps.DEFAULT_BETA, attack_training=False, **options):
+    """The step of `method`: a FreeTrainStep (with `replays` and `batch_size`) for a method that
+    carries its perturbation, else a TrainStep (with `beta` and `attack_training`); `options`
+    (settings, loss_fn, epsilon_ramp_steps, jit_compile) go to either."""
+    if steps.training_method(method).carries:
+        return FreeTrainStep(strategy, model, optimizer, method=method, replays=replays,
+                             batch_size=batch_size, **options)
+    return TrainStep(strategy, model, optimizer, method=method, beta=beta,
+                     attack_training=attack_training, **options)
+
+
+def training_start(x_nat, settings, *, seed, step, method="pgd"):
     """The start points (float64) of a training step's attack by `method`, from the
     training-starts stream."""
     return steps.METHODS[method].start_on_host(
@@ -332,7 +363,7 @@ def _train(settings, train_step, *, batch_for_step, seed, to_images, guard, chie
                 manager.save(checkpoint_number=step)
         report = step % settings.output_steps == 0
         start = time.perf_counter()
-        metrics, images = train_step(x_batch, y_batch, x_start, report, step)
+        metrics, images = train_step(x_batch, y_batch, x_start, report=report, step=step)
         metrics = {name: value.numpy() for name, value in metrics.items()}
         training_time += time.perf_counter() - start
         if report:

@@ -52,14 +52,28 @@ def guard_settings(settings):
                                random_start=True)
 
 
+def check_max_drop(max_drop):
+    """ValueError unless `max_drop`, a drop of accuracy, is between 0 and 1."""
+    if not 0 <= max_drop <= 1:
+        raise ValueError(f"max_drop must be between 0 and 1. Received: max_drop={max_drop}")
+
+
 class OverfittingGuard:
-    """Checks the model's PGD accuracy on `held_out` (images, labels; the first EXAMPLES) under
-    `strategy`, in the ball of `settings` (a pgd.AttackSettings), from starts drawn once from
-    `seed`; a drop of more than `max_drop` from the last check that passed is a collapse."""
+    """Checks the model's accuracy under the guard's PGD (`guard_settings`) on a fixed held-out
+    batch, from starts drawn once; a drop of more than `max_drop` from the last check that
+    passed is a collapse.
+
+    Args:
+        strategy: the tf.distribute strategy the check runs under.
+        model: the Keras model trained, returning logits.
+        held_out: (images, labels), the first EXAMPLES of them attacked.
+        settings: a pgd.AttackSettings whose ball (and pixel range) the guard attacks in.
+        seed: seeds the guard's random starts.
+        max_drop: the largest drop of accuracy that is not a collapse, between 0 and 1.
+    """
 
     def __init__(self, strategy, model, held_out, *, settings, seed, max_drop=MAX_DROP):
-        if not 0 <= max_drop <= 1:
-            raise ValueError(f"max_drop must be between 0 and 1. Received: max_drop={max_drop}")
+        check_max_drop(max_drop)
         images, labels = (tensor[:EXAMPLES] for tensor in held_out)
         self.strategy = strategy
         self.model = model

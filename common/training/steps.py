@@ -7,8 +7,8 @@ starts are a function of the step, for the original's exact arithmetic and for r
 inside the graph for `fit`. A step is `attack`, then `update` (the loop reads its natural
 accuracy in between, as the original did); free training's replay is `free_replay`.
 
-- `pgd` (Madry et al., 2018) and `fgsm_rs` (Wong et al., 2020, one step from a random start:
-  see `training_settings`) train on the PGD attack of the training settings.
+- `pgd` (Madry et al., 2018) and `fgsm_rs` (Wong et al., 2020, one step from a random start)
+  train on the PGD attack of their training settings (`training_settings`).
 - `free` (Shafahi et al., 2019) trains on the clean batch plus a perturbation carried over from
   the last replay, which the same backward pass moves by one signed step of epsilon.
 - `trades` (Zhang et al., 2019) maximises KL(f(x) || f(x')) from x + 0.001 N(0, 1) with the
@@ -17,19 +17,22 @@ accuracy in between, as the original did); free training's replay is `free_repla
   cross-entropy (a mean for a mean: the authors' batchmean).
 
 The objective is `objective(labels, logits, model)`, the replica's share of the global batch's
-loss, with `objective.reduce(values)` that sums per-example values into that share in the same
-way (TRADES needs it; common/training/objectives.py's objectives have it).
+loss; a method whose entry `reduces` (TRADES) also needs `objective.reduce(values)`, which sums
+per-example values into that share in the same way (common/training/objectives.py's objectives
+have it).
+
+Adding a method is its functions here and one entry of METHODS: whatever the loop, `fit` and the
+scripts need to know of it (its start, its training settings, whether it carries a perturbation
+or needs `reduce`) is a field of its `Method`.
 """
 
 import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
-from common.attacks import pgd
-from common.runtime import precision
+from common.attacks import pgd, threat_model
 
 TRADES_NOISE = 0.001  # the start's standard deviation, as a fraction of the pixel range
 DEFAULT_BETA = 6.0
@@ -58,9 +61,7 @@ class StepContext:
     unroll: bool = False
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown training method; use one of {', '.join(METHODS)}. "
-                             f"Received: method={self.method!r}")
+        training_method(self.method)
         if not self.beta >= 0:
             raise ValueError(f"beta must be at least 0. Received: beta={self.beta}")
 
@@ -116,13 +117,31 @@ def free_replay(context, x_nat, labels, *, perturbation, objective, scale=None):
     return x_adv, result, threat.within_ball(threat.step(perturbation, gradient, threat.epsilon))
 
 
-def training_settings(settings, method, fgsm_step_size=None):
-    """The attack that `method` trains on, from the evaluation attack's settings: one step of
-    `fgsm_step_size` (by default 1.25 epsilon) from a random start for fgsm_rs; for the others
-    the settings themselves (free uses their ball, TRADES their ball, steps and step size)."""
-    if method == "fgsm_rs":
-        step_size = 1.25 * settings.epsilon if fgsm_step_size is None else fgsm_step_size
-        return dataclasses.replace(settings, steps=1, step_size=step_size, random_start=True)
+def training_settings(settings, method, *, fgsm_step_size=None, attack_steps=None):
+    """The attack that `method` trains on, from the evaluation attack's settings (see the
+    `settings` rules below): `fgsm_step_size` is fgsm_rs' step (None: 1.25 epsilon);
+    `attack_steps`, a pair (steps, step size), replaces the steps of a method that runs them
+    (pgd, trades; None or empty: the settings' own)."""
+    return training_method(method).settings(settings, fgsm_step_size=fgsm_step_size,
+                                            attack_steps=attack_steps)
+
+
+def _own_steps(settings, *, fgsm_step_size, attack_steps):
+    """The settings, or their steps and step size from `attack_steps`."""
+    if not attack_steps:
+        return settings
+    count, step_size = attack_steps
+    return dataclasses.replace(settings, steps=count, step_size=step_size)
+
+
+def _one_step(settings, *, fgsm_step_size, attack_steps):
+    """One step of `fgsm_step_size` (None: 1.25 epsilon) from a random start."""
+    step_size = 1.25 * settings.epsilon if fgsm_step_size is None else fgsm_step_size
+    return dataclasses.replace(settings, steps=1, step_size=step_size, random_start=True)
+
+
+def _ball_only(settings, *, fgsm_step_size, attack_steps):
+    """The settings as they are: only their ball (and pixel range) is used."""
     return settings
 
 
@@ -138,24 +157,18 @@ def _free_attack(context, x_nat, labels, *, start, scale):
 
 
 def _kl_attack(context, x_nat, labels, *, start, scale):
-    """TRADES' inner maximisation: the training attack's steps on the KL divergence from the
-    clean prediction, each projected into the ball and the pixel range."""
-    model, training = context.model, context.attack_training
-    threat, step_size = context.threat(scale)
-    clean = tf.stop_gradient(tf.cast(model(x_nat, training=training), tf.float32))
-    loss_scale = precision.FLOAT16_ATTACK_LOSS_SCALE if precision.computes_in_float16() else 1.0
-    x = start
-    steps = context.settings.steps
-    for _ in range(steps) if training or context.unroll else tf.range(steps):
-        x_float = tf.cast(x, tf.float32)
-        with tf.GradientTape() as tape:
-            tape.watch(x_float)
-            logits = tf.cast(model(x_float, training=training), tf.float32)
-            loss = tf.reduce_sum(kl_divergence(clean, logits)) * loss_scale
-        gradient = tape.gradient(loss, x_float)
-        gradient = tf.where(tf.math.is_finite(gradient), gradient, 0.0)
-        x = threat.project(threat.step(x, gradient, step_size), x_nat)
-    return tf.clip_by_value(x, *context.settings.pixel_range)
+    """TRADES' inner maximisation: PGD's steps (pgd.pgd_steps) on the KL divergence from the
+    clean prediction, which stands in for the labels."""
+    clean = tf.stop_gradient(tf.cast(context.model(x_nat, training=context.attack_training),
+                                     tf.float32))
+    settings = dataclasses.replace(context.settings, loss=_kl_from_clean)
+    x = pgd.pgd_steps(context.model, x_nat, clean, x_start=start, settings=settings,
+                      training=context.attack_training, scale=scale, unroll=context.unroll)
+    return tf.clip_by_value(x, *settings.pixel_range)  # the start may leave it, at zero steps
+
+
+def _kl_from_clean(logits, clean):
+    return kl_divergence(clean, logits)
 
 
 # The losses: (logits on the adversarial batch, the loss of the update).
@@ -182,7 +195,13 @@ def kl_divergence(logits_p, logits_q):
 
 
 # The starts: on the host from a numpy generator (the loop), in the graph from a stateless seed
-# (fit).
+# (fit). The ball's start is the threat model's; TRADES' is one function of threat_model's host
+# or graph draws, as Ball.sample is.
+
+def _float64(x_nat):
+    """The batch as the float64 iterate holds it: its float32 values."""
+    return tf.cast(tf.cast(x_nat, tf.float32), tf.float64)
+
 
 def _ball_start_on_host(x_nat, settings, rng):
     return pgd.start_point(x_nat, settings, rng)
@@ -190,47 +209,67 @@ def _ball_start_on_host(x_nat, settings, rng):
 
 def _ball_start_in_graph(x_nat, settings, seed):
     if not settings.random_start:
-        return tf.cast(tf.cast(x_nat, tf.float32), tf.float64)
+        return _float64(x_nat)
     return settings.threat_model.random_start(x_nat, seed, tf.float64)
 
 
-def _trades_noise(settings):
+def _noise_start(x_nat, settings, draws):
+    """TRADES' start: x_nat + TRADES_NOISE (high - low) N(0, 1)."""
+    x_nat = _float64(x_nat)
     low, high = settings.pixel_range
-    return TRADES_NOISE * (high - low)
+    return x_nat + TRADES_NOISE * (high - low) * draws.normal(tf.shape(x_nat))
 
 
 def _noise_start_on_host(x_nat, settings, rng):
-    x_nat = np.asarray(x_nat, np.float32).astype(np.float64)
-    return x_nat + _trades_noise(settings) * rng.standard_normal(x_nat.shape)
+    return _noise_start(x_nat, settings, threat_model.HostDraws(rng)).numpy()
 
 
 def _noise_start_in_graph(x_nat, settings, seed):
-    x_nat = tf.cast(tf.cast(x_nat, tf.float32), tf.float64)
-    return x_nat + _trades_noise(settings) * tf.random.stateless_normal(
-        tf.shape(x_nat), seed, dtype=tf.float64)
+    return _noise_start(x_nat, settings, threat_model.GraphDraws(seed, tf.float64))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Method:
-    """A training method: its attack `(context, x_nat, labels, *, start, scale) -> x_adv`, its
-    loss `(context, x_nat, labels, *, x_adv, objective) -> (logits, loss)`, and its start drawn
-    on the host `(x_nat, settings, rng)` or in the graph `(x_nat, settings, seed)`; `carries`:
-    the start is a perturbation carried from replay to replay (free training), not drawn."""
+    """A training method.
+
+    Args:
+        attack: `(context, x_nat, labels, *, start, scale) -> x_adv`.
+        loss: `(context, x_nat, labels, *, x_adv, objective) -> (logits, loss)`.
+        settings: `(settings, *, fgsm_step_size, attack_steps) -> settings`, the attack it
+            trains on (`training_settings`).
+        start_on_host: `(x_nat, settings, rng) -> float64 start`, drawn on the host (the loop);
+            None: the start is a perturbation carried from replay to replay (free training).
+        start_in_graph: `(x_nat, settings, seed) -> float64 start`, drawn in the graph (`fit`).
+        reduces: its loss needs the objective's `reduce`.
+    """
 
     attack: Callable
     loss: Callable
+    settings: Callable = _own_steps
     start_on_host: Callable = None
     start_in_graph: Callable = None
+    reduces: bool = False
 
     @property
     def carries(self):
+        """The start is a perturbation carried from replay to replay, not drawn."""
         return self.start_on_host is None
 
 
 METHODS = {
-    "pgd": Method(_pgd_attack, _adversarial_loss, _ball_start_on_host, _ball_start_in_graph),
-    "fgsm_rs": Method(_pgd_attack, _adversarial_loss, _ball_start_on_host,
-                      _ball_start_in_graph),
-    "free": Method(_free_attack, _adversarial_loss),
-    "trades": Method(_kl_attack, _trades_loss, _noise_start_on_host, _noise_start_in_graph),
+    "pgd": Method(attack=_pgd_attack, loss=_adversarial_loss, start_on_host=_ball_start_on_host,
+                  start_in_graph=_ball_start_in_graph),
+    "fgsm_rs": Method(attack=_pgd_attack, loss=_adversarial_loss, settings=_one_step,
+                      start_on_host=_ball_start_on_host, start_in_graph=_ball_start_in_graph),
+    "free": Method(attack=_free_attack, loss=_adversarial_loss, settings=_ball_only),
+    "trades": Method(attack=_kl_attack, loss=_trades_loss, start_on_host=_noise_start_on_host,
+                     start_in_graph=_noise_start_in_graph, reduces=True),
 }
+
+
+def training_method(name):
+    """The Method named `name` (a key of METHODS)."""
+    if name not in METHODS:
+        raise ValueError(f"Unknown training method; use one of {', '.join(METHODS)}. "
+                         f"Received: method={name!r}")
+    return METHODS[name]

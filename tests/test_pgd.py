@@ -18,7 +18,7 @@ def tiny_model(input_size=12, classes=3):
 
 
 def test_unknown_loss_and_zero_restarts_are_rejected():
-    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+    with pytest.raises(ValueError, match="unknown loss: .*Received: loss='hinge'"):
         pgd.LinfPGDAttack(tiny_model(), 0.3, 5, 0.1, True, "hinge")
     with pytest.raises(ValueError, match="restarts must be at least 1. Received: restarts=0"):
         pgd.LinfPGDAttack(tiny_model(), 0.3, 5, 0.1, True, "xent", restarts=0)

@@ -216,6 +216,9 @@ class FAB:
         seed: seeds the random starts, one stream per run.
         pixel_range: (low, high), the range of valid inputs.
         strategy: spreads each batch over its replicas.
+
+    FAB takes no `loss`: it follows the linearized boundary (a difference of logits), not a
+    loss; nor `jit_compile`: the reference has none, and XLA's effect on it is unmeasured.
     """
 
     def __init__(self, model, *, epsilon, norm="Linf", steps=100, restarts=1, targets=None,

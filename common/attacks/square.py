@@ -263,6 +263,10 @@ class Square:
         pixel_range: (low, high), the range of valid inputs.
         strategy: spreads each batch over its replicas.
         image_shape: (height, width, channels) of one input, where it is not an image already.
+
+    Square takes no `loss`: its acceptance rule is the margin loss's; no `restarts`: AutoAttack's
+    reference runs it once (another `seed` gives another run); no `jit_compile`: the reference
+    has none, and XLA's effect on it is unmeasured.
     """
 
     def __init__(self, model, *, epsilon, norm="Linf", steps=5000, p_init=0.8, seed=0,

@@ -84,7 +84,7 @@ def halve_step(rising, interval, *, halved_at_last, best_at_last, best):
     return tf.logical_or(oscillating, stuck)
 
 
-def apgd_steps(model, x_nat, labels, targets, noise, settings):
+def apgd_steps(model, x_nat, labels, *, targets, noise, settings):
     """One run of APGD from the random start given by `noise` (the shape of `x_nat`, drawn by
     the threat model's `noise`): the iterations of the threat model's ball (STEPS), or with
     `large_reps` the reference's schedule: LARGE_REPS_ITERATIONS of the iterations at each of

@@ -148,7 +148,8 @@ def _towards_target(model, x, labels, *, targets):
     return difference, tape.gradient(total, x)
 
 
-def fab_steps(model, x_nat, labels, targets, noise, settings, targeted=True, random_start=False):
+def fab_steps(model, x_nat, labels, *, targets, noise, settings, targeted=True,
+              random_start=False):
     """One FAB run from `x_nat` (towards `targets`, or untargeted), from a random point at half
     epsilon given by `noise` (the threat model's start noise) where `random_start`;
     returns the closest misclassified point found (`x_nat` where none was) and its distance in

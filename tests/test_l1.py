@@ -125,8 +125,10 @@ def test_standard_l1_autoattack_agrees_with_the_reference():
         saved["x"], saved["y"], batch_size=200)
     reference = dict(zip((str(name) for name in attacks), saved["l1_accuracy_after"]))
     assert list(result.accuracy_after) == list(reference)
-    for name in reference:
-        assert abs(result.accuracy_after[name] - reference[name]) <= 0.01, name
+    examples = len(saved["x"])
+    for name in reference:  # 1 point: 2 of the 200 examples, counted without round-off
+        assert abs(round((result.accuracy_after[name] - reference[name]) * examples)) \
+            <= examples // 100, name
     assert np.mean(result.robust == saved["l1_robust"]) >= 0.97
     sizes = np.abs(result.x_adv - saved["x"]).reshape(len(saved["x"]), -1).sum(1)
     assert sizes.max() <= epsilon * (1 + 1e-5)

@@ -39,7 +39,8 @@ def test_the_step_size_rule():
     best = tf.constant([2.0, 1.0, 1.0, 0.9])
     # 16 <= 0.75 * 22 rises: halve; 17 > 16.5 and no improvement since a checkpoint that did not
     # halve: halve; the same after a halving: keep; improved: keep.
-    halve = apgd.halve_step(rising, 22, halved_at_last, best_at_last, best).numpy()
+    halve = apgd.halve_step(rising, 22, halved_at_last=halved_at_last,
+                            best_at_last=best_at_last, best=best).numpy()
     np.testing.assert_array_equal(halve, [True, True, False, False])
 
 

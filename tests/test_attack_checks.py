@@ -99,9 +99,29 @@ def test_a_callable_loss_equals_the_registered_one_it_writes_by_hand(attack):
     assert np.abs(by_name - x).max() > EPSILON / 2
 
 
+def test_a_callable_targeted_loss_takes_each_runs_targets():
+    """APGD-T with minus the target's cross-entropy written here, a callable of (logits, labels,
+    targets), takes the same steps as the registered `targeted` loss."""
+
+    def towards_target(logits, labels, targets):
+        log_probabilities = logits - tf.reduce_logsumexp(logits, axis=1, keepdims=True)
+        return tf.gather(log_probabilities, targets, axis=1, batch_dims=1)
+
+    model = Counting().model
+    x, _ = batch(32)
+    y = np.argmax(model(x).numpy(), axis=1)
+    options = {"epsilon": EPSILON, "steps": 5, "targets": 2, "seed": 1}
+    by_name = APGD(model, loss="targeted", **options).perturb(x, y)
+    by_hand = APGD(model, loss=towards_target, **options).perturb(x, y)
+    np.testing.assert_allclose(by_hand, by_name, atol=1e-6)
+    assert np.any(by_name != x)
+
+
 def test_bad_keywords_are_refused_naming_the_value():
     model = Counting().model
-    with pytest.raises(ValueError, match="unknown loss 'hinge'.*Received: loss='hinge'"):
+    with pytest.raises(TypeError, match="^epsilon must be a number. Received: epsilon='a'$"):
+        PGD(model, epsilon="a")
+    with pytest.raises(ValueError, match="unknown loss: .*Received: loss=.hinge."):
         PGD(model, epsilon=EPSILON, loss="hinge")
     with pytest.raises(TypeError, match="Received: loss=3"):
         APGD(model, epsilon=EPSILON, loss=3)

@@ -9,6 +9,7 @@ import pytest
 from helpers import run_script, writable_copy
 
 from common.attacks import AutoAttack, autoattack, checks, pgd
+from common.attacks.threat_model import ThreatModel
 from common.io import checkpoints
 from common.runtime.errors import UserError
 from mnist_challenge import mnist_input
@@ -74,8 +75,10 @@ def evaluation(tmp_path, attacks, name="state.npz", settings=None):
     model = Threshold(1.0)
     x = np.linspace(0, 1, 50)[:, None].repeat(3, axis=1).astype(np.float32)
     y = np.zeros(50, np.int64)
-    return autoattack.run_attacks(attacks, model.predict, x, y, settings=settings or {"run": 1},
-                                  batch_size=8, state_path=str(tmp_path / name), log=print), x
+    return autoattack.run_attacks(attacks, x, y, predict=model.predict,
+                                  threat=ThreatModel(epsilon=1.0),
+                                  settings=settings or {"run": 1}, batch_size=8,
+                                  state_path=str(tmp_path / name), log=print), x
 
 
 def test_each_attack_runs_on_what_the_ones_before_left_robust(tmp_path, capsys):

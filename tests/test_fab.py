@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common.attacks import fab
+from common.attacks import fab, threat_model
 from common.attacks.threat_model import ThreatModel
 
 
@@ -35,7 +35,7 @@ def test_the_projection_is_the_smallest_step_within_the_range():
     weights[:, :3] = 0
     biases = (weights * points).sum(1) + 2 * rng.normal(size=60).astype(np.float32)
     steps = fab.project_onto_hyperplane(tf.constant(points), tf.constant(weights),
-                                       tf.constant(biases), (0.0, 1.0)).numpy()
+                                       tf.constant(biases), pixel_range=(0.0, 1.0)).numpy()
     moved = points + steps
     assert moved.min() >= 0 and moved.max() <= 1 and np.all(steps[:, :3] == 0)
     checked = 0
@@ -102,11 +102,13 @@ def test_the_l2_projection_is_the_orthogonal_step_or_clipped_by_the_range():
     biases = (weights * points).sum(1) + rng.normal(size=20).astype(np.float32)
     needed = biases - (weights * points).sum(1)
     free = fab.project_onto_hyperplane(tf.constant(points), tf.constant(weights),
-                                       tf.constant(biases), (-100.0, 100.0), "L2").numpy()
+                                       tf.constant(biases), pixel_range=(-100.0, 100.0),
+                                       ball=threat_model.ball("L2")).numpy()
     np.testing.assert_allclose(free, needed[:, None] * weights /
                                (weights ** 2).sum(1, keepdims=True), rtol=1e-4, atol=1e-5)
     boxed = fab.project_onto_hyperplane(tf.constant(points), tf.constant(weights),
-                                        tf.constant(biases), (-1.0, 1.0), "L2").numpy()
+                                        tf.constant(biases), pixel_range=(-1.0, 1.0),
+                                        ball=threat_model.ball("L2")).numpy()
     moved = points + boxed
     assert moved.min() >= -1 - 1e-6 and moved.max() <= 1 + 1e-6
     reached = np.abs((weights * moved).sum(1) - biases) < 1e-4

@@ -12,7 +12,7 @@ import tensorflow as tf
 from helpers import assert_one_error_line, run_script, shared_path
 from test_attacks_api import FIXTURE, reference_mlp
 
-from common.attacks import PGD, AutoAttack, fab
+from common.attacks import PGD, AutoAttack, fab, threat_model
 from mnist_challenge.mnist_input import MNISTData
 
 
@@ -43,7 +43,8 @@ def test_fabs_l1_projection_is_the_smallest_step_onto_the_hyperplane_in_the_box(
     weights[:5, 1] = 0
     biases = (weights * points).sum(1) + rng.normal(0, 0.8, 40)
     steps = fab.project_onto_hyperplane(tf.constant(points), tf.constant(weights),
-                                        tf.constant(biases), (0.0, 1.0), "L1").numpy()
+                                        tf.constant(biases), pixel_range=(0.0, 1.0),
+                                        ball=threat_model.ball("L1")).numpy()
     assert (points + steps).min() >= 0 and (points + steps).max() <= 1
     reached = 0
     for point, weight, bias, step in zip(points, weights, biases, steps):
@@ -124,8 +125,10 @@ def test_standard_l1_autoattack_agrees_with_the_reference():
         saved["x"], saved["y"], batch_size=200)
     reference = dict(zip((str(name) for name in attacks), saved["l1_accuracy_after"]))
     assert list(result.accuracy_after) == list(reference)
-    for name in reference:
-        assert abs(result.accuracy_after[name] - reference[name]) <= 0.01, name
+    examples = len(saved["x"])
+    for name in reference:  # 1 point: 2 of the 200 examples, counted without round-off
+        assert abs(round((result.accuracy_after[name] - reference[name]) * examples)) \
+            <= examples // 100, name
     assert np.mean(result.robust == saved["l1_robust"]) >= 0.97
     sizes = np.abs(result.x_adv - saved["x"]).reshape(len(saved["x"]), -1).sum(1)
     assert sizes.max() <= epsilon * (1 + 1e-5)

@@ -19,8 +19,6 @@ from common.attacks import checks, losses, runs, threat_model
 from common.attacks.threat_model import ThreatModel, per_example
 from common.runtime import devices, seeds
 
-# The registered losses (common/attacks/losses.py) APGD maximises; any callable loss too.
-LOSSES = ("xent", "dlr", "targeted", "dlr-targeted")
 FIRST_CHECKPOINT = 0.22  # p1
 CHECKPOINT_DECREASE = 0.03  # the interval shrinks by this much at each checkpoint...
 MIN_CHECKPOINT_INTERVAL = 0.06  # ...down to this
@@ -61,7 +59,9 @@ class APGDSettings:
 
     threat_model: ThreatModel
     num_iterations: int = 100
-    loss: object = "xent"  # a name of LOSSES or a callable
+    loss: object = "xent"  # a name of losses.APGD_LOSSES or a callable
+    # Whether the runs go towards target classes (a callable loss then takes them too).
+    targeted: bool = False
     # Gradients averaged over this many passes (expectation over transformation), for models
     # whose outputs are random (AutoAttack's 'rand' version uses 20).
     eot_iterations: int = 1
@@ -70,12 +70,12 @@ class APGDSettings:
     large_reps: bool = False
 
     def __post_init__(self):
-        losses.check_loss(self.loss, LOSSES)
+        losses.check_loss(self.loss, losses.APGD_LOSSES)
         checks.check_keywords(steps=(self.num_iterations, 1),
                               eot_iterations=(self.eot_iterations, 1))
 
 
-def halve_step(rising, interval, halved_at_last, best_at_last, best):
+def halve_step(rising, interval, *, halved_at_last, best_at_last, best):
     """Which examples halve their step size at a checkpoint `interval` steps after the last one:
     those whose loss rose in at most RHO of those steps, and those not halved at the last
     checkpoint whose best loss has not improved since."""
@@ -84,7 +84,7 @@ def halve_step(rising, interval, halved_at_last, best_at_last, best):
     return tf.logical_or(oscillating, stuck)
 
 
-def apgd_steps(model, x_nat, labels, targets, noise, settings):
+def apgd_steps(model, x_nat, labels, *, targets, noise, settings):
     """One run of APGD from the random start given by `noise` (the shape of `x_nat`, drawn by
     the threat model's `noise`): the iterations of the threat model's ball (STEPS), or with
     `large_reps` the reference's schedule: LARGE_REPS_ITERATIONS of the iterations at each of
@@ -97,19 +97,19 @@ def apgd_steps(model, x_nat, labels, targets, noise, settings):
     """
     threat = settings.threat_model
     steps = STEPS[type(threat.ball)]
-    loss_and_gradient = _loss_and_gradient(model, labels, targets, settings)
+    loss_and_gradient = _loss_and_gradient(model, labels, targets=targets, settings=settings)
     if not settings.large_reps:
-        _, x_broken, robust, step_size = steps(loss_and_gradient, x_nat, labels,
-                                               threat.noise_start(x_nat, noise), threat,
-                                               settings.num_iterations, fresh=True)
+        _, x_broken, robust, step_size = steps(
+            loss_and_gradient, x_nat, labels, x_start=threat.noise_start(x_nat, noise),
+            threat=threat, num_iterations=settings.num_iterations, fresh=True)
         return x_broken, robust, step_size
     x_best = threat.scaled(LARGE_REPS_EPSILONS[0]).noise_start(x_nat, noise)
     for factor, iterations in zip(LARGE_REPS_EPSILONS,
                                   large_reps_iterations(settings.num_iterations)):
         stage = threat.scaled(factor)
-        x_best, x_broken, robust, step_size = steps(loss_and_gradient, x_nat, labels,
-                                                    stage.project(x_best, x_nat), stage,
-                                                    iterations, fresh=False)
+        x_best, x_broken, robust, step_size = steps(
+            loss_and_gradient, x_nat, labels, x_start=stage.project(x_best, x_nat),
+            threat=stage, num_iterations=iterations, fresh=False)
     return x_broken, robust, step_size
 
 
@@ -120,8 +120,9 @@ def large_reps_iterations(num_iterations):
     return first + [num_iterations - sum(first)]
 
 
-def _loss_and_gradient(model, labels, targets, settings):
+def _loss_and_gradient(model, labels, *, targets, settings):
     """x -> (loss per example, its gradient averaged over `eot_iterations` passes, logits)."""
+    targets = targets if settings.targeted else None
 
     def loss_and_gradient(x):
         gradient = tf.zeros_like(x)
@@ -141,7 +142,22 @@ def _correct(logits, labels):
     return tf.equal(tf.argmax(logits, axis=1), labels)
 
 
-def momentum_steps(loss_and_gradient, x_nat, labels, x_start, threat, num_iterations, fresh):
+def _evaluated(loss_and_gradient, x_adv, labels, *, robust, x_broken, best):
+    """The bookkeeping of one iteration at `x_adv`: its loss and gradient, whether each example
+    is still robust, its last misclassified iterate, and `best` (point, gradient, loss) where
+    the loss rose above the best."""
+    loss, gradient, logits = loss_and_gradient(x_adv)
+    misclassified = tf.logical_not(_correct(logits, labels))
+    robust = tf.logical_and(robust, tf.logical_not(misclassified))
+    x_broken = tf.where(per_example(misclassified, x_adv), x_adv, x_broken)
+    x_best, gradient_best, loss_best = best
+    improved = per_example(loss > loss_best, x_adv)
+    best = (tf.where(improved, x_adv, x_best), tf.where(improved, gradient, gradient_best),
+            tf.where(loss > loss_best, loss, loss_best))
+    return loss, gradient, robust, x_broken, best
+
+
+def momentum_steps(loss_and_gradient, x_nat, labels, *, x_start, threat, num_iterations, fresh):
     """APGD's iterations in L-infinity and L2 (Algorithm 1) from `x_start`: steps with momentum,
     the step size halved at the checkpoints (`fresh` plays no part). Returns the highest-loss
     point, the last misclassified iterate (the start where none was), whether each example
@@ -166,20 +182,15 @@ def momentum_steps(loss_and_gradient, x_nat, labels, x_start, threat, num_iterat
         moved = x_adv - x_previous
         x_previous = x_adv
         x_adv = threat.project(x_adv + (z - x_adv) * momentum + moved * (1 - momentum), x_nat)
-        loss, gradient, logits = loss_and_gradient(x_adv)
-        misclassified = tf.logical_not(_correct(logits, labels))
-        robust = tf.logical_and(robust, tf.logical_not(misclassified))
-        x_broken = tf.where(per_example(misclassified, x_adv), x_adv, x_broken)
-        improved = loss > loss_best
-        x_best = tf.where(per_example(improved, x_adv), x_adv, x_best)
-        gradient_best = tf.where(per_example(improved, x_adv), gradient, gradient_best)
-        loss_best = tf.where(improved, loss, loss_best)
+        loss, gradient, robust, x_broken, (x_best, gradient_best, loss_best) = _evaluated(
+            loss_and_gradient, x_adv, labels, robust=robust, x_broken=x_broken,
+            best=(x_best, gradient_best, loss_best))
         rising += tf.cast(loss > previous_loss, tf.float32)
         previous_loss = loss
         interval = interval_at[iteration]
         if interval > 0:
-            halve = halve_step(rising, interval, halved_at_checkpoint, loss_best_at_checkpoint,
-                               loss_best)
+            halve = halve_step(rising, interval, halved_at_last=halved_at_checkpoint,
+                               best_at_last=loss_best_at_checkpoint, best=loss_best)
             halved_at_checkpoint = halve
             loss_best_at_checkpoint = loss_best
             step_size = tf.where(halve, step_size / 2, step_size)
@@ -195,7 +206,7 @@ def _nonzero(x):
                                  tf.float32), axis=1)
 
 
-def sparse_steps(loss_and_gradient, x_nat, labels, x_start, threat, num_iterations, fresh):
+def sparse_steps(loss_and_gradient, x_nat, labels, *, x_start, threat, num_iterations, fresh):
     """APGD's iterations in L1 ("Mind the box", Croce & Hein 2021) from `x_start`, as the
     reference runs them: no momentum; each step of size `step_size` moves the coordinates of
     the largest gradients (at first L1_STEP_FRACTION of them, or, from a start that is not
@@ -223,14 +234,9 @@ def sparse_steps(loss_and_gradient, x_nat, labels, x_start, threat, num_iteratio
     for iteration in tf.range(num_iterations):
         step = per_example(step_size, x_adv) * threat_model.sparse_direction(gradient, fraction)
         x_adv = threat.project(x_adv + step, x_nat)
-        loss, gradient, logits = loss_and_gradient(x_adv)
-        misclassified = tf.logical_not(_correct(logits, labels))
-        robust = tf.logical_and(robust, tf.logical_not(misclassified))
-        x_broken = tf.where(per_example(misclassified, x_adv), x_adv, x_broken)
-        improved = loss > loss_best
-        x_best = tf.where(per_example(improved, x_adv), x_adv, x_best)
-        gradient_best = tf.where(per_example(improved, x_adv), gradient, gradient_best)
-        loss_best = tf.where(improved, loss, loss_best)
+        loss, gradient, robust, x_broken, (x_best, gradient_best, loss_best) = _evaluated(
+            loss_and_gradient, x_adv, labels, robust=robust, x_broken=x_broken,
+            best=(x_best, gradient_best, loss_best))
         if (iteration + 1) % interval == 0:
             sparsity_now = _nonzero(x_best - x_nat)
             sparser = sparsity_now / sparsity < L1_SPARSER
@@ -266,8 +272,9 @@ class APGD:
         norm: the ball's norm, "Linf", "L2" or "L1".
         steps: iterations of a run.
         loss: xent or dlr (untargeted), targeted or dlr-targeted (with `targets`), or a
-            callable (logits, labels) -> per-example loss; by default xent, or dlr-targeted
-            with `targets`.
+            callable: (logits, labels) -> per-example loss, or with `targets`
+            (logits, labels, targets) -> per-example loss, `targets` the run's target class per
+            example; by default xent, or dlr-targeted with `targets`.
         restarts: runs from different random starts (per target class with `targets`).
         targets: the number of target classes of APGD-T (None: untargeted).
         eot_iterations: gradients averaged over this many passes (expectation over
@@ -288,14 +295,14 @@ class APGD:
             checks.check_keywords(targets=(targets, 1))
         if loss is None:
             loss = "xent" if targets is None else "dlr-targeted"
-        if (targets is None) == (loss in losses.TARGETED):
+        if not callable(loss) and (targets is None) == (loss in losses.TARGETED):
             raise ValueError(f"the targeted losses ({', '.join(losses.TARGETED)}) go with "
-                             f"targets and only they do. Received: loss={loss!r}, "
-                             f"targets={targets!r}")
+                             f"targets and only they do (a callable loss goes with either). "
+                             f"Received: loss={loss!r}, targets={targets!r}")
         self.settings = APGDSettings(
             threat_model=ThreatModel(epsilon=epsilon, norm=norm, pixel_range=pixel_range),
-            num_iterations=steps, loss=loss, eot_iterations=eot_iterations,
-            large_reps=large_reps)
+            num_iterations=steps, loss=loss, targeted=targets is not None,
+            eot_iterations=eot_iterations, large_reps=large_reps)
         self.threat_model = self.settings.threat_model
         self.model = model
         self.restarts, self.targets = int(restarts), targets
@@ -305,25 +312,16 @@ class APGD:
                 model, x, y, targets=targets, noise=noise, settings=self.settings), jit_compile)
         self._logits = devices.spread_logits(model, strategy)
 
-    def noise(self, shape, run):
-        """The noise of the random start of `run` (a restart or target index), drawn by the
-        threat model as the reference draws it."""
-        return self.settings.threat_model.noise(seeds.generator(self.seed, seeds.APGD_STARTS, run),
-                                                shape)
-
     def perturb(self, x, y):
         """Adversarial examples for `(x, y)` (arrays or tensors), float32, the shape of `x`."""
-        x, y, logits = checks.checked_with_model(x, y, self.threat_model.pixel_range,
-                                                 self._logits)
-        if self.targets is None:
-            planned = runs.untargeted_runs(y, self.restarts)
-        else:
-            planned = runs.ranked_target_runs(logits, y, count=self.targets,
-                                              restarts=self.restarts)
+        x, y, logits = checks.checked_with_model(x, y, pixel_range=self.threat_model.pixel_range,
+                                                 logits_of=self._logits)
+        planned = runs.planned_runs(logits, y, targets=self.targets, restarts=self.restarts)
 
         def attack(todo, run):
-            x_adv, robust, _ = self._spread(x[todo], y[todo], run.targets[todo],
-                                            self.noise(x[todo].shape, run.index))
+            noise = runs.start_noise(self.threat_model, seed=self.seed, stream=seeds.APGD_STARTS,
+                                     run=run.index, shape=x[todo].shape)
+            x_adv, robust, _ = self._spread(x[todo], y[todo], run.targets[todo], noise)
             return x_adv, ~robust
 
         return runs.on_robust_examples(x, planned, attack, robust=runs.correct(logits, y))

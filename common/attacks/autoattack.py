@@ -168,9 +168,9 @@ class AutoAttack:
         checks.check_classes(y, classes)
         attacks = {name: self._attack(name, classes) for name in self.attacks}
         settings = {**self.settings, **(run_info or {})}
-        state = run_attacks(attacks, self._logits, x, y, settings=settings,
-                            batch_size=batch_size, state_path=state_path, log=self.log,
-                            progress=self.progress)
+        state = run_attacks(attacks, x, y, predict=self._logits, threat=self.threat_model,
+                            settings=settings, batch_size=batch_size, state_path=state_path,
+                            log=self.log, progress=self.progress)
         accuracy_after = {CLEAN: float(np.mean(state.broken_by != CLEAN))}
         accuracy_after.update((result["attack"], result["robust_accuracy"])
                               for result in state.results)
@@ -225,7 +225,7 @@ def _predictions(predict, x, batch_size):
                            for first, end in batch_bounds(len(x), batch_size)])
 
 
-def _run_attack(name, attack, predict, x, y, *, state, batch_size, save, progress):
+def _run_attack(name, attack, *, predict, x, y, state, batch_size, save, progress):
     """Runs one attack, batch by batch, on the points robust when it started; a point is broken
     where the model misclassifies the example the attack returns, as in the reference."""
     if state.todo is None:
@@ -252,11 +252,19 @@ def _run_attack(name, attack, predict, x, y, *, state, batch_size, save, progres
     save(state)
 
 
-def run_attacks(attacks, predict, x, y, *, settings, batch_size, state_path=None, log=None,
-                progress=False):
+def largest_perturbation(threat, x_adv, x):
+    """The largest distance from an example of `x` to its adversarial example in `x_adv`, in the
+    norm of the threat model `threat` (computed in float64)."""
+    difference = (np.asarray(x_adv) - x).reshape(len(x), -1).astype(np.float64)
+    return float(np.max(threat.norms(tf.constant(difference)).numpy()))
+
+
+def run_attacks(attacks, x, y, *, predict, threat, settings, batch_size, state_path=None,
+                log=None, progress=False):
     """Runs the attacks (a dict name -> attack(x, y) returning adversarial examples, in order)
     on `x`, `y`; returns the final
-    State. `predict(x)` gives the model's logits. With `state_path`, resumes from the state file
+    State. `predict(x)` gives the model's logits; `threat` (a ThreatModel) is the norm the
+    largest perturbation is reported in. With `state_path`, resumes from the state file
     there where it holds a run of the same `settings`, and rewrites it after every batch. `log`
     receives the reference's report lines.
 
@@ -284,14 +292,12 @@ def run_attacks(attacks, predict, x, y, *, settings, batch_size, state_path=None
     for name, attack in attacks.items():
         if name in done:
             continue
-        _run_attack(name, attack, predict, x, y, state=state, batch_size=batch_size, save=save,
-                    progress=progress)
+        _run_attack(name, attack, predict=predict, x=x, y=y, state=state, batch_size=batch_size,
+                    save=save, progress=progress)
         log(f"robust accuracy after {name.upper()}: {np.mean(state.robust):.2%} "
             f"(total time {state.seconds:.1f} s)")
-    norm = settings.get("norm", "Linf")
-    difference = (state.x_adv - x).reshape(len(x), -1).astype(np.float64)
-    distance = threat_model.ball(norm).norms(tf.constant(difference)).numpy()
-    log(f"max {norm} perturbation: {distance.max():.5f}, nan in tensor: "
+    log(f"max {threat.norm} perturbation: {largest_perturbation(threat, state.x_adv, x):.5f}, "
+        f"nan in tensor: "
         f"{int(np.isnan(state.x_adv).sum())}, max: {state.x_adv.max():.5f}, "
         f"min: {state.x_adv.min():.5f}")
     log(f"robust accuracy: {np.mean(state.robust):.2%}")

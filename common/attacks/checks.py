@@ -3,6 +3,8 @@ range, labels that are integer class indices of the model's classes, one per inp
 that returns logits. A mistake there would otherwise pass silently (images in [0, 255] against
 the default range give perturbations of 254) or end in a graph dump."""
 
+import numbers
+
 import numpy as np
 
 # A model whose outputs are non-negative and sum to 1 within this returns probabilities.
@@ -11,8 +13,11 @@ PROBABILITY_TOLERANCE = 1e-4
 
 def check_keywords(**values):
     """Refuses numbers out of their range: `epsilon` below 0, `steps`, `restarts` and the like
-    below their least value; each keyword maps to (value, least value)."""
+    below their least value, and anything but a number; each keyword maps to (value, least
+    value)."""
     for name, (value, least) in values.items():
+        if not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number. Received: {name}={value!r}")
         if not value >= least:
             raise ValueError(f"{name} must be at least {least}. Received: {name}={value!r}")
 
@@ -74,7 +79,7 @@ def checked(x, y, pixel_range):
     return x, check_labels(y, len(x))
 
 
-def checked_with_model(x, y, pixel_range, logits_of):
+def checked_with_model(x, y, *, pixel_range, logits_of):
     """(x as float32, y as int64, the model's logits of x), checked as above; `logits_of(x)`
     gives the logits."""
     x, y = checked(x, y, pixel_range)

@@ -35,15 +35,16 @@ class FABSettings:
     beta: float = 0.9
 
 
-def project_onto_hyperplane(points, weights, biases, pixel_range, norm="Linf"):
-    """The smallest steps `d` in `norm` (one row per example, flat) with
+def project_onto_hyperplane(points, weights, biases, *, pixel_range,
+                            ball=threat_model.BALLS["Linf"]):
+    """The smallest steps `d` in the norm of `ball` (one row per example, flat) with
     `weights . (points + d) = biases` and `points + d` within the pixel range; where no step in
     the range reaches the hyperplane, every coordinate moves to its bound that way."""
-    projection = PROJECTIONS[type(threat_model.ball(norm))]
-    return projection(points, weights, biases, pixel_range)
+    projection = PROJECTIONS[type(ball)]
+    return projection(points, weights, biases, pixel_range=pixel_range)
 
 
-def _towards_hyperplane(points, weights, biases, pixel_range):
+def _towards_hyperplane(points, weights, biases, *, pixel_range):
     """How far the hyperplane is (|b - w.x|), which way each coordinate moves to reach it, and
     how far the pixel range lets it move that way."""
     low, high = pixel_range
@@ -54,12 +55,13 @@ def _towards_hyperplane(points, weights, biases, pixel_range):
     return tf.abs(needed)[:, None], direction, room
 
 
-def _moving_together(points, weights, biases, pixel_range, speed):
+def _moving_together(points, weights, biases, *, pixel_range, speed):
     """Coordinate i moves towards the hyperplane by `min(t speed_i, room_i)` for a common `t`.
     The change of `weights . x`, the sum of `|w_i| min(t speed_i, room_i)`, is increasing and
     piecewise linear in `t` with breakpoints room_i / speed_i, so the smallest `t` that reaches
     the hyperplane comes from cumulative sums over the sorted breakpoints."""
-    target, direction, room = _towards_hyperplane(points, weights, biases, pixel_range)
+    target, direction, room = _towards_hyperplane(points, weights, biases,
+                                                  pixel_range=pixel_range)
     breakpoints = room / tf.maximum(speed, 1e-12)
     order = tf.argsort(breakpoints, axis=1)
     sorted_breakpoints = tf.gather(breakpoints, order, batch_dims=1)
@@ -80,20 +82,23 @@ def _moving_together(points, weights, biases, pixel_range, speed):
     return direction * tf.minimum(t * speed, room)
 
 
-def _linf_onto_hyperplane(points, weights, biases, pixel_range):
+def _linf_onto_hyperplane(points, weights, biases, *, pixel_range):
     """In L-infinity every coordinate moves alike."""
-    return _moving_together(points, weights, biases, pixel_range, tf.ones_like(weights))
+    return _moving_together(points, weights, biases, pixel_range=pixel_range,
+                            speed=tf.ones_like(weights))
 
 
-def _l2_onto_hyperplane(points, weights, biases, pixel_range):
+def _l2_onto_hyperplane(points, weights, biases, *, pixel_range):
     """In L2 each coordinate moves in proportion to its weight."""
-    return _moving_together(points, weights, biases, pixel_range, tf.abs(weights))
+    return _moving_together(points, weights, biases, pixel_range=pixel_range,
+                            speed=tf.abs(weights))
 
 
-def _l1_onto_hyperplane(points, weights, biases, pixel_range):
+def _l1_onto_hyperplane(points, weights, biases, *, pixel_range):
     """In L1 the coordinates of the largest |w_i| move first, each all its room, until the
     next one's share reaches the hyperplane: a unit of L1 moves `weights . x` most there."""
-    target, direction, room = _towards_hyperplane(points, weights, biases, pixel_range)
+    target, direction, room = _towards_hyperplane(points, weights, biases,
+                                                  pixel_range=pixel_range)
     order = tf.argsort(-tf.abs(weights), axis=1)
     sorted_weight = tf.gather(tf.abs(weights), order, batch_dims=1)
     sorted_room = tf.gather(room, order, batch_dims=1)
@@ -113,10 +118,10 @@ PROJECTIONS = {threat_model.LinfBall: _linf_onto_hyperplane,
                threat_model.L1Ball: _l1_onto_hyperplane}
 
 
-def _nearest_boundary(model, x, labels, norm):
+def _nearest_boundary(model, x, labels, *, ball):
     """The difference of logits (other class minus true class) and its gradient, for the class
-    whose linearized boundary is nearest in `norm` (distance: the difference over the dual norm
-    of its gradient)."""
+    whose linearized boundary is nearest in the norm of `ball` (distance: the difference over the
+    dual norm of its gradient)."""
     with tf.GradientTape() as tape:
         tape.watch(x)
         logits = tf.cast(devices.call_model(model, x), tf.float32)
@@ -124,7 +129,7 @@ def _nearest_boundary(model, x, labels, norm):
     jacobian = tape.batch_jacobian(differences, x)
     classes = tf.shape(logits)[1]
     per_class = tf.reshape(jacobian, (tf.shape(x)[0] * classes, -1))
-    gradient_norms = tf.reshape(threat_model.ball(norm).dual_norms(per_class), (-1, classes))
+    gradient_norms = tf.reshape(ball.dual_norms(per_class), (-1, classes))
     distances = tf.abs(differences) / (gradient_norms + 1e-12)
     distances = tf.where(tf.one_hot(labels, classes) > 0, np.inf, distances)
     nearest = tf.argmin(distances, axis=1)
@@ -132,7 +137,7 @@ def _nearest_boundary(model, x, labels, norm):
             tf.gather(jacobian, nearest, axis=1, batch_dims=1))
 
 
-def _towards_target(model, x, labels, targets):
+def _towards_target(model, x, labels, *, targets):
     """The difference of logits (true class minus target) and its gradient."""
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -143,7 +148,8 @@ def _towards_target(model, x, labels, targets):
     return difference, tape.gradient(total, x)
 
 
-def fab_steps(model, x_nat, labels, targets, noise, settings, targeted=True, random_start=False):
+def fab_steps(model, x_nat, labels, *, targets, noise, settings, targeted=True,
+              random_start=False):
     """One FAB run from `x_nat` (towards `targets`, or untargeted), from a random point at half
     epsilon given by `noise` (the threat model's start noise) where `random_start`;
     returns the closest misclassified point found (`x_nat` where none was) and its distance in
@@ -155,8 +161,8 @@ def fab_steps(model, x_nat, labels, targets, noise, settings, targeted=True, ran
 
     def difference_and_gradient(x):
         if targeted:
-            return _towards_target(model, x, labels, targets)
-        return _nearest_boundary(model, x, labels, threat.norm)
+            return _towards_target(model, x, labels, targets=targets)
+        return _nearest_boundary(model, x, labels, ball=threat.ball)
 
     def misclassified(x):
         logits = devices.call_model(model, x)
@@ -172,9 +178,10 @@ def fab_steps(model, x_nat, labels, targets, noise, settings, targeted=True, ran
         difference, gradient = difference_and_gradient(tf.reshape(x, tf.shape(x_nat)))
         weights = tf.reshape(gradient, flat_shape)
         biases = tf.reduce_sum(weights * x, axis=1) - difference
-        step_here = project_onto_hyperplane(x, weights, biases, pixel_range, threat.norm)
-        step_original = project_onto_hyperplane(x_original, weights, biases, pixel_range,
-                                                threat.norm)
+        step_here = project_onto_hyperplane(x, weights, biases, pixel_range=pixel_range,
+                                            ball=threat.ball)
+        step_original = project_onto_hyperplane(x_original, weights, biases,
+                                                pixel_range=pixel_range, ball=threat.ball)
         norm_here = tf.maximum(threat.norms(step_here), SMALLEST_NORM)
         norm_original = tf.maximum(threat.norms(step_original), SMALLEST_NORM)
         alpha = tf.clip_by_value(norm_here / (norm_here + norm_original), 0.0,
@@ -210,6 +217,9 @@ class FAB:
         seed: seeds the random starts, one stream per run.
         pixel_range: (low, high), the range of valid inputs.
         strategy: spreads each batch over its replicas.
+
+    FAB takes no `loss`: it follows the linearized boundary (a difference of logits), not a
+    loss; nor `jit_compile`: the reference has none, and XLA's effect on it is unmeasured.
     """
 
     def __init__(self, model, *, epsilon, norm="Linf", steps=100, restarts=1, targets=None,
@@ -235,24 +245,17 @@ class FAB:
                               for targeted in (True, False) for random_start in (True, False)}
         self._logits = devices.spread_logits(model, strategy)
 
-    def _noise(self, shape, run):
-        return self.settings.threat_model.noise(seeds.generator(self.seed, seeds.FAB_STARTS, run),
-                                                shape)
-
     def perturb(self, x, y):
         """Adversarial examples for `(x, y)` (arrays or tensors), float32, the shape of `x`."""
-        x, y, logits = checks.checked_with_model(x, y, self.threat_model.pixel_range,
-                                                 self._logits)
-        if self.targets is None:
-            planned = runs.untargeted_runs(y, self.restarts)
-        else:
-            planned = runs.ranked_target_runs(logits, y, count=self.targets,
-                                              restarts=self.restarts)
+        x, y, logits = checks.checked_with_model(x, y, pixel_range=self.threat_model.pixel_range,
+                                                 logits_of=self._logits)
+        planned = runs.planned_runs(logits, y, targets=self.targets, restarts=self.restarts)
 
         def attack(todo, run):
             fab_run = self._runs_by_kind[(self.targets is not None, run.restart > 0)]
-            adversarial, distance = fab_run(x[todo], y[todo], run.targets[todo],
-                                            self._noise(x[todo].shape, run.index))
+            noise = runs.start_noise(self.threat_model, seed=self.seed, stream=seeds.FAB_STARTS,
+                                     run=run.index, shape=x[todo].shape)
+            adversarial, distance = fab_run(x[todo], y[todo], run.targets[todo], noise)
             predictions = np.argmax(self._logits(adversarial), axis=1)
             epsilon = self.threat_model.epsilon
             return adversarial, (predictions != y[todo]) & (distance <= epsilon)

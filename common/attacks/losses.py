@@ -11,7 +11,8 @@ rank there is (the targeted loss on 3 classes divides by z_1 - z_3), and with 2 
 divisor is 1: the loss is then the plain margin between the two logits.
 
 A loss is a registered name or a callable `(logits, labels) -> per-example loss`; the targeted
-losses (TARGETED) take the target classes as a third argument.
+losses (TARGETED) take the target classes as a third argument, as does a callable given to a
+targeted attack (APGD-T): `(logits, labels, targets) -> per-example loss`.
 """
 
 import tensorflow as tf
@@ -88,6 +89,9 @@ def targeted_xent(logits, labels, targets):
 LOSSES = {"xent": xent, "cw": cw, "margin": margin, "targeted": targeted_xent, "dlr": dlr,
           "dlr-targeted": dlr_targeted}
 TARGETED = ("targeted", "dlr-targeted")
+# The registered losses each attack maximises (any callable loss too).
+PGD_LOSSES = ("xent", "cw", "margin", "targeted")
+APGD_LOSSES = ("xent", "dlr", "targeted", "dlr-targeted")
 
 
 def check_loss(loss, supported=tuple(LOSSES)):
@@ -99,16 +103,16 @@ def check_loss(loss, supported=tuple(LOSSES)):
         raise TypeError(f"loss must be a name or a callable (logits, labels) -> per-example "
                         f"loss. Received: loss={loss!r}")
     if loss not in supported:
-        raise ValueError(f"unknown loss {loss!r}: use one of {', '.join(supported)} or a "
-                         f"callable. Received: loss={loss!r}")
+        raise ValueError(f"unknown loss: use one of {', '.join(supported)} or a callable. "
+                         f"Received: loss={loss!r}")
     return loss
 
 
 def per_example_loss(logits, labels, loss, targets=None):
     """The loss `loss` (a registered name or a callable) per example; `targets` for the
-    targeted ones."""
+    targeted ones (a callable gets them as its third argument where they are given)."""
     if callable(loss):
-        return loss(logits, labels)
+        return loss(logits, labels) if targets is None else loss(logits, labels, targets)
     if loss in TARGETED:
         return LOSSES[check_loss(loss)](logits, labels, targets)
     return LOSSES[check_loss(loss)](logits, labels)

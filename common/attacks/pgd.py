@@ -1,5 +1,5 @@
 """Projected gradient descent (PGD), the attack of Madry et al., for any Keras model, in the
-L-infinity or the L2 norm.
+L-infinity, L2 or L1 norm (the threat model's step and projection).
 
 All steps run inside one `tf.function`. As in the original's numpy loop, the iterate is kept in
 float64 and the model sees it cast to float32: a float32 iterate drifts from the original on a
@@ -15,8 +15,6 @@ from common.attacks import checks, losses
 from common.attacks.threat_model import ThreatModel
 from common.runtime import devices, precision, seeds
 
-# The registered losses (common/attacks/losses.py) PGD maximises; any callable loss too.
-LOSS_FUNCTIONS = ("xent", "cw", "margin", "targeted")
 # On CPUs the steps are unrolled up to this many: in a graph loop's body oneDNN leaves the
 # max-pool gradient to a generic kernel, many times slower (see benchmarks/README.md); beyond
 # it, tracing would take too long.
@@ -31,12 +29,12 @@ class AttackSettings:
     steps: int
     step_size: float
     random_start: bool
-    loss: object = "xent"  # a name of LOSS_FUNCTIONS or a callable (logits, labels) -> loss
+    loss: object = "xent"  # a name of losses.PGD_LOSSES or a callable (logits, labels) -> loss
     pixel_range: tuple = (0.0, 1.0)
     norm: str = "Linf"
 
     def __post_init__(self):
-        losses.check_loss(self.loss, LOSS_FUNCTIONS)
+        losses.check_loss(self.loss, losses.PGD_LOSSES)
         for name, kind in (("epsilon", float), ("steps", int), ("step_size", float),
                            ("random_start", bool)):
             object.__setattr__(self, name, kind(getattr(self, name)))
@@ -47,7 +45,7 @@ class AttackSettings:
         return ThreatModel(self.epsilon, self.norm, self.pixel_range)
 
 
-def input_gradient(model, x, labels, loss_func, training=False, targets=None):
+def input_gradient(model, x, labels, loss, training=False, targets=None):
     """Gradient of the loss summed over the batch with respect to the float32 input `x`.
 
     Under a float16 policy the loss is scaled first, which keeps the sign of small gradients;
@@ -57,9 +55,9 @@ def input_gradient(model, x, labels, loss_func, training=False, targets=None):
     with tf.GradientTape() as tape:
         tape.watch(x)
         logits = tf.cast(devices.call_model(model, x, training), tf.float32)
-        loss = tf.reduce_sum(losses.per_example_loss(logits, labels, loss=loss_func,
-                                                     targets=targets)) * scale
-    gradient = tape.gradient(loss, x)
+        total = tf.reduce_sum(losses.per_example_loss(logits, labels, loss=loss,
+                                                      targets=targets)) * scale
+    gradient = tape.gradient(total, x)
     if scale == 1.0:
         return gradient
     return tf.where(tf.math.is_nan(gradient), tf.zeros_like(gradient), gradient)
@@ -98,7 +96,7 @@ def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=Non
         targets = losses.wrong_classes(logits, labels, 1)[:, 0]
     x = x_start
     for _ in range(settings.steps) if training or unroll else tf.range(settings.steps):
-        grad = input_gradient(model, tf.cast(x, tf.float32), labels, loss_func=settings.loss,
+        grad = input_gradient(model, tf.cast(x, tf.float32), labels, loss=settings.loss,
                               training=training, targets=targets)
         x = threat.project(threat.step(x, grad, step_size), x_nat)
     return x
@@ -156,7 +154,7 @@ class PGD:
     def __init__(self, model, *, epsilon, norm="Linf", steps=40, step_size=None, loss="xent",
                  restarts=1, random_start=True, seed=0, pixel_range=(0.0, 1.0), strategy=None,
                  jit_compile=False):
-        checks.check_keywords(steps=(steps, 0), restarts=(restarts, 1))
+        checks.check_keywords(epsilon=(epsilon, 0.0), steps=(steps, 0), restarts=(restarts, 1))
         step_size = 2.5 * epsilon / max(steps, 1) if step_size is None else step_size
         self.settings = AttackSettings(epsilon=epsilon, steps=steps, step_size=step_size,
                                        random_start=random_start, loss=loss,
@@ -205,8 +203,8 @@ class PGD:
     def attack_float64(self, x_nat, y, start=None):
         """The adversarial examples as the float64 iterate holds them; with `start`, the first
         restart begins there instead of at a drawn start point."""
-        x_nat, y, _ = checks.checked_with_model(x_nat, y, self.threat_model.pixel_range,
-                                                self._logits)
+        x_nat, y, _ = checks.checked_with_model(x_nat, y, pixel_range=self.threat_model.pixel_range,
+                                                logits_of=self._logits)
         start = self.start_point(x_nat) if start is None else np.asarray(start, np.float64)
         best = self._spread_attack(x_nat, y, start)
         if self.restarts == 1:
@@ -260,6 +258,7 @@ class LinfPGDAttack(PGD):
         With `start`, the first restart begins there instead of at a drawn start point.
         """
         if session:
-            raise TypeError("perturb(x_nat, y) takes no session: TensorFlow 2 runs the attack "
-                            "itself; pass a start point as perturb(x_nat, y, start=...)")
+            raise TypeError(f"perturb(x_nat, y) takes no session: TensorFlow 2 runs the attack "
+                            f"itself; pass a start point as perturb(x_nat, y, start=...). "
+                            f"Received: {len(session)} more positional arguments")
         return self.attack_float64(x_nat, y, start)

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 
 from common.attacks import losses
+from common.runtime import seeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,20 @@ def ranked_target_runs(logits, labels, *, count, restarts=1):
     targets = losses.wrong_classes(logits, labels, count).numpy()
     return [Run(targets[:, rank - 1], rank + restart * count, restart)
             for rank in range(1, count + 1) for restart in range(restarts)]
+
+
+def planned_runs(logits, labels, *, targets, restarts):
+    """The runs of APGD or FAB: untargeted where `targets` is None, else towards the `targets`
+    most likely wrong classes of the clean image (`logits`)."""
+    if targets is None:
+        return untargeted_runs(labels, restarts)
+    return ranked_target_runs(logits, labels, count=targets, restarts=restarts)
+
+
+def start_noise(threat, *, seed, stream, run, shape):
+    """The noise of the random start of `run` (a restart or target index) of the attack whose
+    starts draw from `stream` of `seed`, drawn by the threat model as the reference draws it."""
+    return threat.noise(seeds.generator(seed, stream, run), shape)
 
 
 def correct(logits, labels):

@@ -45,7 +45,7 @@ def square_sizes(settings, height, width):
             for query in range(settings.num_queries)]
 
 
-def square_queries(predict, x_nat, labels, settings, seed):
+def square_queries(predict, x_nat, labels, *, settings, seed):
     """Square's queries on images `x_nat` (NHWC); `predict(images)` gives logits. Returns the
     best images found and their margins (negative: broken)."""
     low, high = settings.threat_model.pixel_range
@@ -72,10 +72,10 @@ def square_queries(predict, x_nat, labels, settings, seed):
         return tf.clip_by_value(x_best + delta, lower, upper)
 
     return _search(predict, tf.clip_by_value(x_nat + epsilon * stripes, low, high), labels,
-                   settings.num_queries, propose)
+                   num_queries=settings.num_queries, propose=propose)
 
 
-def _search(predict, x_start, labels, num_queries, propose):
+def _search(predict, x_start, labels, *, num_queries, propose):
     """Square's random search from `x_start`: `propose(query, x_best)` gives each query's
     candidate images, each kept where it lowers the margin of an example not broken yet; the
     search ends after `num_queries` or once every example is broken. Returns the best images
@@ -104,7 +104,7 @@ def window_sizes(settings, height, width):
     return sides
 
 
-def _centred_rings(rows, columns, ring_power, order):
+def _centred_rings(rows, columns, *, ring_power, order):
     """A rows x columns pattern of nested rectangles around the centre, the k-th ring weighted
     1 / (k + 1)^ring_power, of unit norm of `order` (2 or 1): most of its mass at the centre."""
     pattern = np.zeros((rows, columns))
@@ -119,8 +119,9 @@ def _centred_rings(rows, columns, ring_power, order):
 def window(side, ring_power, order):
     """The reference's window of `side`: rings of + above rings of -, of unit norm of
     `order`."""
-    pattern = np.concatenate([_centred_rings(side // 2, side, ring_power, order),
-                              -_centred_rings(side - side // 2, side, ring_power, order)])
+    pattern = np.concatenate([
+        _centred_rings(side // 2, side, ring_power=ring_power, order=order),
+        -_centred_rings(side - side // 2, side, ring_power=ring_power, order=order)])
     return pattern / np.linalg.norm(pattern.ravel(), order)
 
 
@@ -163,7 +164,7 @@ L1_RULES = WindowRules(
                                                                              x_nat))
 
 
-def window_queries(predict, x_nat, labels, settings, seed, rules):
+def window_queries(predict, x_nat, labels, *, settings, seed, rules):
     """Square's L2 or L1 queries (the reference's, by `rules`): from a grid of windows of random
     signs, each query moves the perturbation's mass out of one window and into another, where
     it sets a new window of random signs per channel, the total kept at the ball's epsilon."""
@@ -221,21 +222,21 @@ def window_queries(predict, x_nat, labels, settings, seed, rules):
         pattern = placed(windows[side_index[query], draws[4] % 2], top, left)
         fresh = pattern[None] * signs((batch, 1, 1, channels), [seed, query + 2**20])
         fresh += delta * window_1 / (norm_window_1 + 1e-12)
-        fresh *= rules.mass(epsilon, norm_image, norm_windows, channels) / (
-            rules.size(fresh, (1, 2)) + 1e-12)
+        fresh *= rules.mass(epsilon=epsilon, image=norm_image, windows=norm_windows,
+                            channels=channels) / (rules.size(fresh, (1, 2)) + 1e-12)
         delta = delta * (1 - window_2) * (1 - window_1) + fresh
         return rules.into_ball(threat, x_nat, delta)
 
-    return _search(predict, rules.into_ball(threat, x_nat, init), labels, settings.num_queries,
-                   propose)
+    return _search(predict, rules.into_ball(threat, x_nat, init), labels,
+                   num_queries=settings.num_queries, propose=propose)
 
 
-def l2_square_queries(predict, x_nat, labels, settings, seed):
-    return window_queries(predict, x_nat, labels, settings, seed, L2_RULES)
+def l2_square_queries(predict, x_nat, labels, *, settings, seed):
+    return window_queries(predict, x_nat, labels, settings=settings, seed=seed, rules=L2_RULES)
 
 
-def l1_square_queries(predict, x_nat, labels, settings, seed):
-    return window_queries(predict, x_nat, labels, settings, seed, L1_RULES)
+def l1_square_queries(predict, x_nat, labels, *, settings, seed):
+    return window_queries(predict, x_nat, labels, settings=settings, seed=seed, rules=L1_RULES)
 
 
 # Square's queries per ball, keyed by the ball's class.
@@ -262,6 +263,10 @@ class Square:
         pixel_range: (low, high), the range of valid inputs.
         strategy: spreads each batch over its replicas.
         image_shape: (height, width, channels) of one input, where it is not an image already.
+
+    Square takes no `loss`: its acceptance rule is the margin loss's; no `restarts`: AutoAttack's
+    reference runs it once (another `seed` gives another run); no `jit_compile`: the reference
+    has none, and XLA's effect on it is unmeasured.
     """
 
     def __init__(self, model, *, epsilon, norm="Linf", steps=5000, p_init=0.8, seed=0,
@@ -291,8 +296,8 @@ class Square:
 
     def perturb(self, x, y):
         """Adversarial examples for `(x, y)` (arrays or tensors), float32, the shape of `x`."""
-        x, y, logits = checks.checked_with_model(x, y, self.threat_model.pixel_range,
-                                                 self._logits)
+        x, y, logits = checks.checked_with_model(x, y, pixel_range=self.threat_model.pixel_range,
+                                                 logits_of=self._logits)
 
         def attack(todo, run):
             x_adv, margins = self._spread(x[todo], y[todo])

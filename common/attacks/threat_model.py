@@ -79,7 +79,7 @@ class Ball:
     def within(self, delta, epsilon, room=None):
         raise NotImplementedError
 
-    def project(self, x, x_nat, epsilon, pixel_range):
+    def project(self, x, x_nat, *, epsilon, pixel_range):
         """The point of the ball around `x_nat` and of the pixel range nearest to `x`."""
         x_nat = tf.cast(tf.cast(x_nat, tf.float32), x.dtype)
         delta = x - x_nat
@@ -128,7 +128,7 @@ class LinfBall(Ball):
             limit = tf.minimum(limit, room)
         return tf.clip_by_value(delta, -limit, limit)
 
-    def project(self, x, x_nat, epsilon, pixel_range):
+    def project(self, x, x_nat, *, epsilon, pixel_range):
         """`x` clipped to `x_nat` +- epsilon and the pixel range, the bounds in float32 as the
         original's numpy loop computes them beside its float64 iterate."""
         low, high = pixel_range
@@ -166,7 +166,7 @@ class L2Ball(Ball):
         delta = delta * tf.minimum(epsilon, length) / (length + NORM_FLOOR)
         return delta if room is None else tf.clip_by_value(delta, -room, room)
 
-    def project(self, x, x_nat, epsilon, pixel_range):
+    def project(self, x, x_nat, *, epsilon, pixel_range):
         """The perturbation rescaled to at most epsilon, then the point clipped to the pixel
         range."""
         x_nat = tf.cast(x_nat, x.dtype)
@@ -351,7 +351,7 @@ class ThreatModel:
     def project(self, x, x_nat):
         """The point of the ball around `x_nat` and of the pixel range nearest to `x` (in L2:
         the perturbation rescaled to at most epsilon, then clipped to the pixel range)."""
-        return self.ball.project(x, x_nat, self.epsilon, self.pixel_range)
+        return self.ball.project(x, x_nat, epsilon=self.epsilon, pixel_range=self.pixel_range)
 
     def uniform_start(self, x_nat, rng):
         """PGD's random start, drawn on the host in float64 from the numpy generator `rng`: a

@@ -11,7 +11,7 @@ import os
 
 from absl import flags
 
-from common.attacks.pgd import LOSS_FUNCTIONS
+from common.attacks.losses import PGD_LOSSES
 from common.runtime.errors import UserError
 from common.training import overfitting
 from common.training.schedules import SHAPES as SCHEDULE_SHAPES
@@ -124,7 +124,7 @@ RULES = {
     "a": (float, _at_least(0), "PGD step size."),
     "step_size": (float, _at_least(0), "PGD step size."),
     "random_start": (bool, None, "PGD starts at a uniformly random point of the epsilon ball."),
-    "loss_func": (str, _one_of(*LOSS_FUNCTIONS), "Attack loss: xent (cross-entropy), cw (the "
+    "loss_func": (str, _one_of(*PGD_LOSSES), "Attack loss: xent (cross-entropy), cw (the "
                   "CW margin loss, confidence 50), margin (the same, confidence 0) or targeted "
                   "(towards the most likely wrong class)."),
     "weight_decay": (float, _at_least(0), "Weight decay on the conv and dense kernels."),

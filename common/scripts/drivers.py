@@ -7,7 +7,6 @@ import os
 
 import keras
 import numpy as np
-import tensorflow as tf
 import tqdm
 from absl import flags
 
@@ -241,7 +240,7 @@ def summary(challenge):
             challenge.config_path)
 
 
-def _autoattack_report(result, x, settings, path):
+def _autoattack_report(result, *, largest, settings, path):
     """autoattack.json: settings, package versions, accuracies, and what broke each example."""
     attacks = [{"attack": name, "robust_accuracy": accuracy}
                for name, accuracy in result.accuracy_after.items() if name != autoattack_lib.CLEAN]
@@ -252,8 +251,7 @@ def _autoattack_report(result, x, settings, path):
         "robust_accuracy": result.robust_accuracy,
         "attacks": attacks,
         "seconds": result.seconds,
-        "max_perturbation": float(np.max(threat_model.ball(settings["norm"]).norms(
-            tf.constant(result.x_adv - x)))),
+        "max_perturbation": largest,
         "broken_by": [str(name) or None for name in result.broken_by],
     }
     with written_in_place(path, "w") as target:
@@ -302,7 +300,8 @@ def autoattack(challenge):
     def main(argv):
         config = _config()
         version, names = _autoattack_choice(FLAGS.version, FLAGS.attacks)
-        if FLAGS.norm != FLAGS["norm"].default and not FLAGS["epsilon"].present:
+        linf = isinstance(threat_model.ball(FLAGS.norm), threat_model.LinfBall)
+        if not linf and not FLAGS["epsilon"].present:
             raise errors.UserError(f"--norm={FLAGS.norm} needs --epsilon, its radius in pixel "
                                    "units (the config's epsilon is the L-infinity one)")
         store = _autoattack_store(config)
@@ -331,7 +330,9 @@ def autoattack(challenge):
         result = attack.evaluate(x, y, batch_size=config["eval_batch_size"], state_path=state,
                                  run_info=run_info)
         _store_attack(result.x_adv, store)
-        _autoattack_report(result, x, {**attack.settings, **run_info}, report_path)
+        largest = autoattack_lib.largest_perturbation(attack.threat_model, result.x_adv, x)
+        _autoattack_report(result, largest=largest, settings={**attack.settings, **run_info},
+                           path=report_path)
         os.remove(state)
 
     cli.run(main, challenge.config_path)

@@ -72,6 +72,7 @@ def test_on_a_loss_that_stops_rising_the_step_size_halves_at_every_checkpoint():
 @pytest.mark.parametrize("pixel_range, epsilon, options", [
     ((0.0, 1.0), 0.3, {"loss": "xent"}), ((0.0, 255.0), 8.0, {"loss": "dlr"}),
     ((0.0, 255.0), 8.0, {"targets": 2})])
+@pytest.mark.slow
 def test_results_stay_in_the_ball_and_the_pixel_range(pixel_range, epsilon, options):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((12,))
@@ -97,6 +98,7 @@ def test_results_stay_in_the_ball_and_the_pixel_range(pixel_range, epsilon, opti
     assert np.all(np.abs(x_adv[wrong] - x[wrong]).max(axis=1) > 0)
 
 
+@pytest.mark.slow
 def test_apgd_is_at_least_as_strong_as_pgd_on_the_mnist_fixture(mnist_data, mnist_fixture):
     data = mnist_input.MNISTData(mnist_data)
     x, y = data.test_images[:100], data.test_labels[:100]

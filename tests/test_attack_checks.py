@@ -82,6 +82,7 @@ def test_a_model_returning_probabilities_is_refused(attack):
 
 
 @pytest.mark.parametrize("attack", [PGD, APGD])
+@pytest.mark.slow
 def test_a_callable_loss_equals_the_registered_one_it_writes_by_hand(attack):
     """The cross-entropy written here, -log softmax(logits)[label], takes the same steps as the
     registered `xent`."""
@@ -137,6 +138,7 @@ def test_bad_keywords_are_refused_naming_the_value():
         AutoAttack(model, epsilon=EPSILON, version="strong")
 
 
+@pytest.mark.slow
 def test_no_retracing_warning_from_attacks_on_batches_of_other_sizes():
     """Each attack on batches of three sizes, and one PGD per epsilon of a sweep: TensorFlow
     logs no retracing warning."""

@@ -28,6 +28,7 @@ def reference_mlp(saved):
 
 
 @pytest.mark.parametrize("norm", ["Linf", "L2"])
+@pytest.mark.slow
 def test_standard_autoattack_agrees_with_the_reference(norm):
     """fra31/auto-attack's standard evaluation of the same model on the same 200 images
     (tests/fixtures/README.md): robust accuracy within 1 point after each attack."""
@@ -62,6 +63,7 @@ class ThreeClasses(keras.Model):
         return self.dense(self.flatten(self.conv(x / 255.0)))
 
 
+@pytest.mark.slow
 def test_a_subclassed_model_on_images_in_0_255():
     keras.utils.set_random_seed(0)
     model = ThreeClasses()
@@ -78,6 +80,7 @@ def test_a_subclassed_model_on_images_in_0_255():
         assert 0 <= result.robust_accuracy <= 1 and result.robust.shape == (12,)
 
 
+@pytest.mark.slow
 def test_a_functional_model_of_100_classes_and_a_sequential_one_on_flat_inputs():
     keras.utils.set_random_seed(1)
     inputs = keras.Input((8, 8, 1))
@@ -104,6 +107,7 @@ def test_a_missing_epsilon_and_an_unknown_norm_are_refused():
 
 
 @pytest.mark.parametrize("norm", ["Linf", "L2"])
+@pytest.mark.slow
 def test_a_linear_model_is_broken_exactly_where_a_boundary_is_within_epsilon(norm):
     """Two classes, logits (w.x, -w.x): the smallest perturbation that flips x is |w.x| / ||w||_*
     (the dual norm: L1 for L-infinity, L2 for L2), far from the pixel range's bounds here."""
@@ -122,6 +126,7 @@ def test_a_linear_model_is_broken_exactly_where_a_boundary_is_within_epsilon(nor
     np.testing.assert_array_equal(result.robust[keep], distance[keep] > epsilon)
 
 
+@pytest.mark.slow
 def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where BackupAndRestore keeps its folder while fit runs
     readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()

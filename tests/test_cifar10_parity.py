@@ -61,6 +61,7 @@ def test_input_gradients_match_the_original(model, expected, loss_func):
     assert worst.max() <= 1e-2 * scale
 
 
+@pytest.mark.slow
 def test_attack_matches_the_original_run(model, expected):
     attack = pgd.LinfPGDAttack(model, 8.0, 10, 2.0, True, "xent", pixel_range=(0.0, 255.0))
     x_adv = attack.perturb(expected["x"], expected["y"], start=expected["pgd_start"])

@@ -31,6 +31,7 @@ def fixture_model(folder, strategy):
     return model
 
 
+@pytest.mark.slow
 def test_attack_and_scores_over_two_devices_equal_one(two_replicas, mnist_data, mnist_fixture):
     data = mnist_input.MNISTData(mnist_data)
     x, y = data.test_images[:25], data.test_labels[:25]

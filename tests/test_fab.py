@@ -4,6 +4,7 @@ the distance it finds and the examples it breaks."""
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from common.attacks import fab, threat_model
@@ -66,6 +67,7 @@ def linear_model():
     return model, np.sign(weights)
 
 
+@pytest.mark.slow
 def test_fab_finds_the_smallest_perturbation_of_a_linear_model():
     model, signs = linear_model()
     needed = np.linspace(0.05, 0.15, 16)
@@ -81,6 +83,7 @@ def test_fab_finds_the_smallest_perturbation_of_a_linear_model():
         assert np.all(np.argmax(model(x_adv).numpy(), axis=1) == 1)
 
 
+@pytest.mark.slow
 def test_fab_and_fab_t_break_exactly_the_examples_within_epsilon():
     model, signs = linear_model()
     needed = np.linspace(0.05, 0.15, 16)

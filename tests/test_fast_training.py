@@ -63,6 +63,7 @@ def xent_gradients(model, x, labels, sources):
     return tape.gradient(loss, sources)
 
 
+@pytest.mark.slow
 def test_fgsm_rs_is_one_pgd_step_of_its_size_from_a_random_start(batch, initial_weights):
     config = load(MNIST, "--training_method=fgsm_rs", "--fgsm_step_size=0.375")
     settings = MNIST.training_attack_settings(config)
@@ -102,6 +103,7 @@ def test_a_few_step_training_attack_leaves_the_evaluation_attack_alone():
         load(MNIST, "--training_attack=[2,0.2]", "--training_method=fgsm_rs")).steps == 1
 
 
+@pytest.mark.slow
 def test_free_replays_equal_a_hand_written_loop(batch, initial_weights):
     x, y = batch
     settings = pgd.AttackSettings(epsilon=EPSILON, steps=40, step_size=0.01, random_start=True)

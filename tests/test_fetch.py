@@ -34,6 +34,7 @@ def _leftovers(destination):
     return sorted(name for name in os.listdir(destination) if name != "natural.zip")
 
 
+@pytest.mark.slow
 def test_downloads_prints_the_original_lines_and_unzips(file_server, tmp_path, mnist_fixture,
                                                         capsys):
     served, url = file_server
@@ -126,6 +127,7 @@ def test_a_file_that_is_not_a_zip_is_refused(file_server, tmp_path):
     assert _leftovers(tmp_path / "challenge") == []
 
 
+@pytest.mark.slow
 def test_a_download_cut_short_leaves_nothing(file_server, tmp_path, mnist_fixture):
     served, url = file_server
     _model_zip(served, mnist_fixture)

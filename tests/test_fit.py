@@ -39,6 +39,7 @@ def compiled(model, attack, method, **options):
 
 
 @pytest.mark.parametrize("method", ["pgd", "fgsm_rs"])
+@pytest.mark.slow
 def test_a_fit_step_equals_the_challenge_loop_step(method):
     x, y = data()
     attack = PGD(small_model(), epsilon=EPSILON, steps=3, step_size=0.04)
@@ -75,6 +76,7 @@ def test_a_free_fit_step_equals_the_challenge_loops_replays():
 
 @pytest.mark.parametrize("method, options", [("pgd", {}),
                                              ("free", {"replays": 2, "batch_size": 32})])
+@pytest.mark.slow
 def test_two_replicas_take_the_step_of_one_device(two_replicas, method, options):
     x, y = data()
     one = compiled(small_model(),
@@ -123,6 +125,7 @@ def test_the_guard_stops_a_collapse_and_puts_back_the_last_good_weights():
         np.testing.assert_array_equal(restored, expected)
 
 
+@pytest.mark.slow
 def test_backup_and_restore_resumes_a_killed_run_to_the_same_end(tmp_path):
     x, y = data(32)
 

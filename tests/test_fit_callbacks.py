@@ -75,6 +75,7 @@ def test_early_stopping_puts_back_the_best_epochs_weights():
 
 
 @pytest.mark.parametrize("method", ["pgd", "trades", "free"])
+@pytest.mark.slow
 def test_fit_raises_no_retracing_warning(caplog, method):
     options = {"batch_size": 8} if method == "free" else {}
     with caplog.at_level(logging.WARNING):

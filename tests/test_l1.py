@@ -80,6 +80,7 @@ def smallest_l1_to_boundary(x, label, kernel, bias):
     return min(distances)
 
 
+@pytest.mark.slow
 def test_l1_autoattack_and_pgd_on_a_linear_model_break_exactly_what_the_box_allows():
     """AutoAttack breaks exactly the examples whose smallest L1 perturbation within the box
     is below epsilon; PGD never breaks one above it."""

@@ -98,6 +98,7 @@ def _logits_and_input_gradient(model, x, y):
     (lambda on_cpu: mnist_model.Model(on_cpu), (16, 784)),
     (lambda on_cpu: cifar_model.Model("eval", cifar_model.SIMPLE_FILTERS, on_cpu), (8, 32, 32, 3)),
 ])
+@pytest.mark.slow
 def test_both_layer_paths_give_the_same_logits_and_input_gradients(build, shape):
     """The CPU-tuned layers (used where the model runs on CPUs) and Keras' own (GPUs)."""
     keras.utils.set_random_seed(1)
@@ -123,6 +124,7 @@ def test_the_devices_decide_which_layers_a_model_gets(two_replicas):
     assert layer_classes(False) == (keras.layers.Conv2D, keras.layers.Dense)
 
 
+@pytest.mark.slow
 def test_the_attack_predicts_the_same_with_either_layer_path(mnist_fixture, mnist_data):
     """On the fixture's weights and test images, PGD-40 from the same starts through the
     CPU-tuned layers (unrolled) and through Keras' own (graph loop, as on GPUs) leaves the model

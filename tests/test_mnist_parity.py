@@ -65,6 +65,7 @@ def _original_pgd_loop(model, x_nat, y, start, epsilon, steps, step_size):
     return x
 
 
+@pytest.mark.slow
 def test_attack_equals_the_original_loop_exactly(model, expected):
     x, y, start = expected["x"][:50], expected["y"][:50], expected["pgd_start"][:50]
     attack = pgd.LinfPGDAttack(model, 0.3, 40, 0.01, True, "xent")
@@ -73,6 +74,7 @@ def test_attack_equals_the_original_loop_exactly(model, expected):
     np.testing.assert_array_equal(ours, reference)
 
 
+@pytest.mark.slow
 def test_attack_matches_the_original_run(model, expected):
     """From the recorded start, 40 steps as the original ran them on its machine.
 

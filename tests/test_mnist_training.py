@@ -107,6 +107,7 @@ def one_step(strategy, batch, initial_weights):
     return model.get_weights(), {name: value.numpy() for name, value in metrics.items()}
 
 
+@pytest.mark.slow
 def test_two_replicas_take_the_same_step_as_one_device(mnist_data, two_replicas):
     from mnist_challenge import mnist_input
     mnist = mnist_input.MNISTData(mnist_data)

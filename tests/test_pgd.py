@@ -220,6 +220,7 @@ def test_the_unrolled_loop_of_training_mode_equals_the_graph_loop():
     assert np.abs(results[0] - start).max() > 0.05
 
 
+@pytest.mark.slow
 def test_l2_pgd_stays_in_the_ball_and_the_range_and_raises_the_loss():
     rng = np.random.default_rng(10)
     x_nat = rng.uniform(0, 1, (64, 12)).astype(np.float32)
@@ -247,6 +248,7 @@ def test_an_l2_step_moves_by_the_step_size_along_the_gradient():
                                atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_unrolled_cpu_loop_equals_the_graph_loop_on_the_challenge_network(mnist_fixture,
                                                                              mnist_data):
     """On CPUs the attack unrolls its steps (oneDNN's max-pool gradient is lost inside a graph

@@ -76,6 +76,7 @@ def test_mixed_precision_attacks_within_a_point_of_float32(challenge, mode, poli
     assert 0 < reference < 1 and abs(accuracy - reference) <= 0.01, (accuracy, reference)
 
 
+@pytest.mark.slow
 def test_float16_training_scales_its_loss(policy, mnist_data):
     policy("mixed_float16")
     data = mnist_input.MNISTData(mnist_data)
@@ -97,6 +98,7 @@ def test_float16_training_scales_its_loss(policy, mnist_data):
 
 
 @pytest.mark.parametrize("mode", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.slow
 def test_mixed_precision_free_training_keeps_a_finite_perturbation(mode, policy, mnist_data):
     """The replay's input gradient comes from the scaled loss; an overflow must not reach the
     perturbation as NaN."""
@@ -119,6 +121,7 @@ def test_mixed_precision_free_training_keeps_a_finite_perturbation(mode, policy,
     assert 0 < metrics["nat_correct"].numpy() <= 50
 
 
+@pytest.mark.slow
 def test_xla_attack_gives_the_same_result(mnist_data, mnist_fixture):
     accuracy, x_adv, _ = attack_accuracy("mnist", mnist_fixture, mnist_data, examples=100)
     compiled_accuracy, compiled_x_adv, _ = attack_accuracy("mnist", mnist_fixture, mnist_data,
@@ -127,6 +130,7 @@ def test_xla_attack_gives_the_same_result(mnist_data, mnist_fixture):
     assert np.mean(np.abs(compiled_x_adv - x_adv) < 1e-6) >= 0.99
 
 
+@pytest.mark.slow
 def test_xla_training_step_gives_the_same_weights(mnist_data):
     """Adam's first step moves each weight by the learning rate times the sign of its gradient,
     so where a gradient is within round-off of zero the two compilations can move it in

@@ -4,6 +4,7 @@ smallest perturbation is well inside the ball and never those whose smallest lie
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from common.attacks import losses, square
@@ -54,6 +55,7 @@ def test_on_a_linear_model_it_finds_what_the_closed_form_allows():
     np.testing.assert_array_equal(np.argmax(model(x_adv).numpy(), axis=1)[~robust], 1)
 
 
+@pytest.mark.slow
 def test_l2_square_on_a_linear_model_finds_what_the_closed_form_allows():
     """Logits (0, w.x + b), true class 0: an example x = 1/2 - t w / |w|_2 with b = -w.1 / 2 needs
     an L2 perturbation of at least t (far from the pixel bounds)."""

@@ -80,6 +80,7 @@ def listing(folder):
     return sorted(os.listdir(folder))
 
 
+@pytest.mark.slow
 def test_mnist_lands_in_the_cache_checked_and_is_downloaded_once(served_mnist, machine):
     served, urls, requests = served_mnist
     shared, cache = machine

@@ -119,6 +119,7 @@ def mnist_mlp(seed):
                              keras.layers.Dense(10)])
 
 
+@pytest.mark.slow
 def test_a_short_trades_run_on_mnist_is_more_robust_than_natural_training(mnist_data):
     mnist = mnist_input.MNISTData(mnist_data)
     x, y = mnist.train_images[:6000], mnist.train_labels[:6000].astype(np.int64)

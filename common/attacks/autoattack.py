@@ -163,9 +163,10 @@ class AutoAttack:
         """Runs the attacks on `x` (any shape, batch first) and labels `y`, `batch_size` examples
         at a time. With `state_path`, resumes from the state file there where it holds a run of
         the same settings (and `run_info`, a JSON-able dict the caller adds to them)."""
-        x, y = checks.checked(x, y, self.threat_model.pixel_range)
-        classes = checks.check_logits(self._logits(x[:batch_size]))
-        checks.check_classes(y, classes)
+        x, y, logits = checks.checked_with_model(
+            x, y, pixel_range=self.threat_model.pixel_range,
+            logits_of=lambda checked: self._logits(checked[:batch_size]))
+        classes = logits.shape[1]
         attacks = {name: self._attack(name, classes) for name in self.attacks}
         settings = {**self.settings, **(run_info or {})}
         state = run_attacks(attacks, x, y, predict=self._logits, threat=self.threat_model,

@@ -73,16 +73,11 @@ def check_classes(y, classes):
                          f"Received: y with labels from {y.min()} to {y.max()}")
 
 
-def checked(x, y, pixel_range):
-    """(x as float32, y as int64), checked as above except against the model."""
-    x = check_inputs(x, pixel_range)
-    return x, check_labels(y, len(x))
-
-
 def checked_with_model(x, y, *, pixel_range, logits_of):
     """(x as float32, y as int64, the model's logits of x), checked as above; `logits_of(x)`
     gives the logits."""
-    x, y = checked(x, y, pixel_range)
+    x = check_inputs(x, pixel_range)
+    y = check_labels(y, len(x))
     logits = logits_of(x)
     check_classes(y, check_logits(logits))
     return x, y, logits

@@ -357,9 +357,9 @@ class ThreatModel:
         """PGD's random start, drawn on the host in float64 from the numpy generator `rng`: a
         point uniform in the ball (for L-infinity the original's `x_nat + U(-epsilon,
         epsilon)`), clipped to the pixel range."""
-        x_nat = tf.constant(np.asarray(x_nat, dtype=np.float32).astype(np.float64))
-        noise = self.ball.sample(HostDraws(rng), x_nat.shape, self.epsilon)
-        return tf.clip_by_value(x_nat + noise, *self.pixel_range).numpy()
+        x_nat = np.asarray(x_nat, dtype=np.float32).astype(np.float64)
+        noise = np.asarray(self.ball.sample(HostDraws(rng), x_nat.shape, self.epsilon))
+        return np.clip(x_nat + noise, *self.pixel_range)
 
     def random_start(self, x_nat, seed, dtype=tf.float64):
         """`uniform_start`'s distribution drawn inside a graph, from a stateless `seed` (two

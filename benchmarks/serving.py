@@ -32,7 +32,7 @@ from benchmarks import cli, peak
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPSILON = 0.3
-SLOW_PER_ADDRESS = 8
+SLOW_PER_ADDRESS = 8  # 254 addresses: --slow at most 2032
 START_SECONDS = 300
 
 PARTICIPANTS = flags.DEFINE_integer("participants", 8, "participants uploading at once",
@@ -40,7 +40,7 @@ PARTICIPANTS = flags.DEFINE_integer("participants", 8, "participants uploading a
 UPLOADS = flags.DEFINE_integer("uploads", 10, "uploads of each participant, one after another",
                                lower_bound=1)
 SLOW = flags.DEFINE_integer("slow", 64, "slow connections trickling a form upload",
-                            lower_bound=0, upper_bound=8 * 254)
+                            lower_bound=0, upper_bound=2032)
 EXAMPLES = flags.DEFINE_integer("examples", 1000, "test images per submission "
                                 "(--num_eval_examples of the server)", lower_bound=1,
                                 upper_bound=10000)

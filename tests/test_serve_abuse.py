@@ -1,9 +1,11 @@
 """The server under abuse with no proxy in front, through real sockets on the loopback range: a
 client at 127.0.0.2 holds 300 idle sockets and 20 trickling uploads against a server whose
 open-files limit is 256; meanwhile a participant at 127.0.0.1 reads the leaderboard and uploads.
-Then the access log: rotated, without tokens or status-page keys, X-Forwarded-For ignored."""
+Then the access log: rotated, without tokens or status-page keys, X-Forwarded-For ignored. And,
+in this process, the log's rate limit and the check of --forwarded_allow_ips."""
 
 import glob
+import logging
 import os
 import re
 import selectors
@@ -23,8 +25,6 @@ from serving_helpers import (
     stop_servers_after_each_test,  # noqa: F401 (an autouse fixture)
     upload,
 )
-
-pytestmark = pytest.mark.slow
 
 EXAMPLES = 200
 HEADER_TIMEOUT, STALL_TIMEOUT, UPLOAD_TIMEOUT = 3, 4, 8
@@ -152,6 +152,7 @@ def _wait_for_line(server, text, timeout):
     return _log_lines(server, text)
 
 
+@pytest.mark.slow
 def test_abusive_connections_are_closed_and_a_participant_is_served(server):
     _, token = add_participant(open_database(state_dir=server.state_dir), "Ada")
     images = mnist_test_set()[0][:EXAMPLES]
@@ -209,11 +210,13 @@ def test_abusive_connections_are_closed_and_a_participant_is_served(server):
           f"{log_after - log_before} bytes")
 
 
+@pytest.mark.slow
 def test_open_files_limit_is_raised_and_caps_the_connections(server):
     lines = _log_lines(server, "connections at once (--max_connections=1000)")
     assert len(lines) == 1 and f"at most {OPEN_FILES - 100} connections" in lines[0], lines
 
 
+@pytest.mark.slow
 def test_access_log_is_rotated_and_keeps_no_secret(server):
     _, token = add_participant(open_database(state_dir=server.state_dir))
     images = mnist_test_set()[0][:EXAMPLES]
@@ -242,3 +245,46 @@ def test_access_log_is_rotated_and_keeps_no_secret(server):
     assert re.search(r'^127\.0\.0\.1 .* "GET /api/leaderboard HTTP/1\.1" 200 .* "spoof"$', text,
                      re.MULTILINE)
     assert "203.0.113.9" not in text
+
+
+class _Kept(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_rate_limit_lets_one_warning_per_cause_through_then_counts_the_others():
+    from common.serving import connections
+
+    logger = logging.getLogger("test_serve_abuse.rate_limit")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    kept, other = _Kept(), _Kept()
+    rate_limit = connections.RateLimit(window=0.3)
+    for handler in (kept, other):  # one filter on two handlers judges each record once
+        handler.addFilter(rate_limit)
+        logger.addHandler(handler)
+    for number in range(5):
+        logger.warning("closed connection %d", number)
+        logger.info("progress %d", number)
+    logger.warning("another cause")
+    time.sleep(1)
+    expected = ["closed connection 0"] + [f"progress {number}" for number in range(5)] + [
+        "another cause", "4 more like this in 0.3 s, the last: closed connection 4"]
+    assert sorted(kept.lines) == sorted(expected)
+    assert other.lines == kept.lines
+
+
+def test_forwarded_allow_ips_takes_addresses_and_networks_only():
+    from common.runtime.errors import UserError
+    from common.serving import connections
+
+    found = connections.networks(" 127.0.0.1, 10.0.0.0/8,::1 ", "--forwarded_allow_ips")
+    assert [str(network) for network in found] == ["127.0.0.1/32", "10.0.0.0/8", "::1/128"]
+    assert connections.networks("", "--forwarded_allow_ips") == ()
+    with pytest.raises(UserError, match=r"Received: --forwarded_allow_ips='127.0.0.1,nginx' "
+                                        r"\('nginx' is not one\)"):
+        connections.networks("127.0.0.1,nginx", "--forwarded_allow_ips")

@@ -150,8 +150,9 @@ class LimitedProtocol(H11Protocol):
 
     def on_response_complete(self):
         super().on_response_complete()
-        if not self.transport.is_closing() and self.cycle is self.timed_cycle:
-            self._arm_header_timer()  # the next request on a kept-alive connection
+        if not self.transport.is_closing() and self.cycle.response_complete:
+            # The next request on a kept-alive connection (unless a pipelined one started).
+            self._arm_header_timer()
 
     # Deadlines.
 
@@ -189,11 +190,14 @@ class LimitedProtocol(H11Protocol):
 
     def _check_stall(self):
         """Closes a body that sent nothing for stall_timeout s while the server was reading
-        (reading paused by the server is no stall); else looks again when it could be one."""
+        (time with reading paused by the server counts as sending); else looks again when it
+        could be one."""
+        if self.flow.read_paused:
+            self.last_data = time.monotonic()
         quiet = time.monotonic() - self.last_data
-        if self.flow.read_paused or quiet < self.gate.stall_timeout:
-            wait = self.gate.stall_timeout - (0 if self.flow.read_paused else quiet)
-            self.body_timers[0] = self.loop.call_later(wait, self._check_stall)
+        if quiet < self.gate.stall_timeout:
+            self.body_timers[0] = self.loop.call_later(self.gate.stall_timeout - quiet,
+                                                       self._check_stall)
             return
         self._close_body(f"the upload sent nothing for {self.gate.stall_timeout:g} s",
                          "stall_timeout")

@@ -140,6 +140,15 @@ def _participant_meanwhile(url, token, images, stop, seen):
         stop.wait(0.25)
 
 
+def _access_log(server):
+    """The access log's files, oldest first, as one text."""
+    text = ""
+    for path in sorted(glob.glob(os.path.join(server.state_dir, "access.log*")), reverse=True):
+        with open(path, encoding="utf-8") as log:
+            text += log.read()
+    return text
+
+
 def _log_lines(server, text):
     with open(os.path.join(server.state_dir, "serve.log"), encoding="utf-8") as log:
         return [line for line in log if text in line]
@@ -202,6 +211,9 @@ def test_abusive_connections_are_closed_and_a_participant_is_served(server):
     closed = _wait_for_line(server, "more like this in 10 s, the last: closed a connection "
                             "from 127.0.0.2: no complete request", 5)
     assert len(closed) == 1 and " 7 more like this" in closed[0], closed
+    timed_out = [line for line in _access_log(server).splitlines()
+                 if re.match(r'127\.0\.0\.2 - - \[[^]]+\] "POST /submit HTTP/1\.1" 408 ', line)]
+    assert len(timed_out) == 8, _access_log(server)[-3000:]
     log_after = os.path.getsize(os.path.join(server.state_dir, "serve.log"))
     assert log_after - log_before < 8000, log_after - log_before
     print(f"leaderboard under abuse: {len(latencies)} answers, max {max(latencies):.3f} s; "
@@ -231,11 +243,8 @@ def test_access_log_is_rotated_and_keeps_no_secret(server):
     assert spoofed.ok
     files = sorted(glob.glob(os.path.join(server.state_dir, "access.log*")))
     assert len(files) >= 2, files  # rotated at --access_log_bytes
-    text = ""
-    for path in files:
-        assert os.path.getsize(path) <= ACCESS_LOG_BYTES, path
-        with open(path, encoding="utf-8") as log:
-            text += log.read()
+    assert all(os.path.getsize(path) <= ACCESS_LOG_BYTES for path in files)
+    text = _access_log(server)
     with open(os.path.join(server.state_dir, "serve.log"), encoding="utf-8") as log:
         text_and_log = text + log.read()
     assert token not in text_and_log and key not in text_and_log

@@ -5,10 +5,13 @@ No secret reaches it: the query string is left out, the key of a status page (`/
 an address only its participant is given) is written as `...`, and no header but the user agent
 (printable characters, at most 200) is written; tokens travel in headers and bodies, never logged.
 The client is the one the proxy-headers layer settled on (the real client behind a trusted
-proxy).
+proxy). A request the connection layer answered (408, its deadline passed) is logged with that
+status, the bytes being the application's, which went nowhere.
 """
 
 import time
+
+from common.serving import connections
 
 SECRET_PATH_PREFIXES = ("/submissions/",)
 MAX_AGENT = 200
@@ -60,5 +63,6 @@ class AccessLog:
         when = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime())
         path = _printable(shown_path(scope["path"]), 1000)
         self.logger.info('%s - - [%s] "%s %s HTTP/%s" %d %d %.3f "%s"', client, when,
-                         scope["method"], path, scope["http_version"], answer["status"] or 499,
+                         scope["method"], path, scope["http_version"],
+                         scope.get(connections.ANSWERED_HERE) or answer["status"] or 499,
                          answer["bytes"], seconds, _printable(agent, MAX_AGENT))

@@ -28,6 +28,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from common.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
+# The scope key that holds the status a request was answered with here, not by the application
+# (whose answer then goes nowhere), for the access log.
+ANSWERED_HERE = "answered_by_connection_layer"
 
 
 def networks(text, flag):
@@ -216,6 +219,7 @@ class LimitedProtocol(H11Protocol):
                     extra={"cause": flag})
         if not self.cycle.response_started:
             self.cycle.response_started = True
+            self.scope[ANSWERED_HERE] = 408
             as_json = self.scope["path"].startswith("/api/")
             self.transport.write(_raw_response(408, b"Request Timeout", message, as_json))
         self.transport.close()

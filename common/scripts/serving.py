@@ -171,18 +171,21 @@ def _route(name, handlers):
 
 
 def _raise_open_files_limit():
-    """Raises the open-files soft limit to the hard limit: the new soft limit."""
+    """Raises the open-files soft limit to the hard limit: the new soft limit (None: no
+    limit)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
+    if soft != hard and hard != resource.RLIM_INFINITY:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
+        soft = hard
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def _gate():
     """The connection caps and deadlines of the flags, --max_connections lowered to leave
     RESERVED_FILES of the open-files limit for the rest."""
     limit = _raise_open_files_limit()
-    most = min(FLAGS.max_connections, max(1, limit - RESERVED_FILES))
+    most = FLAGS.max_connections if limit is None else \
+        min(FLAGS.max_connections, max(1, limit - RESERVED_FILES))
     if most < FLAGS.max_connections:
         log.info("at most %d connections at once (--max_connections=%d): the open-files "
                  "limit is %d", most, FLAGS.max_connections, limit)

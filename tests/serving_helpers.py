@@ -7,6 +7,7 @@ import contextlib
 import glob
 import io
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -50,10 +51,11 @@ def npy_bytes(array):
 
 
 class Server:
-    """A serve.py process of `role`, started at once, its output in `state_dir`/../NAME.out."""
+    """A serve.py process of `role`, started at once, its output in `state_dir`/../NAME.out;
+    `open_files`: its (soft, hard) limit of open files, as `ulimit -n` sets them."""
 
     def __init__(self, state_dir, *flags, role="both", database_url=None, script=MNIST_SERVE,
-                 model_dir=None, data_path=None, port=None):
+                 model_dir=None, data_path=None, port=None, open_files=None):
         os.makedirs(state_dir, exist_ok=True)
         self.state_dir = str(state_dir)
         self.port = port or free_port()
@@ -71,14 +73,20 @@ class Server:
         self.output_path = f"{self.state_dir.rstrip('/')}.{role}.{uuid.uuid4().hex[:8]}.out"
         self.process = None
         self.port_tries = 0
+        self.open_files = open_files
         self.start()
 
     def start(self):
         with open(self.output_path, "ab") as output:
             self.process = subprocess.Popen(self.command, stdout=output,
                                             stderr=subprocess.STDOUT, cwd=REPO,
-                                            env=script_environment())
+                                            env=script_environment(),
+                                            preexec_fn=self._limit_open_files)
         _RUNNING.append(self)
+
+    def _limit_open_files(self):
+        if self.open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, self.open_files)
 
     def output(self):
         with open(self.output_path, encoding="utf-8", errors="replace") as output:

@@ -28,7 +28,9 @@ EXAMPLES = 200  # --num_eval_examples: the first 200 test images, to keep the te
 def test_twenty_uploads_at_once_from_five_participants_are_all_scored(tmp_path):
     images = mnist_test_set()[0][:EXAMPLES]
     state = tmp_path / "state"
-    server = Server(state, f"--num_eval_examples={EXAMPLES}").wait_ready()
+    # 20 connections at once from one address: over the default per-address cap of 16.
+    server = Server(state, f"--num_eval_examples={EXAMPLES}",
+                    "--max_connections_per_address=32").wait_ready()
     db = open_database(state_dir=state)
     # A participant added while the server runs: one line, the token, valid at once.
     added = run_serve(f"--state_dir={state}", "--add_participant=Dana Scully")

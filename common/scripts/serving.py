@@ -2,8 +2,11 @@
 reads the flags (the config keys among them: model_dir, data_path, epsilon, ...) and runs the
 web server, a scorer or both (common/serving), or adds a participant and exits."""
 
+import functools
 import logging
+import logging.handlers
 import os
+import resource
 import signal
 import socket
 import sys
@@ -18,11 +21,24 @@ from common.runtime import devices, precision
 from common.runtime.errors import UserError
 from common.scripts import cli, drivers
 from common.scripts import config as config_lib
-from common.serving import database, participants, queue, storage, uploads
+from common.serving import (
+    access,
+    connections,
+    database,
+    participants,
+    proxy,
+    queue,
+    storage,
+    uploads,
+)
 
 FLAGS = flags.FLAGS
 ROLES = ("web", "scorer", "both")
 LOG_FILE = "serve.log"
+ACCESS_LOG_FILE = "access.log"
+ACCESS_LOG_BACKUPS = 5
+# Open files kept for the database, spool files and TensorFlow beside the connections.
+RESERVED_FILES = 100
 SPOOL_FOLDER = "incoming"
 WORK_FOLDER = "scoring"
 # Files older than this, left by a killed process, are removed at start.
@@ -31,6 +47,7 @@ RESTART_SECONDS = 5
 GRACEFUL_SHUTDOWN_SECONDS = 5
 
 log = logging.getLogger("common.serving.server")
+ACCESS_LOGGER = "common.serving.access"
 
 
 class _Stop(BaseException):
@@ -62,9 +79,38 @@ def _define_flags():
                         "no longer valid, print it and exit.")
 
 
+def _define_network_flags():
+    """The web role's connection caps and deadlines, its access log and its nginx site."""
+    flags.DEFINE_integer("max_connections", 1000, "Connections the web role holds open at "
+                         "once (lowered to fit the open-files limit); more are answered 503 "
+                         "and closed.", lower_bound=1)
+    flags.DEFINE_integer("max_connections_per_address", 16, "Connections one client address "
+                         "may hold open at once (a --forwarded_allow_ips proxy: no cap); more "
+                         "are answered 503 and closed.", lower_bound=1)
+    flags.DEFINE_integer("header_timeout", 20, "Seconds a connection has to send a request's "
+                         "headers, from its opening or the previous answer; then it is closed.",
+                         lower_bound=1)
+    flags.DEFINE_integer("stall_timeout", 20, "Seconds an upload's body may send nothing; then "
+                         "it is answered 408 and closed.", lower_bound=1)
+    flags.DEFINE_integer("upload_timeout", 300, "Seconds an upload's body may take in all; then "
+                         "it is answered 408 and closed.", lower_bound=1)
+    flags.DEFINE_string("forwarded_allow_ips", "", "Addresses or networks (comma-separated) of "
+                        "proxies whose X-Forwarded-For header names the client (default: none, "
+                        "the header is ignored).")
+    flags.DEFINE_integer("access_log_bytes", 10_000_000, "Size at which the access log "
+                         f"{ACCESS_LOG_FILE} of --state_dir is rotated ({ACCESS_LOG_BACKUPS} old "
+                         "ones kept); 0: no access log.", lower_bound=0)
+    flags.DEFINE_string("nginx_config", None, "Write an nginx site for this server (TLS, its "
+                        "upload limit, deadlines and caps) to PATH and exit.")
+    flags.DEFINE_string("nginx_server_name", "example.org", "The public host name in the "
+                        "--nginx_config site, with its certificate in "
+                        "/etc/letsencrypt/live/NAME.")
+
+
 def serve(challenge):
     """serve.py: the challenge server of `challenge`."""
     _define_flags()
+    _define_network_flags()
 
     def main(argv):
         if len(argv) > 1:
@@ -99,18 +145,71 @@ def _participant(db):
 
 
 def _start_log(state_dir):
-    """Progress and errors to stderr and to state_dir/serve.log."""
+    """Progress and errors to stderr and to state_dir/serve.log, warnings of one cause at most
+    once every 10 s; requests to state_dir/access.log where --access_log_bytes is not 0."""
     formatter = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(module)s: "
                                   "%(message)s")
     handlers = [logging.StreamHandler(sys.stderr),
                 logging.FileHandler(os.path.join(state_dir, LOG_FILE), encoding="utf-8")]
+    rate_limit = connections.RateLimit()
     for handler in handlers:
         handler.setFormatter(formatter)
-    for name in ("common.serving", "uvicorn.error"):
-        logger = logging.getLogger(name)
-        logger.handlers = handlers
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+        handler.addFilter(rate_limit)
+    for name in ("common.serving", "uvicorn.error", "asyncio"):
+        _route(name, handlers)
+    if FLAGS.access_log_bytes:
+        _route(ACCESS_LOGGER, [logging.handlers.RotatingFileHandler(
+            os.path.join(state_dir, ACCESS_LOG_FILE), maxBytes=FLAGS.access_log_bytes,
+            backupCount=ACCESS_LOG_BACKUPS, encoding="utf-8")])
+
+
+def _route(name, handlers):
+    logger = logging.getLogger(name)
+    logger.handlers = handlers
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _raise_open_files_limit():
+    """Raises the open-files soft limit to the hard limit: the new soft limit (None: no
+    limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and hard != resource.RLIM_INFINITY:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _gate():
+    """The connection caps and deadlines of the flags, --max_connections lowered to leave
+    RESERVED_FILES of the open-files limit for the rest."""
+    limit = _raise_open_files_limit()
+    most = FLAGS.max_connections if limit is None else \
+        min(FLAGS.max_connections, max(1, limit - RESERVED_FILES))
+    if most < FLAGS.max_connections:
+        log.info("at most %d connections at once (--max_connections=%d): the open-files "
+                 "limit is %d", most, FLAGS.max_connections, limit)
+    return connections.Gate(most, FLAGS.max_connections_per_address, FLAGS.header_timeout,
+                            FLAGS.stall_timeout, FLAGS.upload_timeout,
+                            connections.networks(FLAGS.forwarded_allow_ips,
+                                                 "--forwarded_allow_ips"))
+
+
+def _write_nginx_config(challenge, rules):
+    host = "127.0.0.1" if FLAGS.host in ("0.0.0.0", "::", "") else FLAGS.host
+    text = proxy.nginx_site(
+        challenge.name, server_name=FLAGS.nginx_server_name,
+        upstream=f"{f'[{host}]' if ':' in host else host}:{FLAGS.port}",
+        max_body_bytes=rules.max_body_bytes, header_timeout=FLAGS.header_timeout,
+        stall_timeout=FLAGS.stall_timeout, upload_timeout=FLAGS.upload_timeout,
+        per_address=FLAGS.max_connections_per_address)
+    try:
+        with open(FLAGS.nginx_config, "w", encoding="utf-8") as site:
+            site.write(text)
+    except OSError as error:
+        raise UserError(f"cannot write --nginx_config={FLAGS.nginx_config}: "
+                        f"{error.strerror or error}") from None
+    print(f"nginx site for {challenge.name} written to {FLAGS.nginx_config}")
 
 
 def _bind(host, port):
@@ -145,10 +244,14 @@ def _rules(challenge, config):
 def _serve(challenge, db):
     config = config_lib.load_config()
     precision.set_precision(config["precision"])
+    if FLAGS.nginx_config:
+        _write_nginx_config(challenge, _rules(challenge, config))
+        return
     state_dir = os.path.abspath(FLAGS.state_dir)
     role = FLAGS.role
     listener = _bind(FLAGS.host, FLAGS.port) if role != "scorer" else None
     _start_log(state_dir)
+    gate = _gate() if role != "scorer" else None
     rules = _rules(challenge, config)
     db.agree_on("settings", rules.settings, "challenge, test images and epsilon")
     store = storage.DatabaseStore(db) if db.is_postgresql else storage.FolderStore(state_dir)
@@ -173,7 +276,20 @@ def _serve(challenge, db):
                  len(rules.images), rules.epsilon)
         _run_scorer_here(scorer)
         return
-    _web(challenge, db, store, rules, state_dir, listener, scorer, where)
+    _web(challenge, db, store, rules, state_dir, listener, scorer, where, gate)
+
+
+def _uvicorn_config(uvicorn, app, gate):
+    """uvicorn's settings: its h11 protocol under `gate`, X-Forwarded-For read only from the
+    --forwarded_allow_ips proxies, and our own access log (which hides secrets)."""
+    if FLAGS.access_log_bytes:
+        app = access.AccessLog(app, logging.getLogger(ACCESS_LOGGER))
+    trusted = [str(network) for network in gate.exempt]
+    return uvicorn.Config(
+        app, log_config=None, access_log=False, loop="asyncio", ws="none", lifespan="off",
+        http=functools.partial(connections.LimitedProtocol, gate=gate), server_header=False,
+        proxy_headers=bool(trusted), forwarded_allow_ips=trusted,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
 
 
 def _raise_stop(signum, frame):
@@ -200,7 +316,7 @@ def _run_scorer_here(scorer):
         log.info("scorer stopped")
 
 
-def _web(challenge, db, store, rules, state_dir, listener, scorer, where):
+def _web(challenge, db, store, rules, state_dir, listener, scorer, where, gate):
     import uvicorn
 
     from common.serving import web
@@ -217,10 +333,7 @@ def _web(challenge, db, store, rules, state_dir, listener, scorer, where):
              "%d uploads per participant and hour", challenge.name,
              f"[{host}]" if ":" in host else host, port, FLAGS.role, where, len(rules.images),
              rules.epsilon, FLAGS.max_submissions_per_hour)
-    server = uvicorn.Server(uvicorn.Config(
-        service.app(), log_config=None, access_log=False, http="h11", loop="asyncio",
-        ws="none", lifespan="off", server_header=False,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS))
+    server = uvicorn.Server(_uvicorn_config(uvicorn, service.app(), gate))
     stop = threading.Event()
     thread = None
     if scorer is not None:

@@ -57,7 +57,7 @@ def input_gradient(model, x, labels, loss, training=False, targets=None):
         logits = tf.cast(devices.call_model(model, x, training), tf.float32)
         total = tf.reduce_sum(losses.per_example_loss(logits, labels, loss=loss,
                                                       targets=targets)) * scale
-    gradient = tape.gradient(total, x)
+    gradient = losses.gradient(tape, total, x)
     if scale == 1.0:
         return gradient
     return tf.where(tf.math.is_nan(gradient), tf.zeros_like(gradient), gradient)

@@ -58,14 +58,16 @@ class _Run:
     image_shape: tuple
     batch_size: int
     randomized: bool
+    # The model's logits, traced once: a random op then draws anew at each call (a function
+    # traced anew under a global seed would draw the same values again).
+    predict: object
 
     @property
     def eot(self):
         return EOT_ITERATIONS["rand"] if self.randomized else 1
 
     def logits(self, x):
-        return _batched(devices.spread_logits(self.model, self.strategy), x,
-                        batch_size=self.batch_size)
+        return _batched(self.predict, x, batch_size=self.batch_size)
 
     def misclassified(self, x_adv, indices):
         """Whether the model misclassifies `x_adv`, the adversarial examples of `indices`."""
@@ -306,7 +308,8 @@ def diagnose(model, x, y, *, epsilon, norm="Linf", pixel_range=(0.0, 1.0), seed=
     probabilities = indicator("probability_outputs", _probability_share(outputs))
     attacked = log_probabilities(model) if probabilities.triggered else model
     run = _Run(model=attacked, x=x, y=y, threat=threat, seed=seed, strategy=strategy,
-               image_shape=image_shape, batch_size=batch_size, randomized=False)
+               image_shape=image_shape, batch_size=batch_size, randomized=False,
+               predict=devices.spread_logits(attacked, strategy))
     first = run.logits(x)
     checks.check_classes(y, checks.check_logits(first))
     randomized = indicator("randomized_outputs", _random_share(first, run.logits(x)))

@@ -325,23 +325,29 @@ def _diagnosis(run, attack, *, early, first_logits, progress):
     """The stages of `diagnose` once the model is known to return logits."""
     settings, examples = attack.settings, len(run.y)
     correct = np.argmax(first_logits, axis=1) == run.y
-    bar = tqdm.tqdm(STAGES, desc="diagnose", unit="stage", disable=not progress, leave=False)
-    stages = iter(bar)
+    bar = tqdm.tqdm(total=len(STAGES), desc="diagnose", unit="stage", disable=not progress,
+                    leave=False)
 
-    next(stages)
+    def stage(index):
+        """Shows stage `index` as under way, the ones before as done."""
+        bar.update(index - bar.n)
+        bar.set_description(f"diagnose: {STAGES[index]}")
+
+    stage(0)
     reported_broken, reported_trace = _reported(run, attack)
     reported_accuracy = _share(~reported_broken)
-    next(stages)
+    stage(1)
     white_broken, square_broken, apgd_accuracy = _autoattack(run, progress)
-    next(stages)
+    stage(2)
     robust_after_reported = correct & ~reported_broken
     stronger_broken, stronger_trace = _stronger(run, settings, robust_after_reported)
-    next(stages)
+    stage(3)
     left = _unbounded(run, settings, correct)
-    next(stages)
+    stage(4)
     grid = _grid(run, settings, correct, reported_broken)
-    next(stages)
+    stage(5)
     vanishing = _vanishing_gradients(run)
+    bar.update(len(STAGES) - bar.n)
     bar.close()
 
     within = [factor <= 1.0 for factor in EPSILON_FACTORS]

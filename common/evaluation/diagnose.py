@@ -35,6 +35,8 @@ STRONGER = 10
 # loss the attacks maximise.
 GRADIENT_STARTS = 4
 GRADIENT_LOSSES = ("xent", "cw", "dlr")
+# Their starts draw from the attack-starts stream at this index, apart from PGD's own.
+GRADIENT_STARTS_INDEX = 1
 # Two passes differ where a logit moves by more than this times 1 + its size.
 RANDOM_TOLERANCE = 1e-5
 # loss_not_increasing: a loss that never rises more than this times 1 + its start stalls.
@@ -246,7 +248,7 @@ def _vanishing_gradients(run):
             for loss in GRADIENT_LOSSES]), axis=0)
 
     spread = devices.Spread(run.strategy, largest)
-    rng = seeds.generator(run.seed, seeds.ATTACK_STARTS, STRONGER)
+    rng = seeds.generator(run.seed, seeds.ATTACK_STARTS, GRADIENT_STARTS_INDEX)
     points = [run.x] + [run.threat.uniform_start(run.x, rng).astype(np.float32)
                         for _ in range(GRADIENT_STARTS)]
     sizes = [_batched(spread, point, run.y, batch_size=run.batch_size) for point in points]

@@ -318,7 +318,8 @@ def diagnose(model, x, y, *, epsilon, norm="Linf", pixel_range=(0.0, 1.0), seed=
     run = dataclasses.replace(run, randomized=randomized.triggered)
     attack = attack or default_attack(attacked, threat=threat, seed=seed, strategy=strategy)
     if probabilities.triggered:
-        attack = PGD.from_settings(attacked, attack.settings, seed=seed, strategy=strategy)
+        attack = PGD.from_settings(attacked, attack.settings, restarts=attack.restarts, seed=seed,
+                                   strategy=strategy)
     return _diagnosis(run, attack, early=[randomized, probabilities], first_logits=first,
                       progress=progress)
 

@@ -132,7 +132,7 @@ def _loss_and_gradient(model, labels, *, targets, settings):
                 logits = tf.cast(devices.call_model(model, x), tf.float32)
                 loss = losses.per_example_loss(logits, labels, settings.loss, targets)
                 total = tf.reduce_sum(loss)
-            gradient += tape.gradient(total, x)
+            gradient += losses.gradient(tape, total, x)
         return loss, gradient / settings.eot_iterations, logits
 
     return loss_and_gradient

@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from common.attacks import checks, runs, threat_model
+from common.attacks import checks, losses, runs, threat_model
 from common.attacks.threat_model import ThreatModel
 from common.runtime import devices, seeds
 
@@ -126,7 +126,7 @@ def _nearest_boundary(model, x, labels, *, ball):
         tape.watch(x)
         logits = tf.cast(devices.call_model(model, x), tf.float32)
         differences = logits - tf.gather(logits, labels, axis=1, batch_dims=1)[:, None]
-    jacobian = tape.batch_jacobian(differences, x)
+    jacobian = losses.gradient(tape, differences, x, per_example=True)
     classes = tf.shape(logits)[1]
     per_class = tf.reshape(jacobian, (tf.shape(x)[0] * classes, -1))
     gradient_norms = tf.reshape(ball.dual_norms(per_class), (-1, classes))
@@ -145,7 +145,7 @@ def _towards_target(model, x, labels, *, targets):
         difference = (tf.gather(logits, labels, axis=1, batch_dims=1)
                       - tf.gather(logits, targets, axis=1, batch_dims=1))
         total = tf.reduce_sum(difference)
-    return difference, tape.gradient(total, x)
+    return difference, losses.gradient(tape, total, x)
 
 
 def fab_steps(model, x_nat, labels, *, targets, noise, settings, targeted=True,

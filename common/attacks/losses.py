@@ -13,12 +13,27 @@ divisor is 1: the loss is then the plain margin between the two logits.
 A loss is a registered name or a callable `(logits, labels) -> per-example loss`; the targeted
 losses (TARGETED) take the target classes as a third argument, as does a callable given to a
 targeted attack (APGD-T): `(logits, labels, targets) -> per-example loss`.
+
+`gradient` takes every attack's gradient with respect to its input: where the model's output
+does not depend on the input through differentiable ops (a `tf.stop_gradient`, a rounding), the
+gradient is zero rather than None, so that the attacks run on and a diagnosis can say what
+happened.
 """
 
 import tensorflow as tf
 
 CW_CONFIDENCE = 50.0
 DENOMINATOR_FLOOR = 1e-12
+
+
+def gradient(tape, target, x, *, per_example=False):
+    """The gradient of `target` with respect to the input `x` recorded on `tape`, zero where
+    `target` does not depend on `x`; with `per_example`, the Jacobian of each example's outputs
+    (`tape.batch_jacobian`), as FAB takes it."""
+    zero = tf.UnconnectedGradients.ZERO
+    if per_example:
+        return tape.batch_jacobian(target, x, unconnected_gradients=zero)
+    return tape.gradient(target, x, unconnected_gradients=zero)
 
 
 def _take(logits, classes):

@@ -45,8 +45,9 @@ class AttackSettings:
         return ThreatModel(self.epsilon, self.norm, self.pixel_range)
 
 
-def input_gradient(model, x, labels, loss, training=False, targets=None):
-    """Gradient of the loss summed over the batch with respect to the float32 input `x`.
+def input_gradient(model, x, labels, loss, training=False, targets=None, with_loss=False):
+    """Gradient of the loss summed over the batch with respect to the float32 input `x`; with
+    `with_loss`, (the gradient, the loss per example).
 
     Under a float16 policy the loss is scaled first, which keeps the sign of small gradients;
     a gradient that overflows to NaN there is taken as 0 (no step on that pixel).
@@ -55,12 +56,12 @@ def input_gradient(model, x, labels, loss, training=False, targets=None):
     with tf.GradientTape() as tape:
         tape.watch(x)
         logits = tf.cast(devices.call_model(model, x, training), tf.float32)
-        total = tf.reduce_sum(losses.per_example_loss(logits, labels, loss=loss,
-                                                      targets=targets)) * scale
-    gradient = tape.gradient(total, x)
-    if scale == 1.0:
-        return gradient
-    return tf.where(tf.math.is_nan(gradient), tf.zeros_like(gradient), gradient)
+        per_example = losses.per_example_loss(logits, labels, loss=loss, targets=targets)
+        total = tf.reduce_sum(per_example) * scale
+    gradient = losses.gradient(tape, total, x)
+    if scale != 1.0:
+        gradient = tf.where(tf.math.is_nan(gradient), tf.zeros_like(gradient), gradient)
+    return (gradient, per_example) if with_loss else gradient
 
 
 def start_point(x_nat, settings, rng):
@@ -72,7 +73,7 @@ def start_point(x_nat, settings, rng):
 
 
 def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=None,
-              unroll=False):
+              unroll=False, trace=False):
     """`settings.steps` gradient steps from `x_start` (float64), each projected back into
     the threat model's ball around `x_nat` and the pixel range.
 
@@ -85,6 +86,8 @@ def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=Non
     as they are with `unroll` (for speed on CPUs, see `unrolls`).
     `scale` (a float32 scalar, training's epsilon ramp) multiplies epsilon and the step size.
     The `targeted` loss aims at the most likely wrong class of the natural image.
+    With `trace`, returns (the iterate, the loss maximised per example at the start and after
+    each step: shape steps + 1, batch).
     """
     threat, step_size = settings.threat_model, settings.step_size
     if scale is not None:
@@ -95,11 +98,18 @@ def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=Non
         logits = tf.cast(devices.call_model(model, x_nat), tf.float32)
         targets = losses.wrong_classes(logits, labels, 1)[:, 0]
     x = x_start
-    for _ in range(settings.steps) if training or unroll else tf.range(settings.steps):
-        grad = input_gradient(model, tf.cast(x, tf.float32), labels, loss=settings.loss,
-                              training=training, targets=targets)
+    seen = tf.TensorArray(tf.float32, size=settings.steps + 1)
+    for step in range(settings.steps) if training or unroll else tf.range(settings.steps):
+        grad, loss = input_gradient(model, tf.cast(x, tf.float32), labels, loss=settings.loss,
+                                    training=training, targets=targets, with_loss=True)
+        if trace:
+            seen = seen.write(step, loss)
         x = threat.project(threat.step(x, grad, step_size), x_nat)
-    return x
+    if not trace:
+        return x
+    logits = tf.cast(devices.call_model(model, tf.cast(x, tf.float32), training), tf.float32)
+    loss = losses.per_example_loss(logits, labels, settings.loss, targets)
+    return x, seen.write(settings.steps, loss).stack()
 
 
 def unrolls(strategy, steps):
@@ -167,6 +177,7 @@ class PGD:
         self.strategy = strategy or devices.default_strategy()
         self._unroll = unrolls(self.strategy, steps)
         self._spread_attack = devices.Spread(self.strategy, self._attack_batch, jit_compile)
+        self._spread_traced = devices.Spread(self.strategy, self._traced_batch, jit_compile)
         self._spread_score = devices.Spread(self.strategy, self._score_batch)
         self._logits = devices.spread_logits(model, self.strategy)
 
@@ -181,6 +192,11 @@ class PGD:
     def _attack_batch(self, x_nat, labels, x_start):
         return pgd_steps(self.model, x_nat, labels, x_start=x_start, settings=self.settings,
                          unroll=self._unroll)
+
+    def _traced_batch(self, x_nat, labels, x_start):
+        x, seen = pgd_steps(self.model, x_nat, labels, x_start=x_start, settings=self.settings,
+                            unroll=self._unroll, trace=True)
+        return x, tf.transpose(seen)
 
     def _score_batch(self, x, labels):
         """Per example, the loss restarts compare (for a targeted attack, the cross-entropy of
@@ -200,13 +216,29 @@ class PGD:
         for _ in range(self.restarts):
             self.start_point(x_nat)
 
-    def attack_float64(self, x_nat, y, start=None):
-        """The adversarial examples as the float64 iterate holds them; with `start`, the first
-        restart begins there instead of at a drawn start point."""
+    def _checked(self, x_nat, y, start):
+        """(x_nat, y) checked, and the first restart's start: `start`, or a drawn one."""
         x_nat, y, _ = checks.checked_with_model(x_nat, y, pixel_range=self.threat_model.pixel_range,
                                                 logits_of=self._logits)
         start = self.start_point(x_nat) if start is None else np.asarray(start, np.float64)
-        best = self._spread_attack(x_nat, y, start)
+        return x_nat, y, start
+
+    def attack_float64(self, x_nat, y, start=None):
+        """The adversarial examples as the float64 iterate holds them; with `start`, the first
+        restart begins there instead of at a drawn start point."""
+        x_nat, y, start = self._checked(x_nat, y, start)
+        return self._restarted(x_nat, y, self._spread_attack(x_nat, y, start))
+
+    def perturb_with_losses(self, x, y):
+        """`perturb(x, y)`, and the loss the attack maximises per example at the start and after
+        each step of its first restart (shape: batch, steps + 1): whether the attack made
+        progress."""
+        x_nat, y, start = self._checked(x, y, None)
+        first, seen = self._spread_traced(x_nat, y, start)
+        return self._restarted(x_nat, y, first).astype(np.float32), seen
+
+    def _restarted(self, x_nat, y, best):
+        """`best`, the first restart's result, where no other restart does better."""
         if self.restarts == 1:
             return best
         best_loss, best_wrong = self._spread_score(best.astype(np.float32), y)

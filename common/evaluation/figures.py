@@ -1,6 +1,6 @@
-"""The paper's figures as PNG files, drawn with matplotlib's object interface (no global state,
-no display needed). Each function writes its file whole or not at all and returns its size in
-pixels, [width, height]."""
+"""The paper's figures and the diagnosis's as PNG files, drawn with matplotlib's object interface
+(no global state, no display needed). Each function writes its file whole or not at all and
+returns its size in pixels, [width, height]."""
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -82,5 +82,26 @@ def weight_histogram(kernel, path):
     axes = figure.add_subplot()
     axes.hist(kernel.ravel(), bins=50)
     axes.set(xlabel="weight", ylabel="count", title="first-layer weights")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def loss_quartiles(traces, path):
+    """Per attack, its loss over the iterations: the median over the examples and the band
+    between their quartiles (`traces`: attack name -> array, one row per example)."""
+    figure = Figure(figsize=(3.6 * max(len(traces), 1), 3.2))
+    for column, (name, trace) in enumerate(traces.items()):
+        axes = figure.add_subplot(1, len(traces), column + 1)
+        axes.set(xlabel="iteration", title=name)
+        if column == 0:
+            axes.set_ylabel("loss maximised")
+        if not len(trace):
+            axes.text(0.5, 0.5, "no example attacked", ha="center", transform=axes.transAxes)
+            continue
+        lower, median, upper = np.percentile(trace, [25, 50, 75], axis=0)
+        steps = np.arange(trace.shape[1])
+        axes.fill_between(steps, lower, upper, alpha=0.3, label="quartiles")
+        axes.plot(steps, median, label="median")
+        axes.legend()
     figure.tight_layout()
     return _save(figure, path)

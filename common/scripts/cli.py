@@ -16,7 +16,8 @@ from common.scripts import startup
 FLAGS = flags.FLAGS
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-?", "--help=true")
 # The modules that define the flags of the script itself, as against absl's and TensorFlow's.
-SCRIPT_FLAG_MODULES = ("common.scripts.drivers", "common.scripts.serving", "common.scripts.cli")
+SCRIPT_FLAG_MODULES = ("common.scripts.drivers", "common.scripts.diagnosing",
+                       "common.scripts.serving", "common.scripts.cli")
 WIDTH = 100
 
 

@@ -247,6 +247,7 @@ def test_closing_times_need_a_zone():
         settings.parse_time("tomorrow")
 
 
+@pytest.mark.slow
 def test_the_leaderboard_of_200000_scored_rows_answers_in_under_100_ms(tmp_path):
     db = open_database(state_dir=tmp_path)
     try:

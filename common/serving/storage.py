@@ -129,8 +129,9 @@ class FolderStore:
             raise write_error(error) from error
 
     def forget(self, submission_id):
-        """Removes the file of a submission whose transaction failed."""
-        with contextlib.suppress(FileNotFoundError):
+        """Removes the file of a submission whose transaction failed (where it got there: the
+        error that failed the transaction is the one reported)."""
+        with contextlib.suppress(OSError):
             os.remove(self.path(submission_id))
 
     @contextlib.contextmanager

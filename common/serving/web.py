@@ -146,7 +146,8 @@ class Service:
             Route("/api/submissions/{submission_id}", self.api_status, methods=["GET"]),
             Route("/api/leaderboard", self.api_leaderboard, methods=["GET"]),
         ]
-        handlers = {HTTPException: self._http_error, sa.exc.SQLAlchemyError: self._database_error}
+        handlers = {HTTPException: self._http_error, sa.exc.SQLAlchemyError: self._database_error,
+                    OSError: self._storage_error}
         return Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)],
                          exception_handlers=handlers)
 
@@ -184,6 +185,14 @@ class Service:
             return self._api_error(503, message, close=True)
         return self._render("error.html", status=503, message=message)
 
+    async def _storage_error(self, request, error):
+        """A file error no upload path turned into a Refused: 503 or 507 all the same."""
+        failed = storage.write_error(error)
+        log.error("storage error on %s %s: %s", request.method, request.url.path, error)
+        if request.url.path.startswith("/api/"):
+            return self._api_error(failed.status, failed.message, close=True)
+        return self._render("error.html", status=failed.status, message=failed.message)
+
     # Uploads, through the API and the form alike.
 
     async def _start(self, request, upload):
@@ -195,7 +204,9 @@ class Service:
             raise uploads.Refused(403, f"the challenge closed at {closed_at}: uploads are no "
                                   "longer accepted", close=True)
         length = request.headers.get("content-length", "")
-        needed = int(length) if length.strip().isdigit() else self.rules.max_body_bytes
+        needed = self.rules.max_body_bytes  # a longer body gets 413 once it is read
+        if length.strip().isdigit():
+            needed = min(int(length), needed)
         try:
             storage.check_free(self.spool_dir, 2 * needed, self.min_free_bytes)
         except storage.StorageError as full:

@@ -146,7 +146,7 @@ def test_the_total_limit_is_named_and_the_submit_page_says_what_to_send(server, 
     assert page.index('name="token"') < page.index('name="file"')
 
 
-def test_admin_commands_work_while_the_server_runs(server, db, state, images, tmp_path):
+def test_admin_commands_work_while_the_server_runs(server, db, state, images):
     name, token = add_participant(db)
     ids = [upload(server.url, token, npy_bytes(random_sign_attack(images, seed)),
                   track=track).json()["id"] for seed, track in ((7, "white-box"),
@@ -162,9 +162,6 @@ def test_admin_commands_work_while_the_server_runs(server, db, state, images, tm
     time.sleep(2.5)  # the leaderboard's cache
     assert ids[0] not in [row["id"] for row in leaderboard(server.url)]
     assert ids[1] in [row["id"] for row in leaderboard(server.url)]
-    exported = _serve(state, f"--export={tmp_path / 'board.csv'}", "--list_participants")
-    assert exported.returncode != 0 and exported.stderr.strip().splitlines() == [
-        "Error: give one admin command at a time, got --list_participants and --export"]
 
 
 def test_after_closing_uploads_get_403_and_the_board_turns_private(server, db, state, images):
@@ -189,16 +186,15 @@ def test_after_closing_uploads_get_403_and_the_board_turns_private(server, db, s
 
 
 def _other_model(folder):
-    """The MNIST fixture with its largest weight noised, as a TF1 checkpoint in `folder`."""
+    """The MNIST fixture with its last layer's weights noised, as a TF1 checkpoint in
+    `folder`."""
     source = checkpoints.latest_checkpoint(MNIST_MODEL)
     reader = tf.train.load_checkpoint(source)
-    shapes = reader.get_variable_to_shape_map()
-    largest = max(shapes, key=lambda name: np.prod(shapes[name]))
     with tf.Graph().as_default():
         variables = {}
-        for name in shapes:
+        for name in reader.get_variable_to_shape_map():
             value = reader.get_tensor(name)
-            if name == largest:
+            if name == "Variable_6":  # the logits' weights, (1024, 10)
                 value = value + np.random.default_rng(0).normal(0, value.std(), value.shape) \
                     .astype(value.dtype)
             variables[name] = tf.compat.v1.Variable(value, name=name.replace("/", "_"))

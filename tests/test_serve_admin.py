@@ -181,7 +181,8 @@ def test_after_closing_uploads_get_403_and_the_board_turns_private(server, db, s
     board = {row["id"]: row["accuracy"] for row in leaderboard(server.url)}
     assert board[late.json()["id"]] == row.private_accuracy
     page = requests.get(f"{server.url}/", timeout=30).text
-    assert "The challenge closed at 2020-01-01 08:00 UTC." in page
+    assert "The challenge closed at 2020-01-01 08:00 UTC: uploads are no\nlonger accepted." \
+        in page
     assert "Scores on the private test images" in page
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 import tensorflow as tf
-from serving_helpers import fresh_postgres_database, open_database
+from serving_helpers import database_at, open_database
 
 from common.io import checkpoints
 from common.runtime.errors import UserError
@@ -29,11 +29,8 @@ SHAPE = (20, 6)
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def backend(request, tmp_path_factory):
-    if request.param == "sqlite":
-        yield {"state_dir": tmp_path_factory.mktemp("sqlite")}
-    else:
-        with fresh_postgres_database() as url:
-            yield {"database_url": url, "state_dir": tmp_path_factory.mktemp("postgresql")}
+    with database_at(request.param, tmp_path_factory) as where:
+        yield where
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import sqlalchemy as sa
-from serving_helpers import fresh_postgres_database, open_database
+from serving_helpers import database_at, open_database
 
 from common.runtime.errors import UserError
 from common.serving import database, participants, queue, settings, storage, uploads
@@ -20,11 +20,8 @@ OPEN = queue.Limits(per_hour=10**6, refused_per_hour=10**6, total=10**6)
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def backend(request, tmp_path_factory):
-    if request.param == "sqlite":
-        yield {"state_dir": tmp_path_factory.mktemp("sqlite")}
-    else:
-        with fresh_postgres_database() as url:
-            yield {"database_url": url, "state_dir": tmp_path_factory.mktemp("postgresql")}
+    with database_at(request.param, tmp_path_factory) as where:
+        yield where
 
 
 @pytest.fixture

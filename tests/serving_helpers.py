@@ -319,3 +319,15 @@ def fresh_postgres_database():
     finally:
         with psycopg.connect(server, autocommit=True) as connection:
             connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+
+@contextlib.contextmanager
+def database_at(kind, tmp_path_factory):
+    """A fresh database of `kind` ("sqlite" or "postgresql"): open_database's keyword
+    arguments."""
+    if kind == "sqlite":
+        yield {"state_dir": tmp_path_factory.mktemp("sqlite")}
+    else:
+        with fresh_postgres_database() as url:
+            yield {"database_url": url, "state_dir": tmp_path_factory.mktemp("postgresql")}

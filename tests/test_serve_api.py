@@ -37,10 +37,11 @@ from common.runtime.errors import UserError
 pytestmark = pytest.mark.slow
 
 LIMIT_PER_HOUR = 16
+LIMIT_REFUSED = 16
 SHAPE_TEXT = "(10000,784)"
 MAX_FILE = 12 + submission.MAX_HEADER_BYTES + 8 * 10000 * 784
 VIEW_KEYS = {"id", "status", "accuracy", "error", "submitted_at", "track"}
-ROW_KEYS = {"participant", "track", "accuracy", "submitted_at"}
+ROW_KEYS = {"id", "participant", "track", "accuracy", "submitted_at"}
 
 
 class Deployment:
@@ -55,16 +56,17 @@ class Deployment:
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def deployment(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    limit = f"--max_submissions_per_hour={LIMIT_PER_HOUR}"
+    limit = [f"--max_submissions_per_hour={LIMIT_PER_HOUR}",
+             f"--max_refused_per_hour={LIMIT_REFUSED}"]
     if request.param == "sqlite":
-        server = Server(root / "state", limit).wait_ready()
+        server = Server(root / "state", *limit).wait_ready()
         db = open_database(state_dir=root / "state")
         yield Deployment("sqlite", [server], db, [root / "state" / "incoming"])
         server.stop()
         db.dispose()
         return
     with fresh_postgres_database() as url:
-        servers = [Server(root / "web", limit, role="web", database_url=url),
+        servers = [Server(root / "web", *limit, role="web", database_url=url),
                    Server(root / "scorer1", role="scorer", database_url=url),
                    Server(root / "scorer2", role="scorer", database_url=url)]
         for server in servers:
@@ -263,7 +265,8 @@ def test_an_upload_over_the_limit_is_cut_off_with_413(deployment):
         assert list(folder.iterdir()) == []
 
 
-def test_more_uploads_than_the_hourly_limit_are_refused_with_429(deployment, valid_file):
+def test_refused_uploads_over_their_own_hourly_limit_are_refused_with_429(deployment,
+                                                                          valid_file):
     _, token = deployment.participant()
     _, other = deployment.participant()
     codes = [upload(deployment.url, token, valid_file.read_bytes()).status_code]
@@ -273,11 +276,13 @@ def test_more_uploads_than_the_hourly_limit_are_refused_with_429(deployment, val
         "Content-Type": "multipart/form-data; boundary=x"})
     codes.append(big.getresponse().status)
     codes += [upload(deployment.url, token, b"not a .npy file").status_code
-              for _ in range(LIMIT_PER_HOUR - 2)]
-    assert codes == [202, 413] + [400] * (LIMIT_PER_HOUR - 2)
+              for _ in range(LIMIT_REFUSED - 1)]
+    assert codes == [202, 413] + [400] * (LIMIT_REFUSED - 1)
     refused = upload(deployment.url, token, valid_file.read_bytes())
     assert refused.status_code == 429, refused.text
-    assert f"more than {LIMIT_PER_HOUR} uploads in the last hour" in refused.json()["error"]
+    assert refused.json()["error"].startswith(
+        f"at most {LIMIT_REFUSED} refused uploads an hour (the server's "
+        "--max_refused_per_hour): try again in ")
     assert 3500 < int(refused.headers["Retry-After"]) <= 3601
     assert upload(deployment.url, other, b"not a .npy file").status_code == 400
 
@@ -303,7 +308,7 @@ def test_the_leaderboard_keeps_each_participants_best_per_track(deployment, test
     reference = [row for row in rows if row["participant"] is None]
     assert len(reference) == 1 and reference[0]["accuracy"] == clean
     assert all(set(row) == ROW_KEYS for row in rows)
-    assert reference[0] == {"participant": None, "track": None, "accuracy": clean,
+    assert reference[0] == {"id": None, "participant": None, "track": None, "accuracy": clean,
                             "submitted_at": None}
     ours = {(row["participant"], row["track"]): row for row in rows
             if row["participant"] in (alice, bob)}
@@ -322,9 +327,15 @@ def test_the_form_leads_to_a_status_page_that_refreshes_until_scored(deployment,
                            files={"file": ("form.npy", valid_file.read_bytes())})
     assert answer.status_code == 303, answer.text
     page_url = deployment.url + answer.headers["Location"]
-    assert re.fullmatch(r"/submissions/[A-Za-z0-9_-]{32}", answer.headers["Location"])
+    location = re.fullmatch(r"/submissions/([0-9a-f]{24})/[A-Za-z0-9_-]{32}",
+                            answer.headers["Location"])
+    assert location, answer.headers["Location"]
     page = requests.get(page_url, timeout=30)
     assert page.status_code == 200 and name in page.text and "form.npy" in page.text
+    # One id: the one in the address heads the page, and is the API's.
+    assert f"<h1>Submission {location.group(1)}</h1>" in page.text
+    assert status(deployment.url, token, location.group(1)).status_code == 200
+    assert re.search(r"<dd>\d{4}-\d\d-\d\d \d\d:\d\d UTC</dd>", page.text)
     assert page.headers["Referrer-Policy"] == "no-referrer"
     if "scored" not in page.text:
         assert '<meta http-equiv="refresh"' in page.text
@@ -340,4 +351,5 @@ def test_the_form_leads_to_a_status_page_that_refreshes_until_scored(deployment,
     assert refused.status_code == 401 and "unknown token" in refused.text
     # The form's answer comes after the whole body was read, on a connection kept open.
     assert refused.headers.get("Connection") != "close"
-    assert requests.get(f"{deployment.url}/submissions/{'x' * 32}", timeout=30).status_code == 404
+    assert requests.get(f"{deployment.url}/submissions/{location.group(1)}/{'x' * 32}",
+                        timeout=30).status_code == 404

@@ -79,7 +79,8 @@ def test_a_browser_submits_follows_the_status_page_and_finds_the_row(tmp_path, b
     browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     WebDriverWait(browser, 60).until(lambda driver: "/submissions/" in driver.current_url)
     status_url = browser.current_url
-    assert re.fullmatch(rf"{server.url}/submissions/[A-Za-z0-9_-]{{32}}", status_url)
+    assert re.fullmatch(rf"{server.url}/submissions/[0-9a-f]{{24}}/[A-Za-z0-9_-]{{32}}",
+                        status_url)
     seen = set()
 
     def scored(driver):

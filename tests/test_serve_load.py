@@ -2,6 +2,7 @@
 leaderboard right; and participants added with --add_participant while the server runs."""
 
 import concurrent.futures
+import gzip
 
 import numpy as np
 import pytest
@@ -64,13 +65,13 @@ def test_twenty_uploads_at_once_from_five_participants_are_all_scored(tmp_path):
     assert sorted(row.id for row in stored) == sorted(ids)
     assert all(row.attempts == 1 for row in stored)
     assert sorted(path.name for path in (state / "submissions").iterdir()) == \
-        sorted(f"{submission_id}.npy" for submission_id in ids)
+        sorted(f"{submission_id}.npy.gz" for submission_id in ids)
     # A new token for a participant: the old one stops working at once.
     reset = run_serve(f"--state_dir={state}", "--reset_token=Dana Scully")
     assert reset.returncode == 0, reset.stderr
     assert upload(server.url, people[0][1], b"x").status_code == 401
     assert upload(server.url, reset.stdout.strip(), b"x").status_code == 400
-    np.testing.assert_array_equal(np.load(state / "submissions" / f"{ids[0]}.npy"),
-                                  random_sign_attack(images, 0, 0.3))
+    with gzip.open(state / "submissions" / f"{ids[0]}.npy.gz") as stored:
+        np.testing.assert_array_equal(np.load(stored), random_sign_attack(images, 0, 0.3))
     server.stop()
     db.dispose()

@@ -9,24 +9,25 @@ import time
 
 import pytest
 import sqlalchemy as sa
-from serving_helpers import fresh_postgres_database, open_database
+from serving_helpers import database_at, open_database
 
 from common.runtime.errors import UserError
-from common.serving import database, participants, queue, storage, uploads
+from common.serving import database, participants, queue, settings, storage, uploads
+
+MODEL = "a" * 64
+OPEN = queue.Limits(per_hour=10**6, refused_per_hour=10**6, total=10**6)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def backend(request, tmp_path_factory):
-    if request.param == "sqlite":
-        yield {"state_dir": tmp_path_factory.mktemp("sqlite")}
-    else:
-        with fresh_postgres_database() as url:
-            yield {"database_url": url, "state_dir": tmp_path_factory.mktemp("postgresql")}
+    with database_at(request.param, tmp_path_factory) as where:
+        yield where
 
 
 @pytest.fixture
 def db(backend):
     db = open_database(**backend)
+    settings.adopt_model(db, MODEL)
     yield db
     db.dispose()
 
@@ -47,9 +48,10 @@ def _queue_jobs(db, backend, count, tmp_path):
         spool.write_bytes(b"data %d" % number)
         received = uploads.Received(str(spool), f"{number}.npy", spool.stat().st_size,
                                     hashlib.sha256(spool.read_bytes()).hexdigest())
-        upload_id = queue.start_upload(db, participant.id, 10**6)
-        ids.append(queue.accept(db, store, upload_id, participant.id, received, "white-box",
-                                "").id)
+        upload_id = queue.start_upload(db, participant.id, OPEN)
+        stored = (str(spool), received.size, received.sha256)
+        ids.append(queue.accept(db, store, upload_id, participant.id, received, stored,
+                                "white-box", "").id)
     return participant, ids
 
 
@@ -86,7 +88,7 @@ def test_the_rate_limit_holds_under_concurrent_uploads(db):
 
     def start(_):
         try:
-            return queue.start_upload(db, participant.id, 10)
+            return queue.start_upload(db, participant.id, queue.Limits(10, 30, 1000))
         except queue.RateLimited as limited:
             return limited
 
@@ -95,6 +97,7 @@ def test_the_rate_limit_holds_under_concurrent_uploads(db):
     assert sum(isinstance(result, int) for result in results) == 10
     refused = [result for result in results if isinstance(result, queue.RateLimited)]
     assert len(refused) == 20 and all(3590 <= result.retry_after <= 3601 for result in refused)
+    assert "at most 10 uploads an hour" in str(refused[0])
 
 
 def test_each_job_is_claimed_once_by_concurrent_scorers(db, backend, tmp_path):
@@ -104,10 +107,10 @@ def test_each_job_is_claimed_once_by_concurrent_scorers(db, backend, tmp_path):
     def scorer(number):
         claimed = []
         start.wait()
-        while (job := queue.claim(db, f"scorer{number}", 60)) is not None:
+        while (job := queue.claim(db, f"scorer{number}", 60, MODEL)) is not None:
             claimed.append(job.id)
             time.sleep(0.01)  # scoring: the others claim meanwhile
-            assert queue.finish(db, job, accuracy=0.5)
+            assert queue.finish(db, job, MODEL, queue.Score(0.5, 0.5, None))
         return claimed
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
@@ -120,17 +123,18 @@ def test_each_job_is_claimed_once_by_concurrent_scorers(db, backend, tmp_path):
 def test_a_job_whose_lease_runs_out_goes_to_another_scorer_and_is_scored_once(db, backend,
                                                                               tmp_path):
     _, (job_id,) = _queue_jobs(db, backend, 1, tmp_path)
-    first = queue.claim(db, "first", 1)
+    first = queue.claim(db, "first", 1, MODEL)
     assert first.id == job_id and first.attempts == 1 and first.taken_from is None
-    assert queue.claim(db, "second", 1) is None
+    assert queue.claim(db, "second", 1, MODEL) is None
     assert queue.renew(db, first, 1)
     time.sleep(1.3)
-    second = queue.claim(db, "second", 60)
+    second = queue.claim(db, "second", 60, MODEL)
     assert second.id == job_id and second.attempts == 2 and second.taken_from == "first"
     assert not queue.renew(db, first, 1)
-    assert not queue.finish(db, first, accuracy=0.1)  # its claim is gone: nothing written
-    assert queue.finish(db, second, accuracy=0.2)
-    assert not queue.finish(db, second, accuracy=0.3)
+    # Its claim is gone: nothing written.
+    assert not queue.finish(db, first, MODEL, queue.Score(0.1, 0.1, None))
+    assert queue.finish(db, second, MODEL, queue.Score(0.2, 0.2, None))
+    assert not queue.finish(db, second, MODEL, queue.Score(0.3, 0.3, None))
     table = db.tables.submissions
     with db.read() as connection:
         row = connection.execute(sa.select(table).where(table.c.id == job_id)).one()
@@ -140,10 +144,10 @@ def test_a_job_whose_lease_runs_out_goes_to_another_scorer_and_is_scored_once(db
 def test_a_job_that_keeps_killing_its_scorer_is_rejected(db, backend, tmp_path):
     participant, (job_id,) = _queue_jobs(db, backend, 1, tmp_path)
     for attempt in range(1, queue.MAX_ATTEMPTS + 1):
-        job = queue.claim(db, "doomed", 0.2)
+        job = queue.claim(db, "doomed", 0.2, MODEL)
         assert job.id == job_id and job.attempts == attempt
         time.sleep(0.3)
-    assert queue.claim(db, "next", 60) is None
+    assert queue.claim(db, "next", 60, MODEL) is None
     view = queue.owned(db, job_id, participant.id)
     assert view["status"] == "rejected"
     assert view["error"] == (f"could not be scored in {queue.MAX_ATTEMPTS} attempts (the "
@@ -152,13 +156,13 @@ def test_a_job_that_keeps_killing_its_scorer_is_rejected(db, backend, tmp_path):
 
 def test_a_released_job_is_queued_again_without_counting_the_attempt(db, backend, tmp_path):
     participant, (job_id,) = _queue_jobs(db, backend, 1, tmp_path)
-    job = queue.claim(db, "stopping", 60)
+    job = queue.claim(db, "stopping", 60, MODEL)
     assert queue.release(db, job)
     assert queue.owned(db, job_id, participant.id)["status"] == "queued"
-    again = queue.claim(db, "next", 60)
+    again = queue.claim(db, "next", 60, MODEL)
     assert again.id == job_id and again.attempts == 1 and again.taken_from is None
     assert queue.release(db, again, counted=True)
-    assert queue.claim(db, "next", 60).attempts == 2
+    assert queue.claim(db, "next", 60, MODEL).attempts == 2
 
 
 def test_the_stored_file_is_read_back_whole(db, backend, tmp_path):
@@ -171,8 +175,9 @@ def test_the_stored_file_is_read_back_whole(db, backend, tmp_path):
     received = uploads.Received(str(spool), "x.npy", len(data),
                                 hashlib.sha256(data).hexdigest())
     store = _store(db, backend)
-    accepted = queue.accept(db, store, queue.start_upload(db, participant.id, 10),
-                            participant.id, received, "black-box", "chunks")
+    accepted = queue.accept(db, store, queue.start_upload(db, participant.id, OPEN),
+                            participant.id, received, (str(spool), len(data), received.sha256),
+                            "black-box", "chunks")
     # The folder store moved the spool file into place; the database store copied it.
     assert spool.exists() == db.is_postgresql
     with store.opened(accepted.id, str(tmp_path)) as path:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from common.runtime.errors import UserError
-from common.serving import uploads
+from common.serving import queue, uploads
 
 IMAGES = np.random.default_rng(0).uniform(0, 1, (6, 5)).astype(np.float32)
 RULES = uploads.Rules("TEST", IMAGES, np.zeros(6, np.int64), 0.3, (0.0, 1.0), "(6,5)")
@@ -163,10 +163,30 @@ def test_an_upload_too_slow_to_finish_is_refused_with_408_leaving_nothing(tmp_pa
             yield self.body[200:]
 
     monkeypatch.setattr(web, "UPLOAD_SECONDS", 0.3)
-    service = web.Service(None, None, RULES, str(tmp_path), 10)
+    service = web.Service(None, None, RULES, str(tmp_path), queue.Limits(10, 30, 500),
+                          min_free_bytes=0)
     request = Slow(body(part("file", b"x" * 1000, "a.npy")))
     with pytest.raises(uploads.Refused) as error:
         asyncio.run(service._receive(request))
     assert (error.value.status, error.value.close) == (408, True)
     assert error.value.message == "the upload took longer than 0.3 s"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_spool_file_that_cannot_be_written_is_503_never_a_crash(tmp_path):
+    request = FakeRequest(body(part("file", b"x" * 1000, "a.npy")))
+    with pytest.raises(uploads.Refused) as error:
+        receive(request, tmp_path / "gone")
+    assert (error.value.status, error.value.close) == (503, True)
+    assert error.value.message == ("the server cannot store uploads now (No such file or "
+                                   "directory); try again later")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_form_is_refused_at_the_first_byte_of_a_file_sent_before_the_token(tmp_path):
+    async def before_file():
+        raise uploads.Refused(401, "give your token (before the file, as the form does)",
+                              close=True)
+
+    request = FakeRequest(body(part("file", b"x" * 1000, "a.npy"), part("token", b"t")))
+    refused(request, tmp_path, 401, "before the file", before_file=before_file)

@@ -7,6 +7,7 @@ mapping each model provides, with a clear error when a name or a shape does not 
 """
 
 import glob
+import hashlib
 import os
 import re
 
@@ -81,6 +82,24 @@ def _reader(path):
 def is_tf1_checkpoint(path):
     """True for checkpoints of the original TF1 code, which have no object graph."""
     return OBJECT_GRAPH_KEY not in _reader(path).get_variable_to_shape_map()
+
+
+def fingerprint(path):
+    """The SHA-256 (hex) of the checkpoint's variable values, each as its dtype, shape and bytes,
+    in the order of their names: the same weights give the same fingerprint whatever the files
+    are called or wherever they are."""
+    reader = _reader(path)
+    digest = hashlib.sha256()
+    for name in sorted(reader.get_variable_to_shape_map()):
+        if name == OBJECT_GRAPH_KEY:
+            continue
+        try:
+            value = reader.get_tensor(name)
+        except READ_ERRORS as error:
+            raise _unreadable(path, error) from error
+        digest.update(f"{value.dtype.str}{value.shape};".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def training_checkpoint(model, optimizer, global_step, **state):

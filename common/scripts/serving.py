@@ -23,11 +23,13 @@ from common.scripts import cli, drivers
 from common.scripts import config as config_lib
 from common.serving import (
     access,
+    admin,
     connections,
     database,
     participants,
     proxy,
     queue,
+    settings,
     storage,
     uploads,
 )
@@ -77,6 +79,35 @@ def _define_flags():
                         "and exit (the server may be running).")
     flags.DEFINE_string("reset_token", None, "Give the participant NAME a new token, the old one "
                         "no longer valid, print it and exit.")
+    _define_data_flags()
+
+
+def _define_data_flags():
+    """Storage, model identity, the private split and the admin commands."""
+    flags.DEFINE_integer("max_refused_per_hour", 30, "Refused uploads (a bad file, a wrong "
+                         "field) one participant may make in an hour, besides "
+                         "--max_submissions_per_hour; more are refused with 429.", lower_bound=1)
+    flags.DEFINE_integer("max_submissions_total", 500, "Submissions one participant may make in "
+                         "all; more are refused with 429.", lower_bound=1)
+    flags.DEFINE_integer("min_free_bytes", 2 << 30, "Free bytes kept on the disk of --state_dir: "
+                         "an upload that would leave less is refused with 507.", lower_bound=0)
+    flags.DEFINE_boolean("rescore", False, "Move the challenge to the model of --model_dir where "
+                         "the database holds another: every submission is scored again, the old "
+                         "scores kept off the leaderboard.")
+    flags.DEFINE_float("public_fraction", 1.0, "Fraction of the test images whose score is shown "
+                       "while the challenge is open; below 1 the leaderboard switches to the "
+                       "private rest once it closes (--closes_at).")
+    flags.DEFINE_boolean("list_participants", False, "Print each participant's name, "
+                         "submissions and best accuracy per track, and exit.")
+    flags.DEFINE_string("hide_submission", None, "Take the submission ID off the leaderboard (it "
+                        "is kept) and exit.")
+    flags.DEFINE_string("unhide_submission", None, "Put the hidden submission ID back on the "
+                        "leaderboard and exit.")
+    flags.DEFINE_string("export", None, "Write the leaderboard to PATH, as CSV or JSON by its "
+                        "extension (.csv, .json), and exit.")
+    flags.DEFINE_string("closes_at", None, "Close the challenge at this ISO 8601 time with its "
+                        "zone (2026-06-30T23:59:00+00:00; 'never' reopens it) and exit: later "
+                        "uploads get 403, accepted ones are still scored.")
 
 
 def _define_network_flags():
@@ -123,6 +154,8 @@ def serve(challenge):
             db.create()
             if FLAGS.add_participant is not None or FLAGS.reset_token is not None:
                 _participant(db)
+            elif _admin_command() is not None:
+                _admin(db, *_admin_command())
             else:
                 _serve(challenge, db)
         except sa.exc.SQLAlchemyError as error:  # the database went away while starting
@@ -142,6 +175,48 @@ def _participant(db):
         print(participants.add(db, FLAGS.add_participant))
     else:
         print(participants.add(db, FLAGS.reset_token, replace=True))
+
+
+ADMIN_FLAGS = ("list_participants", "hide_submission", "unhide_submission", "export",
+               "closes_at")
+
+
+def _admin_command():
+    """The admin command given, as (flag name, value), or None; UserError for two."""
+    given = [(name, FLAGS[name].value) for name in ADMIN_FLAGS
+             if FLAGS[name].value not in (None, False)]
+    if len(given) > 1:
+        raise UserError(f"give one admin command at a time, got --{given[0][0]} and "
+                        f"--{given[1][0]}")
+    return given[0] if given else None
+
+
+def _admin(db, command, value):
+    """Runs the admin command `command` (a flag's name) with the flag's `value`."""
+    if command == "list_participants":
+        _print_standings(admin.standings(db))
+    elif command in ("hide_submission", "unhide_submission"):
+        admin.set_hidden(db, value, hidden=command == "hide_submission")
+        print(f"submission {value} is {'off' if command == 'hide_submission' else 'back on'} "
+              "the leaderboard")
+    elif command == "export":
+        print(f"wrote {admin.export(db, value)} leaderboard rows to {value}")
+    elif value.strip().lower() == "never":
+        settings.set_closing(db, None)
+        print("the challenge is open, with no closing time")
+    else:
+        seconds = settings.parse_time(value)
+        settings.set_closing(db, seconds)
+        print(f"the challenge closes at {queue.shown_time(seconds)}")
+
+
+def _print_standings(standings):
+    tracks = queue.TRACKS
+    print("\t".join(("participant", "submissions", *(f"best {track}" for track in tracks))))
+    for standing in standings:
+        best = [f"{100 * standing.best[track]:.2f}%" if track in standing.best else "-"
+                for track in tracks]
+        print("\t".join((standing.name, str(standing.submissions), *best)))
 
 
 def _start_log(state_dir):
@@ -254,6 +329,7 @@ def _serve(challenge, db):
     gate = _gate() if role != "scorer" else None
     rules = _rules(challenge, config)
     db.agree_on("settings", rules.settings, "challenge, test images and epsilon")
+    fingerprint, public = _challenge_state(db, config, len(rules.images))
     store = storage.DatabaseStore(db) if db.is_postgresql else storage.FolderStore(state_dir)
     scorer = None
     if role != "web":
@@ -266,8 +342,7 @@ def _serve(challenge, db):
         os.makedirs(work_dir, exist_ok=True)
         _remove_stale(work_dir)
         scorer = scorer_lib.Scorer(db, store, work_dir, rules, model, strategy,
-                                   challenge.prediction_batch_size,
-                                   checkpoints.latest_checkpoint(config["model_dir"]),
+                                   challenge.prediction_batch_size, fingerprint, public,
                                    FLAGS.job_timeout)
     signal.signal(signal.SIGTERM, _raise_stop)
     where = f"database {db.shown_url}, state in {state_dir}"
@@ -292,6 +367,20 @@ def _uvicorn_config(uvicorn, app, gate):
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
 
 
+def _challenge_state(db, config, examples):
+    """The fingerprint of the model of --model_dir, recorded as the challenge's (or moved to,
+    with --rescore), and the public test images (None: all)."""
+    checkpoint = checkpoints.latest_checkpoint(config["model_dir"])
+    if checkpoint is None:
+        raise UserError(f"No checkpoint found in {config['model_dir']}")
+    fingerprint = checkpoints.fingerprint(checkpoint)
+    requeued = settings.adopt_model(db, fingerprint, rescore=FLAGS.rescore)
+    log.info("model %s (%s)%s", settings.short(fingerprint), checkpoint,
+             f": the challenge moved to it, {requeued} submissions queued again to be scored "
+             "on it" if FLAGS.rescore else "")
+    return fingerprint, settings.public_subset(db, examples, FLAGS.public_fraction)
+
+
 def _raise_stop(signum, frame):
     raise _Stop()
 
@@ -299,7 +388,7 @@ def _raise_stop(signum, frame):
 def _scorer_loop(scorer, stop):
     """Runs the scorer until `stop`, restarting it after a failure (a database that went
     away)."""
-    while not stop.is_set():
+    while not stop.is_set() and not scorer.retired:
         try:
             scorer.run(stop)
         except Exception:
@@ -314,6 +403,8 @@ def _run_scorer_here(scorer):
     except (_Stop, KeyboardInterrupt):
         scorer.give_back()
         log.info("scorer stopped")
+    if scorer.retired:
+        raise UserError(f"{scorer.retired}: start the scorer with that model")
 
 
 def _web(challenge, db, store, rules, state_dir, listener, scorer, where, gate):
@@ -326,8 +417,10 @@ def _web(challenge, db, store, rules, state_dir, listener, scorer, where, gate):
     _remove_stale(spool_dir)
     if isinstance(store, storage.FolderStore):
         known = queue.submission_ids(db)
-        _remove_stale(store.folder, keep=lambda name: name[:-len(".npy")] in known)
-    service = web.Service(db, store, rules, spool_dir, FLAGS.max_submissions_per_hour)
+        _remove_stale(store.folder, keep=lambda name: name[:-len(storage.SUFFIX)] in known)
+    limits = queue.Limits(FLAGS.max_submissions_per_hour, FLAGS.max_refused_per_hour,
+                          FLAGS.max_submissions_total)
+    service = web.Service(db, store, rules, spool_dir, limits, FLAGS.min_free_bytes)
     host, port = listener.getsockname()[:2]
     log.info("%s challenge on http://%s:%d (role %s): %s; %d test images, epsilon %g, at most "
              "%d uploads per participant and hour", challenge.name,

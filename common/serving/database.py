@@ -22,7 +22,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from common.runtime.errors import UserError
 
 SQLITE_FILE = "serve.sqlite3"
-SCHEMA_VERSION = 1
+# The meta key of the fingerprint of the model the challenge is scored on.
+MODEL = "model"
+SCHEMA_VERSION = 2
 # Held while PostgreSQL's tables are created, so that processes starting together do not race.
 _SCHEMA_LOCK = 0x6D616472795F73
 _SQLITE_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
@@ -68,8 +70,17 @@ class Tables:
             sa.Column("filename", sa.String(200), nullable=False),
             sa.Column("size", sa.BigInteger, nullable=False),
             sa.Column("sha256", sa.String(64), nullable=False),
+            # The stored file: the upload compacted (storage.compact) and compressed.
+            sa.Column("stored_size", sa.BigInteger, nullable=False),
+            sa.Column("stored_sha256", sa.String(64), nullable=False),
             sa.Column("status", sa.String(16), nullable=False),
+            # The score of the model `model` (its fingerprint): on every test image, on the
+            # public subset and on the private rest (None without a private split).
             sa.Column("accuracy", sa.Float),
+            sa.Column("public_accuracy", sa.Float),
+            sa.Column("private_accuracy", sa.Float),
+            sa.Column("model", sa.String(64)),
+            sa.Column("hidden", sa.Boolean, nullable=False, default=False),
             sa.Column("error", sa.Text),
             sa.Column("submitted_at", sa.Float, nullable=False),
             sa.Column("started_at", sa.Float),
@@ -78,7 +89,23 @@ class Tables:
             sa.Column("claim", sa.String(32)),
             sa.Column("scorer", sa.String(200)),
             sa.Column("lease_until", sa.Float),
-            sa.Index(f"{prefix}submissions_queue", "status", "submitted_at"))
+            sa.Index(f"{prefix}submissions_queue", "status", "submitted_at"),
+            # A participant's best per track is one seek in these (queue.leaderboard).
+            *(sa.Index(f"{prefix}submissions_best_{column}", "participant_id", "track", "model",
+                       "status", "hidden", column, "submitted_at", "id")
+              for column in ("public_accuracy", "private_accuracy")))
+        # Every score a submission was given, by which model: kept when the challenge moves to
+        # another model (--rescore).
+        self.scores = sa.Table(
+            f"{prefix}scores", metadata,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("submission_id", sa.String(32), sa.ForeignKey(self.submissions.c.id),
+                      nullable=False, index=True),
+            sa.Column("model", sa.String(64), nullable=False),
+            sa.Column("accuracy", sa.Float, nullable=False),
+            sa.Column("public_accuracy", sa.Float, nullable=False),
+            sa.Column("private_accuracy", sa.Float),
+            sa.Column("scored_at", sa.Float, nullable=False))
         # The files of the submissions, where the database holds them (PostgreSQL).
         self.chunks = sa.Table(
             f"{prefix}submission_chunks", metadata,
@@ -86,10 +113,11 @@ class Tables:
                       primary_key=True),
             sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
             sa.Column("data", sa.LargeBinary, nullable=False))
-        # Settings every process must agree on, and the model's clean accuracy.
+        # Settings every process must agree on, the model's fingerprint, the public subset, the
+        # closing time and the clean accuracy of each model.
         self.meta = sa.Table(
             f"{prefix}meta", metadata,
-            sa.Column("key", sa.String(64), primary_key=True),
+            sa.Column("key", sa.String(100), primary_key=True),
             sa.Column("value", sa.Text, nullable=False))
 
 
@@ -148,14 +176,19 @@ class Database:
             with connection.begin():
                 yield connection
 
+    def lock(self, connection):
+        """Makes processes starting together set the database up one at a time (on SQLite the
+        write transaction is that lock already)."""
+        if self.is_postgresql:
+            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"),
+                               {"key": _SCHEMA_LOCK})
+
     def create(self):
         """Creates the tables where missing and checks the schema's version; UserError where
         the database cannot be reached."""
         try:
             with self.write() as connection:
-                if self.is_postgresql:
-                    connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"),
-                                       {"key": _SCHEMA_LOCK})
+                self.lock(connection)
                 self.tables.metadata.create_all(connection)
                 version = get_meta(connection, self.tables, "schema")
                 if version is None:
@@ -171,9 +204,7 @@ class Database:
         """Stores `value` under `key` where nothing is stored yet; UserError where another value
         is (servers sharing a database must check submissions alike)."""
         with self.write() as connection:
-            if self.is_postgresql:  # processes starting together: one at a time
-                connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"),
-                                   {"key": _SCHEMA_LOCK})
+            self.lock(connection)
             stored = get_meta(connection, self.tables, key)
             if stored is None:
                 set_meta(connection, self.tables, key, value)

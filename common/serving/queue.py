@@ -12,8 +12,15 @@ lease that the scorer `renew`s while it works; its result is written only while 
 still the job's (`finish`), so a job taken over after a timeout is scored once. A job claimed
 MAX_ATTEMPTS times without a result (a submission that kills its scorer) is rejected.
 
-The rate limit counts every upload a participant started in the last hour, accepted or
-refused, in the transaction that records the new one, under a lock of the participant's row.
+Each score records the fingerprint of the model that gave it (`model`); the leaderboard shows
+only the scores of the challenge's current model, and `requeue_all` queues every submission
+again when the challenge moves to another model (the old scores stay in the scores table).
+
+The rate limits count the uploads a participant started in the last hour, in the transaction
+that records the new one, under a lock of the participant's row: those accepted or still being
+received against one allowance, those refused against their own, larger one (a participant
+fumbling with the file format is not locked out, a flood is stopped); and the accepted
+submissions of all time against a third.
 """
 
 import dataclasses
@@ -23,8 +30,7 @@ import secrets
 
 import sqlalchemy as sa
 
-from common.serving import storage
-from common.serving.database import get_meta, set_meta
+from common.serving.database import MODEL, get_meta, set_meta
 
 QUEUED, SCORING, SCORED, REJECTED = "queued", "scoring", "scored", "rejected"
 TRACKS = ("white-box", "black-box")
@@ -36,12 +42,36 @@ REFERENCE = "reference"
 
 
 class RateLimited(Exception):
-    """Too many uploads in the last hour; `retry_after` seconds until one more is allowed."""
+    """An upload over one of the limits; `retry_after` seconds until one more is allowed (None
+    where waiting does not help)."""
 
-    def __init__(self, limit, retry_after):
-        super().__init__(f"more than {limit} uploads in the last hour: try again in "
-                         f"{retry_after} s")
+    def __init__(self, message, retry_after=None):
+        super().__init__(message)
         self.retry_after = retry_after
+
+
+class ModelChanged(Exception):
+    """The challenge moved to another model (--rescore) than the one this scorer has."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Uploads per participant: accepted (or being received) per hour, refused per hour, and
+    accepted submissions in all."""
+
+    per_hour: int
+    refused_per_hour: int
+    total: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """A model's accuracy on a submission: on every test image, on the public subset, and on
+    the private rest (None without a private split)."""
+
+    accuracy: float
+    public: float
+    private: float | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +83,8 @@ class Job:
     participant: str
     track: str
     filename: str
-    size: int
-    sha256: str
+    stored_size: int
+    stored_sha256: str
     attempts: int
     taken_from: str | None  # the scorer whose lease ran out, where the job was one
 
@@ -67,28 +97,53 @@ def iso_time(seconds):
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def shown_time(seconds):
+    """A time as pages and messages show it: date, time of day and zone (UTC), or a dash."""
+    if seconds is None:
+        return "—"
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
 def page_hash(page_key):
     return hashlib.sha256(page_key.encode()).hexdigest()
 
 
-def start_upload(db, participant_id, limit):
-    """Records an upload by the participant and returns its id; RateLimited where `limit`
-    uploads were started in the last hour (that one is not recorded)."""
+def start_upload(db, participant_id, limits):
+    """Records an upload by the participant and returns its id; RateLimited, nothing recorded,
+    where it would pass one of the `limits`."""
     uploads, participants = db.tables.uploads, db.tables.participants
+    submissions = db.tables.submissions
     with db.write() as connection:
         connection.execute(sa.select(participants.c.id).where(participants.c.id == participant_id)
                            .with_for_update())
         now = connection.execute(sa.select(db.now)).scalar_one()
         recent = connection.execute(
-            sa.select(uploads.c.at).where(uploads.c.participant_id == participant_id,
-                                          uploads.c.at > now - RATE_WINDOW_SECONDS)
-            .order_by(uploads.c.at)).scalars().all()
-        if len(recent) >= limit:
-            oldest = recent[len(recent) - limit]
-            raise RateLimited(limit, max(1, int(oldest + RATE_WINDOW_SECONDS - now) + 1))
+            sa.select(uploads.c.at, uploads.c.outcome)
+            .where(uploads.c.participant_id == participant_id,
+                   uploads.c.at > now - RATE_WINDOW_SECONDS)
+            .order_by(uploads.c.at)).all()
+        counted = [row.at for row in recent if row.outcome in ("receiving", "accepted")]
+        refused = [row.at for row in recent if row.outcome not in ("receiving", "accepted")]
+        _check_hourly(counted, limits.per_hour, now, "uploads an hour (accepted or being "
+                      "received; the server's --max_submissions_per_hour)")
+        _check_hourly(refused, limits.refused_per_hour, now, "refused uploads an hour (the "
+                      "server's --max_refused_per_hour)")
+        total = connection.execute(sa.select(sa.func.count()).where(
+            submissions.c.participant_id == participant_id)).scalar_one()
+        if total >= limits.total:
+            raise RateLimited(f"you have {total} submissions, the most one participant may "
+                              f"make ({limits.total}, the server's --max_submissions_total)")
         return connection.execute(sa.insert(uploads).values(
             participant_id=participant_id, at=now, outcome="receiving")
             .returning(uploads.c.id)).scalar_one()
+
+
+def _check_hourly(times, limit, now, what):
+    """RateLimited where `limit` of the upload `times` (sorted) fall in the last hour."""
+    if len(times) >= limit:
+        retry_after = max(1, int(times[len(times) - limit] + RATE_WINDOW_SECONDS - now) + 1)
+        raise RateLimited(f"at most {limit} {what}: try again in {retry_after} s", retry_after)
 
 
 def end_upload(db, upload_id, outcome):
@@ -105,22 +160,22 @@ class Accepted:
     page_key: str
 
 
-def accept(db, store, upload_id, participant_id, received, track, attack):
-    """Keeps the received file and queues its job, durably, in one transaction; returns the
-    submission's id and the key of its status page."""
+def accept(db, store, upload_id, participant_id, received, stored, track, attack):
+    """Keeps the `stored` file (`storage.compact`'s path, size and SHA-256 of the `received`
+    upload) and queues its job, durably, in one transaction; returns the submission's id and
+    the key of its status page."""
     submissions, uploads = db.tables.submissions, db.tables.uploads
     submission_id = secrets.token_hex(12)
     page_key = secrets.token_urlsafe(24)
-    # The file's bytes reach the disk before the write lock is taken: a large flush under it
-    # would hold up every other upload and the scorers' lease renewals.
-    storage.fsync_file(received.path)
+    stored_path, stored_size, stored_sha256 = stored
     try:
         with db.write() as connection:
             connection.execute(sa.insert(submissions).values(
                 id=submission_id, participant_id=participant_id, page_hash=page_hash(page_key),
                 track=track, attack=attack, filename=received.filename, size=received.size,
-                sha256=received.sha256, status=QUEUED, submitted_at=db.now, attempts=0))
-            store.keep(connection, submission_id, received.path)
+                sha256=received.sha256, stored_size=stored_size, stored_sha256=stored_sha256,
+                status=QUEUED, submitted_at=db.now, attempts=0, hidden=False))
+            store.keep(connection, submission_id, stored_path)
             connection.execute(sa.update(uploads).where(uploads.c.id == upload_id)
                                .values(outcome="accepted", submission_id=submission_id))
     except BaseException:
@@ -129,12 +184,17 @@ def accept(db, store, upload_id, participant_id, received, track, attack):
     return Accepted(submission_id, page_key)
 
 
-def claim(db, scorer, lease_seconds):
+def claim(db, scorer, lease_seconds, model):
     """Claims the oldest job that is queued, or whose lease ran out; returns the Job or None.
-    A job claimed MAX_ATTEMPTS times already is rejected instead."""
+    A job claimed MAX_ATTEMPTS times already is rejected instead. ModelChanged where the
+    challenge's model is no longer `model` (a fingerprint)."""
     submissions, participants = db.tables.submissions, db.tables.participants
     while True:
         with db.write() as connection:
+            current = get_meta(connection, db.tables, MODEL)
+            if current != model:
+                raise ModelChanged(f"the challenge moved to model {current[:12]}; this scorer "
+                                   f"has {model[:12]}")
             row = connection.execute(
                 sa.select(submissions.c.id, submissions.c.attempts, submissions.c.status,
                           submissions.c.scorer)
@@ -157,8 +217,9 @@ def claim(db, scorer, lease_seconds):
                 lease_until=db.now + lease_seconds, attempts=submissions.c.attempts + 1))
             job = connection.execute(
                 sa.select(submissions.c.id, submissions.c.claim, participants.c.name,
-                          submissions.c.track, submissions.c.filename, submissions.c.size,
-                          submissions.c.sha256, submissions.c.attempts)
+                          submissions.c.track, submissions.c.filename,
+                          submissions.c.stored_size, submissions.c.stored_sha256,
+                          submissions.c.attempts)
                 .join(participants, participants.c.id == submissions.c.participant_id)
                 .where(submissions.c.id == row.id)).one()
             return Job(*job, taken_from=row.scorer if row.status == SCORING else None)
@@ -178,14 +239,22 @@ def renew(db, job, lease_seconds):
     return result.rowcount == 1
 
 
-def finish(db, job, accuracy=None, error=None):
-    """Writes the job's result (its accuracy, or the error that rejects it); False, and nothing
-    written, where the claim is no longer this one's."""
-    values = {"status": SCORED, "accuracy": accuracy} if error is None else \
-        {"status": REJECTED, "error": error}
+def finish(db, job, model, score=None, error=None):
+    """Writes the job's result (the Score given by `model`, a fingerprint, or the error that
+    rejects the submission); False, and nothing written, where the claim is no longer this
+    one's."""
+    submissions = db.tables.submissions
+    values = {"status": REJECTED, "error": error} if score is None else {
+        "status": SCORED, "accuracy": score.accuracy, "public_accuracy": score.public,
+        "private_accuracy": score.private, "model": model}
     with db.write() as connection:
-        result = connection.execute(sa.update(db.tables.submissions).where(_mine(db, job)).values(
+        result = connection.execute(sa.update(submissions).where(_mine(db, job)).values(
             finished_at=db.now, claim=None, lease_until=None, **values))
+        if result.rowcount == 1 and score is not None:
+            connection.execute(sa.insert(db.tables.scores).values(
+                submission_id=job.id, model=model, accuracy=score.accuracy,
+                public_accuracy=score.public, private_accuracy=score.private,
+                scored_at=db.now))
     return result.rowcount == 1
 
 
@@ -200,30 +269,39 @@ def release(db, job, counted=False):
     return result.rowcount == 1
 
 
+def _shown(submissions, private):
+    """The score the pages show: on the private rest once a challenge with a private split
+    closed, else on the public subset (every image without a split)."""
+    return submissions.c.private_accuracy if private else submissions.c.public_accuracy
+
+
 def _public(row):
-    return {"id": row.id, "status": row.status, "accuracy": row.accuracy, "error": row.error,
+    return {"id": row.id, "status": row.status, "accuracy": row.shown, "error": row.error,
             "submitted_at": iso_time(row.submitted_at), "track": row.track}
 
 
-def owned(db, submission_id, participant_id):
+def owned(db, submission_id, participant_id, private=False):
     """The API's view of a submission of the participant, or None (unknown, or another's)."""
     submissions = db.tables.submissions
     with db.read() as connection:
-        row = connection.execute(sa.select(submissions).where(
-            submissions.c.id == submission_id,
-            submissions.c.participant_id == participant_id)).first()
+        row = connection.execute(sa.select(submissions, _shown(submissions, private).label(
+            "shown")).where(submissions.c.id == submission_id,
+                            submissions.c.participant_id == participant_id)).first()
     return None if row is None else _public(row)
 
 
-def by_page_key(db, page_key):
-    """What the status page of `page_key` shows, or None: the API's view plus the participant,
-    the attack, the file's name and, while queued, how many jobs are ahead."""
+def by_page(db, submission_id, page_key, private=False):
+    """What the status page of a submission shows, given its id and the key of its page, or
+    None: the API's view plus the participant, the attack, the file's name and, while queued,
+    how many jobs are ahead."""
     submissions, participants = db.tables.submissions, db.tables.participants
     with db.read() as connection:
         row = connection.execute(
-            sa.select(submissions, participants.c.name.label("participant"))
+            sa.select(submissions, participants.c.name.label("participant"),
+                      _shown(submissions, private).label("shown"))
             .join(participants, participants.c.id == submissions.c.participant_id)
-            .where(submissions.c.page_hash == page_hash(page_key))).first()
+            .where(submissions.c.id == submission_id,
+                   submissions.c.page_hash == page_hash(page_key))).first()
         if row is None:
             return None
         ahead = None
@@ -235,39 +313,53 @@ def by_page_key(db, page_key):
             "filename": row.filename, "ahead": ahead}
 
 
-def leaderboard(db):
-    """Each participant's best (lowest accuracy, then earliest) scored submission per track,
-    strongest attack first, as dicts with participant, track, accuracy, submitted_at and
-    attack; and the model's clean accuracy (None until a scorer has measured it)."""
+def leaderboard(db, model, private=False):
+    """Each participant's best (lowest accuracy, then earliest) visible submission per track
+    scored by `model` (a fingerprint), strongest attack first, as dicts with id, participant,
+    track, accuracy, submitted_at and attack.
+
+    One query: for each participant and track, the best submission's id is one seek in an index
+    (`submissions_best_*`), so the time grows with the participants, not their submissions.
+    """
     submissions, participants = db.tables.submissions, db.tables.participants
+    shown = _shown(submissions, private)
+    tracks = sa.union_all(*(sa.select(sa.literal(track).label("track")) for track in TRACKS))
+    tracks = tracks.subquery("tracks")
+    candidate = submissions.alias("candidate")
+    candidate_shown = _shown(candidate, private)
+    best = (sa.select(candidate.c.id)
+            .where(candidate.c.participant_id == participants.c.id,
+                   candidate.c.track == tracks.c.track, candidate.c.model == model,
+                   candidate.c.status == SCORED, candidate.c.hidden == sa.false())
+            .order_by(candidate_shown, candidate.c.submitted_at, candidate.c.id)
+            .limit(1).correlate(participants, tracks).scalar_subquery())
+    query = (sa.select(submissions.c.id, participants.c.name, submissions.c.track,
+                       shown.label("accuracy"), submissions.c.submitted_at,
+                       submissions.c.attack)
+             .select_from(participants.join(tracks, sa.true())
+                          .join(submissions, submissions.c.id == best))
+             .order_by(shown, submissions.c.submitted_at, submissions.c.id))
     with db.read() as connection:
-        rows = connection.execute(
-            sa.select(participants.c.name, submissions.c.track, submissions.c.accuracy,
-                      submissions.c.submitted_at, submissions.c.attack)
-            .join(participants, participants.c.id == submissions.c.participant_id)
-            .where(submissions.c.status == SCORED)
-            .order_by(submissions.c.accuracy, submissions.c.submitted_at,
-                      submissions.c.id)).all()
-        reference = get_meta(connection, db.tables, REFERENCE)
-    best, seen = [], set()
-    for row in rows:
-        if (row.name, row.track) in seen:
-            continue
-        seen.add((row.name, row.track))
-        best.append({"participant": row.name, "track": row.track, "accuracy": row.accuracy,
-                     "submitted_at": iso_time(row.submitted_at), "attack": row.attack})
-    return best, reference
+        rows = connection.execute(query).all()
+    return [{"id": row.id, "participant": row.name, "track": row.track,
+             "accuracy": row.accuracy, "submitted_at": iso_time(row.submitted_at),
+             "attack": row.attack} for row in rows]
 
 
-def set_reference(db, reference):
-    """Stores the model's clean accuracy (a dict with accuracy, checkpoint, examples)."""
+def _reference_key(model):
+    return f"{REFERENCE}/{model}"
+
+
+def set_reference(db, model, reference):
+    """Stores the clean accuracy of `model` (a fingerprint): a dict with accuracy, public,
+    private and examples."""
     with db.write() as connection:
-        set_meta(connection, db.tables, REFERENCE, reference)
+        set_meta(connection, db.tables, _reference_key(model), reference)
 
 
-def get_reference(db):
+def get_reference(db, model):
     with db.read() as connection:
-        return get_meta(connection, db.tables, REFERENCE)
+        return get_meta(connection, db.tables, _reference_key(model))
 
 
 def submission_ids(db):

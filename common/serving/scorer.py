@@ -13,12 +13,13 @@ import socket
 import threading
 import time
 
+import numpy as np
 import sqlalchemy as sa
 
 from common.evaluation import submission
 from common.io import download
 from common.runtime.errors import UserError
-from common.serving import queue
+from common.serving import queue, storage
 
 log = logging.getLogger(__name__)
 
@@ -35,39 +36,53 @@ def _reason(error):
 
 class Scorer:
     """Scores the jobs of `db` (files in `store`, copied into `work_dir` where needed) against
-    `rules`, on `model` under `strategy`, `batch_size` images at a time (run_attack.py's)."""
+    `rules`, on `model` (whose fingerprint is `fingerprint`) under `strategy`, `batch_size`
+    images at a time (run_attack.py's); `public` holds the indices of the public test images
+    (None: no private split)."""
 
-    def __init__(self, db, store, work_dir, rules, model, strategy, batch_size, checkpoint,
-                 lease_seconds):
+    def __init__(self, db, store, work_dir, rules, model, strategy, batch_size, fingerprint,
+                 public, lease_seconds):
         self.db, self.store, self.work_dir, self.rules = db, store, work_dir, rules
         self.model, self.strategy, self.batch_size = model, strategy, batch_size
-        self.checkpoint = checkpoint
+        self.fingerprint, self.public = fingerprint, public
         self.lease_seconds = lease_seconds
         self.name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self.current = None  # the job being scored
         self.stopping = False  # set by give_back: results are no longer written
+        self.retired = None  # why it stopped for good: the challenge moved to another model
         self._lock = threading.Lock()
 
     def _score(self, x):
-        accuracy, _ = submission.score(self.model, x, self.rules.labels, self.batch_size,
-                                       self.strategy)
-        return float(accuracy)
+        """The queue.Score of the model on the images `x`."""
+        _, predictions = submission.score(self.model, x, self.rules.labels, self.batch_size,
+                                          self.strategy)
+        correct = predictions == self.rules.labels
+        if self.public is None:
+            accuracy = float(np.mean(correct))
+            return queue.Score(accuracy, accuracy, None)
+        private = np.ones(len(correct), dtype=bool)
+        private[self.public] = False
+        return queue.Score(float(np.mean(correct)), float(np.mean(correct[self.public])),
+                           float(np.mean(correct[private])))
 
     def measure_reference(self):
         """Stores the model's clean accuracy on the test images (the leaderboard's reference
-        row), unless it is stored already for this checkpoint and number of images."""
-        wanted = {"checkpoint": os.path.basename(self.checkpoint),
-                  "examples": int(len(self.rules.images))}
-        stored = queue.get_reference(self.db)
-        if stored and all(stored.get(key) == value for key, value in wanted.items()):
-            return stored["accuracy"]
+        row), keyed by the model's fingerprint, unless it is stored already for this number of
+        images."""
+        examples = int(len(self.rules.images))
+        stored = queue.get_reference(self.db, self.fingerprint)
+        if stored and stored.get("examples") == examples:
+            return stored
         start = time.monotonic()
-        log.info("measuring the model's clean accuracy on %d test images", wanted["examples"])
-        accuracy = self._score(self.rules.images)
-        queue.set_reference(self.db, {**wanted, "accuracy": accuracy})
-        log.info("clean accuracy of %s: %.2f%% (%.1f s)", wanted["checkpoint"], 100 * accuracy,
-                 time.monotonic() - start)
-        return accuracy
+        log.info("measuring the clean accuracy of model %s on %d test images",
+                 self.fingerprint[:12], examples)
+        score = self._score(self.rules.images)
+        reference = {"examples": examples, "accuracy": score.accuracy, "public": score.public,
+                     "private": score.private}
+        queue.set_reference(self.db, self.fingerprint, reference)
+        log.info("clean accuracy of model %s: %.2f%% (%.1f s)", self.fingerprint[:12],
+                 100 * score.accuracy, time.monotonic() - start)
+        return reference
 
     def run(self, stop):
         """Scores jobs until the threading.Event `stop` is set."""
@@ -75,7 +90,11 @@ class Scorer:
         log.info("scorer %s waiting for jobs (lease %d s)", self.name, self.lease_seconds)
         while not stop.is_set():
             try:
-                job = queue.claim(self.db, self.name, self.lease_seconds)
+                job = queue.claim(self.db, self.name, self.lease_seconds, self.fingerprint)
+            except queue.ModelChanged as changed:
+                self.retired = str(changed)
+                log.error("%s: it stops (start it with the challenge's model)", changed)
+                return
             except sa.exc.SQLAlchemyError as error:
                 log.error("cannot reach the database to claim a job: %s; trying again in %d s",
                           _reason(error), RETRY_SECONDS)
@@ -91,15 +110,16 @@ class Scorer:
         with self._lock:
             self.current = job
         taken = f", taken over from {job.taken_from}" if job.taken_from else ""
-        log.info("scoring %s of %s (%s, %s, %.1f MB), attempt %d%s", job.id, job.participant,
-                 job.track, job.filename, job.size / 1e6, job.attempts, taken)
+        log.info("scoring %s of %s (%s, %s, %.1f MB stored), attempt %d%s", job.id,
+                 job.participant, job.track, job.filename, job.stored_size / 1e6, job.attempts,
+                 taken)
         done, lost = threading.Event(), threading.Event()
         keeper = threading.Thread(target=self._keep_lease, args=(job, done, lost),
                                   name=f"lease {job.id}", daemon=True)
         keeper.start()
         start = time.monotonic()
         try:
-            accuracy, error = self._result(job)
+            score, error = self._result(job)
         except Exception:  # a broken scorer, not a bad file: logged, the job retried
             log.exception("scoring %s failed; it goes back to the queue", job.id)
             done.set()
@@ -111,21 +131,22 @@ class Scorer:
         seconds = time.monotonic() - start
         if self.stopping:
             return  # given back to the queue meanwhile
-        if lost.is_set() or not self._finish(job, accuracy, error):
+        if lost.is_set() or not self._finish(job, score, error):
             log.warning("%s was taken over by another scorer (its lease ran out): this result "
                         "is dropped", job.id)
         elif error is None:
-            log.info("scored %s: accuracy %.2f%% (%.1f s)", job.id, 100 * accuracy, seconds)
+            log.info("scored %s: accuracy %.2f%% (%.1f s)", job.id, 100 * score.accuracy,
+                     seconds)
         else:
             log.info("rejected %s: %s", job.id, error)
         with self._lock:
             self.current = None
 
-    def _finish(self, job, accuracy, error):
+    def _finish(self, job, score, error):
         deadline = time.monotonic() + self.lease_seconds
         while True:
             try:
-                return queue.finish(self.db, job, accuracy, error)
+                return queue.finish(self.db, job, self.fingerprint, score, error)
             except sa.exc.SQLAlchemyError as error_:
                 if time.monotonic() > deadline:
                     raise
@@ -134,15 +155,16 @@ class Scorer:
                 time.sleep(1)
 
     def _result(self, job):
-        """(accuracy, None) or (None, the error that rejects the submission)."""
+        """(the queue.Score, None) or (None, the error that rejects the submission)."""
         start = time.monotonic()
         with self.store.opened(job.id, self.work_dir) as path:
-            if download.sha256_of(path) != job.sha256:
-                return None, "the stored file differs from the upload (its SHA-256 changed)"
-            try:
-                x_adv = self.rules.check(path, job.filename)
-            except UserError as error:
-                return None, str(error)
+            if download.sha256_of(path) != job.stored_sha256:
+                return None, "the stored file differs from the one kept (its SHA-256 changed)"
+            with storage.expanded(path, self.work_dir) as plain:
+                try:
+                    x_adv = self.rules.check(plain, job.filename)
+                except UserError as error:
+                    return None, str(error)
         log.info("checked %s (%.1f s); predicting %d images", job.id, time.monotonic() - start,
                  len(x_adv))
         return self._score(x_adv), None

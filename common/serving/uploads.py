@@ -8,6 +8,7 @@ any more is read. `Rules.check` is `run_attack.py`'s own check
 the file named in its message by the name the participant gave.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -20,6 +21,7 @@ from python_multipart.multipart import parse_options_header
 
 from common.evaluation import submission
 from common.runtime.errors import UserError
+from common.serving import storage
 
 FILE_FIELD = "file"
 MAX_FIELDS = 8
@@ -110,9 +112,10 @@ class _Parts:
     """python-multipart's callbacks for one body: the file part goes to a spool file as it
     arrives, text fields are kept."""
 
-    def __init__(self, spool_dir, max_file_bytes, received):
+    def __init__(self, spool_dir, rules, received):
         self.spool_dir = spool_dir
-        self.max_file_bytes = max_file_bytes
+        self.rules = rules
+        self.max_file_bytes = rules.max_file_bytes
         self.received = received
         self.spool = None
         self.digest = hashlib.sha256()
@@ -172,7 +175,8 @@ class _Parts:
         if self.is_file:
             self.received.size += end - start
             if self.received.size > self.max_file_bytes:
-                raise Refused(413, too_large(self.max_file_bytes), close=True)
+                raise Refused(413, too_large(self.max_file_bytes, len(self.rules.images)),
+                              close=True)
             chunk = data[start:end]
             self.digest.update(chunk)
             self.spool.write(chunk)
@@ -196,19 +200,22 @@ class _Parts:
 
     def close(self):
         if self.spool is not None:
-            self.spool.close()
+            with contextlib.suppress(OSError):  # the write that failed is reported already
+                self.spool.close()
 
 
-def too_large(limit):
+def too_large(limit, examples):
+    """The 413 line, naming the limit in force."""
     return (f"the upload is larger than the largest submission the checks accept ({limit} "
-            "bytes: float64 pixels of the whole test set, with the .npy header)")
+            f"bytes: float64 pixels of the {examples} test images this server scores, with the "
+            ".npy header)")
 
 
-def check_length(headers, max_body_bytes):
+def check_length(headers, rules):
     """Refuses with 413 a body whose Content-Length is over the limit, before reading it."""
     length = headers.get("content-length")
-    if length is not None and length.strip().isdigit() and int(length) > max_body_bytes:
-        raise Refused(413, too_large(max_body_bytes - MULTIPART_ALLOWANCE), close=True)
+    if length is not None and length.strip().isdigit() and int(length) > rules.max_body_bytes:
+        raise Refused(413, too_large(rules.max_file_bytes, len(rules.images)), close=True)
 
 
 async def receive(request, spool_dir, rules, on_field=None, before_file=None):
@@ -222,9 +229,9 @@ async def receive(request, spool_dir, rules, on_field=None, before_file=None):
     if kind != b"multipart/form-data" or not options.get(b"boundary"):
         raise Refused(400, "send the submission as multipart/form-data, the .npy file in the "
                       "field 'file'", close=True)
-    check_length(request.headers, rules.max_body_bytes)
+    check_length(request.headers, rules)
     received = Received()
-    parts = _Parts(spool_dir, rules.max_file_bytes, received)
+    parts = _Parts(spool_dir, rules, received)
     try:
         try:
             parser = python_multipart.MultipartParser(options[b"boundary"], parts.callbacks())
@@ -235,7 +242,8 @@ async def receive(request, spool_dir, rules, on_field=None, before_file=None):
         async for chunk in request.stream():
             body += len(chunk)
             if body > rules.max_body_bytes:
-                raise Refused(413, too_large(rules.max_file_bytes), close=True)
+                raise Refused(413, too_large(rules.max_file_bytes, len(rules.images)),
+                              close=True)
             _write(parser, chunk)
             for name, value in parts.finished_fields:
                 if on_field is not None:
@@ -250,6 +258,11 @@ async def receive(request, spool_dir, rules, on_field=None, before_file=None):
             raise Refused(400, "no file: send the .npy file in the multipart field 'file'")
         received.sha256 = parts.digest.hexdigest()
         return received
+    except OSError as error:  # the spool file could not be written
+        parts.close()
+        received.discard()
+        failed = storage.write_error(error)
+        raise Refused(failed.status, failed.message, close=True) from None
     except BaseException:
         parts.close()
         received.discard()

@@ -3,14 +3,18 @@
 API (tokens as `Authorization: Bearer TOKEN`):
 - `POST /api/submissions`, multipart fields `file` and, optionally, `track` (white-box or
   black-box) and `attack` (a short description): 202 `{"id", "status": "queued"}`; 400 with the
-  checks' one line, 401, 413, 429 `{"error": ...}`;
+  checks' one line, 401, 403 (the challenge closed), 413, 429 (a limit, named), 503 or 507
+  (the server cannot store it) `{"error": ...}`;
 - `GET /api/submissions/ID`: the owner's view of a submission; 404 for anyone else;
 - `GET /api/leaderboard`: each participant's best per track, strongest attack first, and the
   model's clean accuracy as a reference row.
 
-Pages, usable without JavaScript: `/` the leaderboard, `/submit` the form, and
-`/submissions/KEY` a submission's status page, at an unguessable address, refreshing itself until
-the submission is scored.
+Pages, usable without JavaScript: `/` the leaderboard, `/submit` the form and what a file must
+be, and `/submissions/ID/KEY` a submission's status page, at an unguessable address, refreshing
+itself until the submission is scored.
+
+The leaderboard and the challenge's settings (model, closing time) are read from the database at
+most every CACHE_SECONDS, so a crowd reloading the page costs one query.
 """
 
 import asyncio
@@ -30,7 +34,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from common.runtime.errors import UserError
-from common.serving import participants, queue, uploads
+from common.serving import participants, queue, settings, storage, uploads
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,7 @@ TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates"
 # Submissions checked at once: a check holds a few copies of the test set in memory.
 CONCURRENT_CHECKS = 2
 REFRESH_SECONDS = 2
+CACHE_SECONDS = 2
 UPLOAD_SECONDS = 600
 # How long the rest of a refused form upload is read before the connection is closed.
 DRAIN_SECONDS = 30
@@ -87,49 +92,73 @@ def _date(iso):
     if iso is None:
         return "—"
     moment = datetime.datetime.fromisoformat(iso.replace("Z", "+00:00"))
-    return moment.strftime("%b %d, %Y")
+    return queue.shown_time(moment.timestamp())
 
 
 def _percent(accuracy):
     return "—" if accuracy is None else f"{100 * accuracy:.2f}%"
 
 
+class _Cached:
+    """A value read by `read` (blocking, run in a thread) at most every CACHE_SECONDS."""
+
+    def __init__(self, read):
+        self.read = read
+        self.value = None
+        self.read_at = None
+
+    async def get(self):
+        now = time.monotonic()
+        if self.read_at is None or now - self.read_at >= CACHE_SECONDS:
+            self.value = await run_in_threadpool(self.read)
+            self.read_at = now
+        return self.value
+
+
 class Service:
     """The web role of a challenge server: accepts uploads into `db` and `store` after checking
-    them against `rules`, spooling them in `spool_dir`; at most `max_per_hour` uploads per
-    participant and hour."""
+    them against `rules`, spooling them in `spool_dir`, within the queue.Limits `limits` and
+    while more than `min_free_bytes` stay free where files are kept."""
 
-    def __init__(self, db, store, rules, spool_dir, max_per_hour):
+    def __init__(self, db, store, rules, spool_dir, limits, min_free_bytes):
         self.db, self.store, self.rules = db, store, rules
         self.spool_dir = spool_dir
-        self.max_per_hour = max_per_hour
+        self.limits = limits
+        self.min_free_bytes = min_free_bytes
         self._checks = asyncio.Semaphore(CONCURRENT_CHECKS)
+        self._settings = _Cached(lambda: settings.current(db))
+        self._board = _Cached(self._read_board)
         self.templates = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
                                             autoescape=True, undefined=jinja2.StrictUndefined,
                                             trim_blocks=True, lstrip_blocks=True)
         self.templates.filters["percent"] = _percent
         self.templates.filters["date"] = _date
+        self.templates.filters["time"] = queue.shown_time
 
     def app(self):
         routes = [
             Route("/", self.leaderboard_page, methods=["GET"]),
             Route("/submit", self.submit_form, methods=["GET"]),
             Route("/submit", self.submit_page, methods=["POST"]),
-            Route("/submissions/{key}", self.status_page, methods=["GET"]),
+            Route("/submissions/{submission_id}/{key}", self.status_page, methods=["GET"]),
             Route("/style.css", self.style, methods=["GET"]),
             Route("/api/submissions", self.api_submit, methods=["POST"]),
             Route("/api/submissions/{submission_id}", self.api_status, methods=["GET"]),
             Route("/api/leaderboard", self.api_leaderboard, methods=["GET"]),
         ]
-        handlers = {HTTPException: self._http_error, sa.exc.SQLAlchemyError: self._database_error}
+        handlers = {HTTPException: self._http_error, sa.exc.SQLAlchemyError: self._database_error,
+                    OSError: self._storage_error}
         return Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)],
                          exception_handlers=handlers)
 
     # Responses.
 
     def _render(self, name, status=200, headers=None, **context):
-        text = self.templates.get_template(name).render(challenge=self.rules.challenge,
-                                                        **context)
+        current = self._settings.value
+        closes_at = current.closes_at if current is not None else None
+        text = self.templates.get_template(name).render(
+            challenge=self.rules.challenge, closes_at=closes_at,
+            closed=closes_at is not None and time.time() >= closes_at, **context)
         return HTMLResponse(text, status_code=status, headers=headers)
 
     @staticmethod
@@ -156,16 +185,39 @@ class Service:
             return self._api_error(503, message, close=True)
         return self._render("error.html", status=503, message=message)
 
+    async def _storage_error(self, request, error):
+        """A file error no upload path turned into a Refused: 503 or 507 all the same."""
+        failed = storage.write_error(error)
+        log.error("storage error on %s %s: %s", request.method, request.url.path, error)
+        if request.url.path.startswith("/api/"):
+            return self._api_error(failed.status, failed.message, close=True)
+        return self._render("error.html", status=failed.status, message=failed.message)
+
     # Uploads, through the API and the form alike.
 
-    async def _start(self, upload):
-        """Records the upload against the participant's rate limit; Refused(429) over it."""
+    async def _start(self, request, upload):
+        """Refuses the upload where the challenge closed (403), the disk would be left too
+        full (507) or the participant passed a limit (429); else records it."""
+        current = await self._settings.get()
+        if current.closed(time.time()):
+            closed_at = queue.shown_time(current.closes_at)
+            raise uploads.Refused(403, f"the challenge closed at {closed_at}: uploads are no "
+                                  "longer accepted", close=True)
+        length = request.headers.get("content-length", "")
+        needed = self.rules.max_body_bytes  # a longer body gets 413 once it is read
+        if length.strip().isdigit():
+            needed = min(int(length), needed)
+        try:
+            storage.check_free(self.spool_dir, 2 * needed, self.min_free_bytes)
+        except storage.StorageError as full:
+            raise uploads.Refused(full.status, full.message, close=True) from None
         try:
             upload.upload_id = await run_in_threadpool(
-                queue.start_upload, self.db, upload.participant.id, self.max_per_hour)
+                queue.start_upload, self.db, upload.participant.id, self.limits)
         except queue.RateLimited as limited:
-            raise uploads.Refused(429, str(limited), close=True,
-                                  headers={"Retry-After": str(limited.retry_after)}) from None
+            headers = {} if limited.retry_after is None else \
+                {"Retry-After": str(limited.retry_after)}
+            raise uploads.Refused(429, str(limited), close=True, headers=headers) from None
 
     async def _receive(self, request, on_field=None, before_file=None):
         """The upload, within UPLOAD_SECONDS: a client that sends too slowly holds no
@@ -179,7 +231,9 @@ class Service:
                                   close=True) from None
 
     async def _accept(self, upload, received):
-        """Checks the received file and queues it; Refused(400) where the checks refuse it."""
+        """Checks the received file, stores it compacted and queues it; Refused(400) where the
+        checks refuse it, Refused(503 or 507) where it cannot be stored."""
+        stored = None
         try:
             track = received.fields.get("track", "").strip() or queue.DEFAULT_TRACK
             if track not in queue.TRACKS:
@@ -190,16 +244,27 @@ class Service:
             async with self._checks:
                 try:
                     await run_in_threadpool(self.rules.check, received.path, received.filename)
+                    storage.check_free(self.spool_dir, received.size, self.min_free_bytes)
+                    stored = await run_in_threadpool(
+                        storage.compact, received.path, self.rules.images.shape,
+                        self.rules.shape_text, self.spool_dir)
                 except UserError as error:
                     raise uploads.Refused(400, str(error)) from None
-            accepted = await run_in_threadpool(queue.accept, self.db, self.store,
-                                               upload.upload_id, upload.participant.id,
-                                               received, track, attack)
+                except storage.StorageError as failed:
+                    raise uploads.Refused(failed.status, failed.message) from None
+            try:
+                accepted = await run_in_threadpool(queue.accept, self.db, self.store,
+                                                   upload.upload_id, upload.participant.id,
+                                                   received, stored, track, attack)
+            except storage.StorageError as failed:
+                raise uploads.Refused(failed.status, failed.message) from None
         finally:
             received.discard()
-        log.info("accepted %s from %s: %s, %.1f MB, %s (%.2f s)", accepted.id,
-                 upload.participant.name, received.filename, received.size / 1e6, track,
-                 time.monotonic() - upload.start)
+            if stored is not None and os.path.exists(stored[0]):
+                os.remove(stored[0])
+        log.info("accepted %s from %s: %s, %.1f MB, stored in %.1f MB, %s (%.2f s)",
+                 accepted.id, upload.participant.name, received.filename, received.size / 1e6,
+                 stored[1] / 1e6, track, time.monotonic() - upload.start)
         return accepted
 
     async def _refused(self, request, upload, status, message):
@@ -217,7 +282,7 @@ class Service:
                 raise uploads.Refused(401, "a valid token is needed: send the header "
                                       "'Authorization: Bearer TOKEN'", close=True,
                                       headers={"WWW-Authenticate": "Bearer"})
-            await self._start(upload)
+            await self._start(request, upload)
             received = await self._receive(request)
             accepted = await self._accept(upload, received)
         except uploads.Refused as refused:
@@ -240,7 +305,7 @@ class Service:
                                                              self.db, value.strip())
                 if upload.participant is None:
                     raise uploads.Refused(401, "unknown token", close=True)
-                await self._start(upload)
+                await self._start(request, upload)
 
         async def before_file():
             if upload.participant is None:
@@ -261,14 +326,15 @@ class Service:
             # answer followed by a closed connection as a broken one.
             if refused.close and (refused.status == 413 or not await self._drain(request)):
                 headers["Connection"] = "close"
-            return self._render("submit.html", status=refused.status, headers=headers,
-                                error=refused.message, tracks=queue.TRACKS,
-                                track=fields.get("track", queue.DEFAULT_TRACK),
-                                attack=fields.get("attack", ""))
+            return self._render_form(status=refused.status, headers=headers,
+                                     error=refused.message,
+                                     track=fields.get("track", queue.DEFAULT_TRACK),
+                                     attack=fields.get("attack", ""))
         except ClientDisconnect:
             await self._refused(request, upload, 499, "the client went away")
             return Response(status_code=400)
-        return RedirectResponse(f"/submissions/{accepted.page_key}", status_code=303)
+        return RedirectResponse(f"/submissions/{accepted.id}/{accepted.page_key}",
+                                status_code=303)
 
     async def _drain(self, request):
         """Reads the rest of the body, up to the size limit and for at most DRAIN_SECONDS (a
@@ -293,6 +359,11 @@ class Service:
 
     # Reading.
 
+    async def _private(self):
+        """Whether the pages show the private split's scores (the challenge closed)."""
+        current = await self._settings.get()
+        return current.private(time.time())
+
     async def api_status(self, request):
         """The owner's view; 404 for anyone else, with a token or without (whether the id
         exists is not told)."""
@@ -302,40 +373,69 @@ class Service:
         if participant is not None:
             view = await run_in_threadpool(queue.owned, self.db,
                                            request.path_params["submission_id"],
-                                           participant.id)
+                                           participant.id, await self._private())
         if view is None:
             return self._api_error(404, "no such submission of yours")
         return JSONResponse(view)
 
+    def _read_board(self):
+        """The leaderboard of the challenge's current model and that model's clean accuracy
+        (None until a scorer measured it), on the subset the pages show now."""
+        current = settings.current(self.db)
+        private = current.private(time.time())
+        if current.model is None:
+            return [], None
+        rows = queue.leaderboard(self.db, current.model, private)
+        reference = queue.get_reference(self.db, current.model)
+        if reference is not None:
+            reference = {**reference, "shown": reference["private" if private else "public"]}
+        return rows, reference
+
     async def _leaderboard(self):
         """The leaderboard's rows, the reference row (participant None: the model's accuracy
         on the clean test images) in its place by accuracy."""
-        rows, reference = await run_in_threadpool(queue.leaderboard, self.db)
+        rows, reference = await self._board.get()
+        rows = list(rows)
         if reference is not None:
-            row = {"participant": None, "track": None, "accuracy": reference["accuracy"],
-                   "submitted_at": None, "attack": None}
+            row = {"id": None, "participant": None, "track": None,
+                   "accuracy": reference["shown"], "submitted_at": None, "attack": None}
             place = sum(1 for other in rows if other["accuracy"] <= row["accuracy"])
             rows.insert(place, row)
         return rows, reference
 
     async def api_leaderboard(self, request):
         rows, _ = await self._leaderboard()
-        keys = ("participant", "track", "accuracy", "submitted_at")
+        keys = ("id", "participant", "track", "accuracy", "submitted_at")
         return JSONResponse([{key: row[key] for key in keys} for row in rows])
 
     async def leaderboard_page(self, request):
+        await self._settings.get()
         rows, reference = await self._leaderboard()
         tables = [(TRACK_TITLES[track], [row for row in rows if row["track"] in (track, None)])
                   for track in queue.TRACKS]
+        current = self._settings.value
         return self._render("leaderboard.html", tables=tables, reference=reference,
-                            examples=len(self.rules.images), epsilon=self.rules.epsilon)
+                            examples=len(self.rules.images), epsilon=self.rules.epsilon,
+                            split=current.split, private=current.private(time.time()))
+
+    def _render_form(self, status=200, headers=None, error=None, track=queue.DEFAULT_TRACK,
+                     attack=""):
+        rules, limits = self.rules, self.limits
+        return self._render("submit.html", status=status, headers=headers, error=error,
+                            tracks=queue.TRACKS, track=track, attack=attack,
+                            shape=(len(rules.images), *rules.images.shape[1:]),
+                            shape_text=rules.shape_text, epsilon=rules.epsilon,
+                            pixel_range=rules.pixel_range, examples=len(rules.images),
+                            max_file_bytes=rules.max_file_bytes, limits=limits)
 
     async def submit_form(self, request):
-        return self._render("submit.html", error=None, tracks=queue.TRACKS,
-                            track=queue.DEFAULT_TRACK, attack="")
+        await self._settings.get()
+        return self._render_form()
 
     async def status_page(self, request):
-        view = await run_in_threadpool(queue.by_page_key, self.db, request.path_params["key"])
+        view = await run_in_threadpool(queue.by_page, self.db,
+                                       request.path_params["submission_id"],
+                                       request.path_params["key"], await self._private())
         if view is None:
             raise HTTPException(404)
         waiting = view["status"] in (queue.QUEUED, queue.SCORING)

@@ -236,11 +236,14 @@ def test_access_log_is_rotated_and_keeps_no_secret(server):
                          files={"file": ("a.npy", npy_bytes(random_sign_attack(images, 2)))},
                          allow_redirects=False, timeout=60)
     assert form.status_code == 303, form.text
-    key = form.headers["location"].rsplit("/", 1)[-1]
-    assert requests.get(f"{server.url}/submissions/{key}?x={token}", timeout=30).ok
+    page = form.headers["location"]  # /submissions/ID/KEY
+    key = page.rsplit("/", 1)[-1]
+    assert requests.get(f"{server.url}{page}?x={token}", timeout=30).ok
     spoofed = requests.get(f"{server.url}/api/leaderboard", timeout=30,
                            headers={"X-Forwarded-For": "203.0.113.9", "User-Agent": "spoof"})
     assert spoofed.ok
+    for _ in range(ACCESS_LOG_BYTES // 100):  # lines of about 100 bytes: past one rotation
+        assert requests.get(f"{server.url}/api/leaderboard", timeout=30).ok
     files = sorted(glob.glob(os.path.join(server.state_dir, "access.log*")))
     assert len(files) >= 2, files  # rotated at --access_log_bytes
     assert all(os.path.getsize(path) <= ACCESS_LOG_BYTES for path in files)

@@ -1,7 +1,7 @@
 """The access log: one line per answered request, in the combined log format's order (client,
 time, request line, status, bytes sent) with the seconds taken and the user agent appended.
 
-No secret reaches it: the query string is left out, the key of a status page (`/submissions/KEY`,
+No secret reaches it: the query string is left out, the key of a status page (`/submissions/ID/KEY`,
 an address only its participant is given) is written as `...`, and no header but the user agent
 (printable characters, at most 200) is written; tokens travel in headers and bodies, never logged.
 The client is the one the proxy-headers layer settled on (the real client behind a trusted

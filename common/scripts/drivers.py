@@ -378,7 +378,7 @@ def reproduce(challenge):
         out_dir = FLAGS.out_dir or os.path.join(config["model_dir"], "paper")
         if os.path.exists(out_dir):
             files.check_writable_folder(out_dir, "--out_dir")
-        strategy = devices.local_strategy()
+        strategy = devices.evaluation_strategy()
         model = restored_model(challenge, config, strategy, _no_model(config))
         source, source_checkpoint = None, None
         if "transfer" in names:
@@ -394,7 +394,8 @@ def reproduce(challenge):
             landscape_restarts=FLAGS.restarts, images=images, labels=labels, source=source,
             source_model_dir=FLAGS.source_model_dir, source_checkpoint=source_checkpoint,
             source_name=FLAGS.source_name)
-        reproduce_lib.reproduce(run, names)
+        with cluster.stops_on_lost_worker(strategy), cluster.chief_output(strategy):
+            reproduce_lib.reproduce(run, names)
 
     cli.run(main, challenge.config_path)
 

@@ -159,7 +159,7 @@ def test_a_worker_killed_mid_run_stops_the_job_and_a_rerun_resumes_to_one_proces
 
 def test_square_over_two_replicas_equals_one_device(two_replicas):
     model, x, y = tiny_problem()
-    for norm, epsilon in (("Linf", EPSILON), ("L2", 1.0)):
+    for norm, epsilon in (("Linf", 0.03), ("L2", 1.0)):  # radii where Square breaks some
         one, two = (Square(model, epsilon=epsilon, norm=norm, steps=50, image_shape=(28, 28, 1),
                            strategy=strategy).perturb(x, y)
                     for strategy in (tf.distribute.get_strategy(), two_replicas))

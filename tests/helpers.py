@@ -5,6 +5,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import http.server
+import json
 import os
 import shutil
 import socket
@@ -229,6 +230,15 @@ def free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def cluster_environments(count):
+    """The environments of the `count` workers of one cluster on 127.0.0.1 (ports picked free),
+    worker i's `TF_CONFIG` naming it task i."""
+    workers = [f"127.0.0.1:{free_port()}" for _ in range(count)]
+    return [script_environment(TF_CONFIG=json.dumps(
+        {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
+        for index in range(count)]
 
 
 SLOW_BODY_BYTES = 1 << 20

@@ -6,14 +6,13 @@ step to step, hence few steps: 4 for MNIST, 1 for CIFAR-10, whose synchronized b
 spreads any flipped sign over the whole batch.
 """
 
-import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from helpers import REPO, checkpoint_values, free_port, script_environment, shared_path
+from helpers import REPO, checkpoint_values, cluster_environments, script_environment, shared_path
 
 # The reference: train.py in one process whose strategy mirrors over two logical CPUs.
 TWO_DEVICES = """
@@ -38,12 +37,10 @@ pytestmark = pytest.mark.slow
 
 def run_workers(script, args):
     """Runs the 2-worker cluster once; returns (returncode, stdout, stderr) of each worker."""
-    workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     processes = [subprocess.Popen(
-        [sys.executable, os.path.join(REPO, script), *args],
-        env=script_environment(TF_CONFIG=json.dumps(
-            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        [sys.executable, os.path.join(REPO, script), *args], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for env in cluster_environments(2)]
     try:
         return [(process, *process.communicate(timeout=400)) for process in processes]
     finally:

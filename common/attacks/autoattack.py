@@ -13,6 +13,12 @@ with the large-reps schedule (see STANDARD_BY_BALL).
 With a state path, the evaluation keeps a state file, rewritten whole after every batch, so that
 a killed run resumes where it stopped: the attacks done, the batches done of the attack under
 way, and every adversarial example found. Nothing is written or printed otherwise.
+
+Under a MultiWorkerMirroredStrategy (in scope, or given), every worker calls `evaluate` on the
+same data: each attacks its replicas' share of every batch, all receive the whole result, and
+the chief alone logs, shows progress and writes the state file, which every worker reads to
+resume (so it must be on storage all of them read). The random starts are drawn for the whole
+batch and then sliced, so the results are those of one process.
 """
 
 import dataclasses
@@ -30,7 +36,7 @@ from common.attacks.fab import FAB
 from common.attacks.square import Square
 from common.attacks.threat_model import ThreatModel
 from common.io.files import read_state, written_in_place
-from common.runtime import devices
+from common.runtime import cluster, devices
 from common.runtime.batching import batch_bounds
 
 VERSIONS = {
@@ -98,7 +104,7 @@ class AutoAttack:
         pixel_range: (low, high), the range of valid inputs.
         seed: seeds every random start.
         strategy: spreads each batch over its replicas (by default the one in scope, else every
-            local GPU).
+            local GPU); a MultiWorkerMirroredStrategy spreads it over the workers of a cluster.
         image_shape: (height, width, channels) of one input, for Square, where the input is not
             an image already (flat MNIST: (28, 28, 1)).
         log: a callable taking a line, where given, receives the reference's report lines.
@@ -119,11 +125,11 @@ class AutoAttack:
         self.threat_model = ThreatModel(epsilon=epsilon, norm=norm, pixel_range=pixel_range)
         self.version, self.attacks = version, names
         self.seed = seed
-        self.strategy = strategy
+        self.strategy = strategy or devices.default_strategy()
         self.image_shape = image_shape
         self.log = log or (lambda line: None)
         self.progress = progress
-        self._logits = devices.spread_logits(model, strategy)
+        self._logits = devices.spread_logits(model, self.strategy)
         self._built = {}
 
     @property
@@ -171,7 +177,7 @@ class AutoAttack:
         settings = {**self.settings, **(run_info or {})}
         state = run_attacks(attacks, x, y, predict=self._logits, threat=self.threat_model,
                             settings=settings, batch_size=batch_size, state_path=state_path,
-                            log=self.log, progress=self.progress)
+                            log=self.log, progress=self.progress, strategy=self.strategy)
         accuracy_after = {CLEAN: float(np.mean(state.broken_by != CLEAN))}
         accuracy_after.update((result["attack"], result["robust_accuracy"])
                               for result in state.results)
@@ -261,7 +267,7 @@ def largest_perturbation(threat, x_adv, x):
 
 
 def run_attacks(attacks, x, y, *, predict, threat, settings, batch_size, state_path=None,
-                log=None, progress=False):
+                log=None, progress=False, strategy=None):
     """Runs the attacks (a dict name -> attack(x, y) returning adversarial examples, in order)
     on `x`, `y`; returns the final
     State. `predict(x)` gives the model's logits; `threat` (a ThreatModel) is the norm the
@@ -269,10 +275,16 @@ def run_attacks(attacks, x, y, *, predict, threat, settings, batch_size, state_p
     there where it holds a run of the same `settings`, and rewrites it after every batch. `log`
     receives the reference's report lines.
 
+    With `strategy` (the one the attacks spread over) spanning a cluster, every worker calls
+    this alike; the chief alone logs, shows progress and writes the state file, and every worker
+    checks that it resumed from the same state as the others.
+
     An attack returns the clean image for the points it did not break, so `x_adv` holds the clean
     image wherever every attack failed.
     """
-    log = log or (lambda line: None)
+    chief = strategy is None or devices.is_chief(strategy)
+    log = log if log is not None and chief else (lambda line: None)
+    progress = progress and chief
     settings = json.loads(json.dumps(settings))
     if state_path is not None and os.path.exists(state_path):
         state = State.load(state_path, settings)
@@ -282,7 +294,10 @@ def run_attacks(attacks, x, y, *, predict, threat, settings, batch_size, state_p
         correct = _predictions(predict, x, batch_size) == y
         state = State(settings, np.array(x, np.float32),
                       np.where(correct, ROBUST, CLEAN).astype(object))
-    save = (lambda current: current.save(state_path)) if state_path is not None \
+    if strategy is not None:
+        cluster.check_same_state(strategy, [len(state.results), state.batches_done,
+                                            int(np.sum(state.robust))], path=state_path)
+    save = (lambda current: current.save(state_path)) if state_path is not None and chief \
         else (lambda current: None)
     save(state)
     log(f"initial accuracy: {np.mean(state.broken_by != CLEAN):.2%}")

@@ -45,17 +45,30 @@ def square_sizes(settings, height, width):
             for query in range(settings.num_queries)]
 
 
-def square_queries(predict, x_nat, labels, *, settings, seed):
+def example_signs(shape, stream, positions):
+    """Random signs of shape (len(positions), *shape) for the examples at `positions` of their
+    whole batch: drawn for the batch up to the last of them, then taken, so that one replica's
+    slice of the batch gets what the whole batch gets for it (on one device or many)."""
+    rows = tf.reduce_max(positions) + 1
+    drawn = tf.random.stateless_uniform(tf.concat([[rows], shape], 0), stream, -1.0, 1.0)
+    return tf.sign(tf.gather(drawn, positions))
+
+
+def _positions(x_nat, positions):
+    return tf.range(tf.shape(x_nat)[0]) if positions is None else positions
+
+
+def square_queries(predict, x_nat, labels, *, settings, seed, positions=None):
     """Square's queries on images `x_nat` (NHWC); `predict(images)` gives logits. Returns the
-    best images found and their margins (negative: broken)."""
+    best images found and their margins (negative: broken). `positions` (by default 0, 1, ...)
+    are the examples' places in their whole batch, which key their random draws."""
     low, high = settings.threat_model.pixel_range
     epsilon = settings.threat_model.epsilon
     height, width, channels = x_nat.shape[1:]
     sizes = tf.constant(square_sizes(settings, height, width), tf.int32)
     lower = tf.maximum(x_nat - epsilon, low)
     upper = tf.minimum(x_nat + epsilon, high)
-    stripes = tf.sign(tf.random.stateless_uniform(
-        (tf.shape(x_nat)[0], 1, width, channels), [seed, -1], -1.0, 1.0))
+    stripes = example_signs((1, width, channels), [seed, -1], _positions(x_nat, positions))
     rows, columns = tf.range(height)[:, None], tf.range(width)[None, :]
 
     def propose(query, x_best):
@@ -164,14 +177,15 @@ L1_RULES = WindowRules(
                                                                              x_nat))
 
 
-def window_queries(predict, x_nat, labels, *, settings, seed, rules):
+def window_queries(predict, x_nat, labels, *, settings, seed, rules, positions=None):
     """Square's L2 or L1 queries (the reference's, by `rules`): from a grid of windows of random
     signs, each query moves the perturbation's mass out of one window and into another, where
-    it sets a new window of random signs per channel, the total kept at the ball's epsilon."""
+    it sets a new window of random signs per channel, the total kept at the ball's epsilon.
+    `positions` as square_queries'."""
     threat = settings.threat_model
     epsilon = threat.epsilon
     height, width, channels = x_nat.shape[1:]
-    batch = tf.shape(x_nat)[0]
+    positions = _positions(x_nat, positions)
     sides = window_sizes(settings, height, width)
     biggest = max(sides)
     # Every window used, padded to the biggest side, and its transpose: [side index, flip].
@@ -190,9 +204,6 @@ def window_queries(predict, x_nat, labels, *, settings, seed, rules):
         full = tf.pad(pattern, [[top, height - top], [left, width - left]])
         return tf.reshape(full[:height, :width], (height, width, 1))
 
-    def signs(shape, stream):
-        return tf.sign(tf.random.stateless_uniform(shape, stream, -1.0, 1.0))
-
     # The start: a grid of windows of side height // 5 with random signs per channel.
     grid = max(height // 5, 1)
     first = max((height - grid * 5) // 2, 0)
@@ -201,8 +212,8 @@ def window_queries(predict, x_nat, labels, *, settings, seed, rules):
     init = tf.zeros_like(x_nat)
     for row in range(first, first + grid * (height // grid), grid):
         for column in range(first, first + grid * (width // grid), grid):
-            init += placed(start_window[:biggest, :biggest], row, column)[None] * signs(
-                (batch, 1, 1, channels), [seed, -1 - row * width - column])
+            init += placed(start_window[:biggest, :biggest], row, column)[None] * example_signs(
+                (1, 1, channels), [seed, -1 - row * width - column], positions)
 
     def propose(query, x_best):
         side = side_of[query]
@@ -220,7 +231,8 @@ def window_queries(predict, x_nat, labels, *, settings, seed, rules):
         both = tf.maximum(window_1, window_2)
         norm_windows = rules.size(delta * both, (1, 2))
         pattern = placed(windows[side_index[query], draws[4] % 2], top, left)
-        fresh = pattern[None] * signs((batch, 1, 1, channels), [seed, query + 2**20])
+        fresh = pattern[None] * example_signs((1, 1, channels), [seed, query + 2**20],
+                                              positions)
         fresh += delta * window_1 / (norm_window_1 + 1e-12)
         fresh *= rules.mass(epsilon=epsilon, image=norm_image, windows=norm_windows,
                             channels=channels) / (rules.size(fresh, (1, 2)) + 1e-12)
@@ -231,12 +243,14 @@ def window_queries(predict, x_nat, labels, *, settings, seed, rules):
                    num_queries=settings.num_queries, propose=propose)
 
 
-def l2_square_queries(predict, x_nat, labels, *, settings, seed):
-    return window_queries(predict, x_nat, labels, settings=settings, seed=seed, rules=L2_RULES)
+def l2_square_queries(predict, x_nat, labels, *, settings, seed, positions=None):
+    return window_queries(predict, x_nat, labels, settings=settings, seed=seed, rules=L2_RULES,
+                          positions=positions)
 
 
-def l1_square_queries(predict, x_nat, labels, *, settings, seed):
-    return window_queries(predict, x_nat, labels, settings=settings, seed=seed, rules=L1_RULES)
+def l1_square_queries(predict, x_nat, labels, *, settings, seed, positions=None):
+    return window_queries(predict, x_nat, labels, settings=settings, seed=seed, rules=L1_RULES,
+                          positions=positions)
 
 
 # Square's queries per ball, keyed by the ball's class.
@@ -280,7 +294,7 @@ class Square:
         self.settings, self.threat_model, self.model = settings, settings.threat_model, model
         queries = QUERIES[type(settings.threat_model.ball)]
 
-        def run(x, y):
+        def run(x, y, positions):
             shape = image_shape or _as_image(x.shape[1:])
             images = tf.reshape(x, (-1, *shape))
 
@@ -288,7 +302,8 @@ class Square:
                 return tf.cast(devices.call_model(model, tf.reshape(candidates, tf.shape(x))),
                                tf.float32)
 
-            x_adv, margins = queries(predict, images, y, settings=settings, seed=seed)
+            x_adv, margins = queries(predict, images, y, settings=settings, seed=seed,
+                                     positions=positions)
             return tf.reshape(x_adv, tf.shape(x)), margins
 
         self._spread = devices.Spread(strategy, run)
@@ -300,7 +315,7 @@ class Square:
                                                  logits_of=self._logits)
 
         def attack(todo, run):
-            x_adv, margins = self._spread(x[todo], y[todo])
+            x_adv, margins = self._spread(x[todo], y[todo], np.arange(len(todo), dtype=np.int32))
             return x_adv, margins <= 0
 
         return runs.on_robust_examples(x, runs.untargeted_runs(y, 1), attack,

@@ -3,7 +3,9 @@
 Each artifact is a list of jobs: a table row, a point of the epsilon sweep, the loss traces or
 the loss histogram of one example. A job's results go to the artifact's state file in the
 output folder, rewritten whole after every batch, so that a killed run keeps what it has done
-and goes on from there; the artifact's files are written once all its jobs are done.
+and goes on from there; the artifact's files are written once all its jobs are done. Over a
+cluster (a MultiWorkerMirroredStrategy) every worker reads the state files and the chief alone
+writes them and the artifacts.
 """
 
 import dataclasses
@@ -21,7 +23,7 @@ from common.attacks import pgd
 from common.evaluation import figures, robustness
 from common.evaluation.paper import CITATION, Row
 from common.io.files import keyed_path, read_state, written_in_place
-from common.runtime import devices, seeds
+from common.runtime import cluster, devices, seeds
 from common.runtime.batching import batch_bounds
 from common.runtime.errors import UserError
 
@@ -54,33 +56,37 @@ def artifact_list(text, paper, source_model_dir):
 @dataclasses.dataclass
 class Ledger:
     """An artifact's state file: finished results by job key, and per job under way its
-    progress; it belongs to one run's `settings` and refuses another's."""
+    progress; it belongs to one run's `settings` and refuses another's. Where not `writes` (a
+    worker of a cluster other than the chief), it is read and kept up to date, never written."""
 
     path: str
     settings: dict
     results: dict = dataclasses.field(default_factory=dict)
     partial: dict = dataclasses.field(default_factory=dict)
+    writes: bool = True
 
     @classmethod
-    def open(cls, path, settings):
+    def open(cls, path, settings, writes=True):
         settings = json.loads(json.dumps(settings))
         if not os.path.exists(path):
-            return cls(path, settings)
+            return cls(path, settings, writes=writes)
 
         def read(path):
             with open(path) as source:
                 saved = json.load(source)
-            return cls(path, saved["settings"], saved["results"], saved["partial"])
+            return cls(path, saved["settings"], saved["results"], saved["partial"], writes)
 
         return read_state(path, settings, read=read, what="state file",
                           instead="give another --out_dir")
 
     def remove(self):
         """Ends the run: its results are written, so another run starts afresh."""
-        if os.path.exists(self.path):
+        if self.writes and os.path.exists(self.path):
             os.remove(self.path)
 
     def save(self):
+        if not self.writes:
+            return
         with written_in_place(self.path, "w") as target:
             json.dump({"settings": self.settings, "results": self.results,
                        "partial": self.partial}, target)
@@ -289,10 +295,18 @@ def _duration(seconds):
 
 def reproduce(run, names):
     """Computes the artifacts `names` for `run`, resuming from their state files, printing a time
-    estimate first, and writes each artifact's files once its jobs are done."""
+    estimate first, and writes each artifact's files once its jobs are done (over a cluster,
+    the chief writes; every worker checks it resumed from the same state files)."""
+    chief = devices.is_chief(run.strategy)
     ledgers = {name: Ledger.open(keyed_path(os.path.join(run.out_dir, f"{name}.state.json"),
-                                            run.settings(name)), run.settings(name))
+                                            run.settings(name)), run.settings(name),
+                                 writes=chief)
                for name in names}
+    cluster.check_same_state(
+        run.strategy, [count for ledger in ledgers.values() for count in (
+            len(ledger.results),
+            sum(progress["batches_done"] for progress in ledger.partial.values()))],
+        path=run.out_dir)
     jobs = {name: JOBS[name](run) for name in names}
     todo = {name: [job for job in jobs[name] if job.key not in ledgers[name].results]
             for name in names}
@@ -313,9 +327,10 @@ def reproduce(run, names):
             result = ledgers[name].results[job.key]
             accuracy = f": {100 * result['accuracy']:.2f}%" if "accuracy" in result else ""
             print(f"{name}, {job.key}{accuracy} ({result['seconds']:.1f} s)")
-        paths = WRITERS[name](run, ledgers[name].results)
+        if chief:
+            paths = WRITERS[name](run, ledgers[name].results)
+            print(f"{name} written: {', '.join(paths)}")
         ledgers[name].remove()
-        print(f"{name} written: {', '.join(paths)}")
 
 
 def _header(run, artifact, results):

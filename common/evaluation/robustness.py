@@ -87,34 +87,41 @@ def _evaluate_checkpoint(path, writer, load_checkpoint, run_evaluation):
     return results
 
 
-def _evaluate_newest(model_dir, writer, load_checkpoint, run_evaluation, skip):
+def _evaluate_newest(model_dir, writer, load_checkpoint, run_evaluation, skip, newest):
     """Evaluates the newest checkpoint unless it is `skip`; returns its path (None if none).
 
     A checkpoint that the trainer's rotation removes before it is loaded is passed over for the
     next newest; one that stays the newest and cannot be read raises CheckpointUnreadable.
     """
     while True:
-        path = checkpoints.latest_checkpoint(model_dir)
+        path = newest(model_dir)
         if path is None or path == skip:
             return path
         try:
             _evaluate_checkpoint(path, writer, load_checkpoint, run_evaluation)
             return path
         except checkpoints.CheckpointUnreadable:
-            if checkpoints.latest_checkpoint(model_dir) == path:
+            if newest(model_dir) == path:
                 raise
             _say(f"Checkpoint {path} was removed while being read, moving to the newest\n")
 
 
-def eval_loop(model_dir, load_checkpoint, run_evaluation, once=False):
+def eval_loop(model_dir, load_checkpoint, run_evaluation, once=False, summary_dir=None,
+              newest=checkpoints.latest_checkpoint):
     """Evaluates each new checkpoint of `model_dir` as it appears (with `once`, the newest only).
 
     `load_checkpoint(path)` loads the weights; `run_evaluation()` returns `evaluate`'s results.
     The endless loop outlives checkpoints removed by rotation or unreadable: it says so and waits.
+
+    Args:
+        summary_dir: where the summaries go (by default `model_dir/eval`).
+        newest: gives the newest checkpoint of a folder (over a cluster, the chief's choice, so
+            that every worker evaluates the same one).
     """
-    writer = tf.summary.create_file_writer(os.path.join(model_dir, "eval"))
+    writer = tf.summary.create_file_writer(summary_dir or os.path.join(model_dir, "eval"))
     if once:
-        if _evaluate_newest(model_dir, writer, load_checkpoint, run_evaluation, None) is None:
+        if _evaluate_newest(model_dir, writer, load_checkpoint, run_evaluation, None,
+                            newest) is None:
             raise UserError(f"No checkpoint found in {model_dir}")
         return
     last_checkpoint = None
@@ -122,10 +129,10 @@ def eval_loop(model_dir, load_checkpoint, run_evaluation, once=False):
     while True:
         try:
             path = _evaluate_newest(model_dir, writer, load_checkpoint, run_evaluation,
-                                    last_checkpoint)
+                                    last_checkpoint, newest)
         except checkpoints.CheckpointUnreadable as error:
             _say(f"{error}; waiting for the next checkpoint\n")
-            path = checkpoints.latest_checkpoint(model_dir)
+            path = newest(model_dir)
         if path != last_checkpoint:
             last_checkpoint, waiting = path, False
             continue

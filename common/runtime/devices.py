@@ -1,6 +1,6 @@
-"""Which devices run the work: the local strategy of the attack and scoring scripts, the training
-strategy (one machine or a cluster named by `TF_CONFIG`), the chief task of a cluster, and
-`Spread`, which runs a function on one consecutive slice of a batch per local device."""
+"""Which devices run the work: the local strategy, the training and evaluation strategies (one
+machine or a cluster named by `TF_CONFIG`), the chief task of a cluster, and `Spread`, which runs
+a function on one consecutive slice of a batch per replica, on this machine or over a cluster."""
 
 import functools
 import json
@@ -10,6 +10,10 @@ import numpy as np
 import tensorflow as tf
 
 from common.runtime.errors import UserError
+
+# How long a collective of an evaluation over a cluster waits for the other workers: longer than
+# any worker's share of one attack's call takes beyond the others'.
+COLLECTIVE_TIMEOUT_SECONDS = 3600
 
 
 def local_strategy(cpu_only=False):
@@ -47,6 +51,25 @@ def training_strategy():
     if cluster_size() > 1:
         return tf.distribute.MultiWorkerMirroredStrategy()
     return local_strategy()
+
+
+def evaluation_strategy(cpu_only=False):
+    """The strategy of the attack and evaluation scripts: where `TF_CONFIG` names a cluster of
+    several tasks, MultiWorkerMirroredStrategy whose collectives give up after
+    COLLECTIVE_TIMEOUT_SECONDS (a hung worker stops the job instead of holding it forever; a
+    dead one is found sooner, by the strategy's own health checks); otherwise the local
+    strategy."""
+    if cluster_size() > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(
+                timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS))
+    return local_strategy(cpu_only)
+
+
+def spans_workers(strategy):
+    """True where `strategy` has replicas in other tasks of a cluster."""
+    replicas = strategy.num_replicas_in_sync
+    return replicas > 1 and replicas > len(strategy.extended.worker_devices)
 
 
 def is_chief(strategy):
@@ -104,8 +127,10 @@ def split_batch(strategy, batch):
 class Spread:
     """Calls `function` (taking tensors of any batch size, returning per-example tensors) on one
     consecutive slice of the batch per replica of `strategy`, each on its device, and returns the
-    results concatenated in order as numpy arrays. The function is traced once per shape of one
-    example, so it serves inputs of any shape; `jit_compile` compiles it with XLA."""
+    results concatenated in order as numpy arrays. Over a cluster (MultiWorkerMirroredStrategy)
+    every worker passes the same batch, attacks its replicas' slices and receives the whole
+    result. The function is traced once per shape of one example, so it serves inputs of any
+    shape; `jit_compile` compiles it with XLA."""
 
     def __init__(self, strategy, function, jit_compile=False):
         self.strategy = strategy or default_strategy()
@@ -126,9 +151,14 @@ class Spread:
                                        tf.TensorSpec((None, *array.shape[1:]), array.dtype)
                                        for array in arrays))
             strategy = self.strategy
-            distributed = tf.function(functools.partial(
-                lambda batch: strategy.run(lambda part: function(*part), args=(batch,))),
-                reduce_retracing=True)
+            gather = spans_workers(strategy)
+
+            def run(batch):
+                results = strategy.run(lambda part: function(*part), args=(batch,))
+                return tf.nest.map_structure(lambda result: _gathered(strategy, result),
+                                             results) if gather else results
+
+            distributed = tf.function(functools.partial(run), reduce_retracing=True)
             self._traced[key] = function, distributed
         return self._traced[key]
 
@@ -142,20 +172,35 @@ class Spread:
         function, distributed = self._functions(arrays)
         strategy = self.strategy
         replicas = strategy.num_replicas_in_sync
-        if replicas == 1:
+        if replicas == 1 or not len(arrays[0]):  # every worker alike: no collective for nothing
             with strategy.scope():
                 return tf.nest.map_structure(lambda tensor: tensor.numpy(), function(*arrays))
         bounds = np.linspace(0, len(arrays[0]), replicas + 1).astype(int)
+        counts = np.diff(bounds)
+        # A replica left without examples (a batch smaller than the replicas) works on the first
+        # example instead, its result dropped: layers may refuse an empty batch.
+        kept = np.concatenate([np.full(max(count, 1), count > 0) for count in counts])
 
         def replica_slice(context):
             replica = context.replica_id_in_sync_group
-            return tuple(array[bounds[replica]:bounds[replica + 1]] for array in arrays)
+            first, end = (bounds[replica], bounds[replica + 1]) if counts[replica] else (0, 1)
+            return tuple(array[first:end] for array in arrays)
 
         results = distributed(strategy.experimental_distribute_values_from_function(replica_slice))
+        if spans_workers(strategy):
+            return tf.nest.map_structure(lambda result: result.numpy()[kept], results)
         return tf.nest.map_structure(
             lambda result: np.concatenate([part.numpy() for part in
-                                           strategy.experimental_local_results(result)]),
+                                           strategy.experimental_local_results(result)])[kept],
             results)
+
+
+def _gathered(strategy, result):
+    """The per-replica `result` of every replica of the cluster, concatenated in replica order
+    (booleans travel as int32: the collectives take numbers only)."""
+    if result.dtype != tf.bool:
+        return strategy.gather(result, axis=0)
+    return tf.cast(strategy.gather(tf.cast(result, tf.int32), axis=0), tf.bool)
 
 
 def spread_logits(model, strategy=None):

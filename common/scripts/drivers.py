@@ -16,7 +16,7 @@ from common.evaluation import reproduce as reproduce_lib
 from common.evaluation import robustness, submission
 from common.io import checkpoints, fetch, files
 from common.io.files import written_in_place
-from common.runtime import devices, errors, precision
+from common.runtime import cluster, devices, errors, precision
 from common.runtime.batching import batch_bounds
 from common.scripts import cli
 from common.scripts import config as config_lib
@@ -98,9 +98,11 @@ def evaluate(challenge):
         files.check_writable_folder(os.path.join(config["model_dir"], "eval"),
                                     "summaries folder")
         images, labels = test_set(challenge, config)
-        strategy = devices.local_strategy(cpu_only=config["eval_on_cpu"])
+        strategy = devices.evaluation_strategy(cpu_only=config["eval_on_cpu"])
         model = _model(challenge, config, strategy)
-        with strategy.scope():
+        with strategy.scope(), cluster.stops_on_lost_worker(strategy), \
+                cluster.chief_output(strategy), cluster.output_folder(
+                    strategy, os.path.join(config["model_dir"], "eval")) as summaries:
             attack = pgd.PGD.from_settings(
                 model, challenge.attack_settings(config), restarts=FLAGS.restarts,
                 seed=challenge.data_seed(config), jit_compile=config["jit_compile"],
@@ -111,9 +113,24 @@ def evaluate(challenge):
                 lambda: robustness.evaluate(model, attack, images=images, labels=labels,
                                             num_examples=config["num_eval_examples"],
                                             batch_size=config["eval_batch_size"]),
-                once=FLAGS.once)
+                once=FLAGS.once, summary_dir=summaries,
+                newest=lambda folder: _chief_checkpoint(strategy, folder))
 
     cli.run(main, challenge.config_path)
+
+
+def _chief_checkpoint(strategy, folder):
+    """The newest checkpoint of `folder` as the chief (worker 0) finds it, on every worker of a
+    cluster: workers polling at their own moments could each find another."""
+    path = checkpoints.latest_checkpoint(folder)
+    if not devices.spans_workers(strategy):
+        return path
+    step = -1 if path is None else int(path.rsplit("-", 1)[1])
+    chosen = int(cluster.values_of_workers(strategy, [step])[0, 0])
+    if chosen < 0:
+        return None
+    return os.path.join(folder, f"checkpoint-{chosen}") if path is None else \
+        f"{path.rsplit('-', 1)[0]}-{chosen}"
 
 
 def _define_restarts():
@@ -128,16 +145,18 @@ def attack(challenge):
     def main(argv):
         config = _config()
         files.check_writable(config["store_adv_path"], "store_adv_path")
-        strategy = devices.local_strategy()
+        strategy = devices.evaluation_strategy()
         model = restored_model(challenge, config, strategy, _no_model(config))
         attack = pgd.PGD.from_settings(
             model, challenge.attack_settings(config), restarts=FLAGS.restarts,
             seed=challenge.data_seed(config), jit_compile=config["jit_compile"],
             strategy=strategy)
         images, labels = test_set(challenge, config)
-        x_adv = _attack_test_set(attack, images, labels, config["num_eval_examples"],
-                                    config["eval_batch_size"])
-        _store_attack(x_adv, config["store_adv_path"])
+        with cluster.stops_on_lost_worker(strategy), cluster.chief_output(strategy):
+            x_adv = _attack_test_set(attack, images, labels, config["num_eval_examples"],
+                                     config["eval_batch_size"])
+            if devices.is_chief(strategy):
+                _store_attack(x_adv, config["store_adv_path"])
 
     cli.run(main, challenge.config_path)
 
@@ -308,7 +327,7 @@ def autoattack(challenge):
         report_path = os.path.splitext(store)[0] + ".json"
         files.check_writable(store, "output file")
         files.check_writable(report_path, "report")
-        strategy = devices.local_strategy()
+        strategy = devices.evaluation_strategy()
         model = restored_model(challenge, config, strategy, _no_model(config))
         images, labels = test_set(challenge, config)
         count = config["num_eval_examples"]
@@ -324,16 +343,18 @@ def autoattack(challenge):
         run_info = {"challenge": challenge.name,
                     "checkpoint": checkpoints.latest_checkpoint(config["model_dir"]),
                     "num_examples": count, "batch_size": config["eval_batch_size"]}
-        print(f"using {attack.version} version including {', '.join(attack.attacks)}.")
         state = files.keyed_path(os.path.splitext(store)[0] + ".state.npz",
                                  {**attack.settings, **run_info})
-        result = attack.evaluate(x, y, batch_size=config["eval_batch_size"], state_path=state,
-                                 run_info=run_info)
-        _store_attack(result.x_adv, store)
-        largest = autoattack_lib.largest_perturbation(attack.threat_model, result.x_adv, x)
-        _autoattack_report(result, largest=largest, settings={**attack.settings, **run_info},
-                           path=report_path)
-        os.remove(state)
+        with cluster.stops_on_lost_worker(strategy), cluster.chief_output(strategy):
+            print(f"using {attack.version} version including {', '.join(attack.attacks)}.")
+            result = attack.evaluate(x, y, batch_size=config["eval_batch_size"],
+                                     state_path=state, run_info=run_info)
+        if devices.is_chief(strategy):
+            _store_attack(result.x_adv, store)
+            largest = autoattack_lib.largest_perturbation(attack.threat_model, result.x_adv, x)
+            _autoattack_report(result, largest=largest,
+                               settings={**attack.settings, **run_info}, path=report_path)
+            os.remove(state)
 
     cli.run(main, challenge.config_path)
 
@@ -357,7 +378,7 @@ def reproduce(challenge):
         out_dir = FLAGS.out_dir or os.path.join(config["model_dir"], "paper")
         if os.path.exists(out_dir):
             files.check_writable_folder(out_dir, "--out_dir")
-        strategy = devices.local_strategy()
+        strategy = devices.evaluation_strategy()
         model = restored_model(challenge, config, strategy, _no_model(config))
         source, source_checkpoint = None, None
         if "transfer" in names:
@@ -373,7 +394,8 @@ def reproduce(challenge):
             landscape_restarts=FLAGS.restarts, images=images, labels=labels, source=source,
             source_model_dir=FLAGS.source_model_dir, source_checkpoint=source_checkpoint,
             source_name=FLAGS.source_name)
-        reproduce_lib.reproduce(run, names)
+        with cluster.stops_on_lost_worker(strategy), cluster.chief_output(strategy):
+            reproduce_lib.reproduce(run, names)
 
     cli.run(main, challenge.config_path)
 

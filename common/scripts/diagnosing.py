@@ -13,7 +13,7 @@ from common.evaluation import figures
 from common.evaluation.diagnose import diagnose
 from common.io import files
 from common.io.files import written_in_place
-from common.runtime import devices, errors
+from common.runtime import cluster, devices, errors
 from common.scripts import cli, drivers
 
 FLAGS = flags.FLAGS
@@ -62,22 +62,24 @@ def diagnose_script(challenge):
         out_dir = FLAGS.out_dir or os.path.join(config["model_dir"], "diagnosis")
         if os.path.exists(out_dir):
             files.check_writable_folder(out_dir, "--out_dir")
-        strategy = devices.local_strategy()
+        strategy = devices.evaluation_strategy()  # over a TF_CONFIG cluster, every worker
         model = drivers.restored_model(challenge, config, strategy, drivers._no_model(config))
         files.check_writable_folder(out_dir, "--out_dir")
         images, labels = drivers.test_set(challenge, config)
         count = config["num_eval_examples"]
         try:
-            diagnosis = diagnose(
-                model, images[:count], labels[:count], epsilon=config["epsilon"],
-                norm=FLAGS.norm, pixel_range=challenge.pixel_range, seed=FLAGS.seed,
-                attack=_reported_attack(challenge, config, model, strategy),
-                image_shape=challenge.image_shape, strategy=strategy,
-                batch_size=config["eval_batch_size"], progress=True)
+            with cluster.stops_on_lost_worker(strategy), cluster.chief_output(strategy):
+                diagnosis = diagnose(
+                    model, images[:count], labels[:count], epsilon=config["epsilon"],
+                    norm=FLAGS.norm, pixel_range=challenge.pixel_range, seed=FLAGS.seed,
+                    attack=_reported_attack(challenge, config, model, strategy),
+                    image_shape=challenge.image_shape, strategy=strategy,
+                    batch_size=config["eval_batch_size"], progress=True)
         except ValueError as error:  # what the library refuses: one line, as the other scripts
             raise errors.UserError(str(error)) from error
-        write_diagnosis(diagnosis, out_dir, challenge.name)
-        print(diagnosis.to_markdown())
-        print(f"Diagnosis written in {out_dir}: {', '.join(OUTPUTS)}")
+        if devices.is_chief(strategy):
+            write_diagnosis(diagnosis, out_dir, challenge.name)
+            print(diagnosis.to_markdown())
+            print(f"Diagnosis written in {out_dir}: {', '.join(OUTPUTS)}")
 
     cli.run(main, challenge.config_path)

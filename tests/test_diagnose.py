@@ -1,15 +1,15 @@
-"""diagnose on models with known failure modes, built here from a linear MNIST model trained in
-a few seconds: its input quantised under tf.stop_gradient (zero gradients), random noise on its
-input (random outputs), its logits times 10^4 (a saturated cross-entropy), a softmax on top
-(probabilities), the model itself, and the TF1 MNIST fixture. Each broken one triggers its
-indicator, the natural ones none; the worst case never exceeds AutoAttack's."""
+"""diagnose on models with known failure modes (failure_modes.py), built from a linear MNIST
+model trained in a few seconds: its input quantised under tf.stop_gradient (zero gradients),
+random noise on its input (random outputs), its logits times 10^4 (a saturated cross-entropy),
+a softmax on top (probabilities), the model itself, and the TF1 MNIST fixture. Each broken one
+triggers its indicator, the natural ones none; the worst case never exceeds AutoAttack's."""
 
 import json
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from failure_modes import WRAPPERS, linear_model, quantised
 from helpers import assert_one_error_line, run_script, shared_path, writable_copy
 
 from common.attacks import APGD, FAB, PGD, AutoAttack, Square, losses
@@ -31,40 +31,12 @@ def data():
 
 @pytest.fixture(scope="module")
 def natural(data):
-    """A linear model on the flat images, about 90% accurate after two short epochs."""
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(10)])
-    model.compile(keras.optimizers.Adam(1e-2),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(data.train_images[:10000], data.train_labels[:10000], epochs=2, batch_size=100,
-              verbose=0)
-    return model
+    return linear_model(data)
 
 
 @pytest.fixture(scope="module")
 def examples(data):
     return data.test_images[:EXAMPLES], data.test_labels[:EXAMPLES].astype(np.int64)
-
-
-def quantised(model):
-    """The model on its input rounded to 4 levels, the rounding under tf.stop_gradient."""
-    return lambda x: model(tf.stop_gradient(tf.round(x * 4) / 4))
-
-
-def noisy(model):
-    return lambda x: model(x + tf.random.normal(tf.shape(x), stddev=0.1))
-
-
-def scaled(model):
-    return lambda x: model(x) * 1e4
-
-
-def softmax(model):
-    return lambda x: tf.nn.softmax(model(x))
-
-
-WRAPPERS = {"natural": lambda model: model, "quantised": quantised, "noisy": noisy,
-            "scaled": scaled, "probabilities": softmax}
 
 
 def _reported(model):

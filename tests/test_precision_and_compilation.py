@@ -68,9 +68,10 @@ def test_mixed_precision_attacks_within_a_point_of_float32(challenge, mode, poli
                                                            cifar_fixture):
     folder, data = (mnist_fixture, mnist_data) if challenge == "mnist" else \
         (cifar_fixture, cifar_data)
-    reference, _, _ = attack_accuracy(challenge, folder, data)
+    # 100 images: float16 has no fast kernels on CPUs, its matmuls run emulated.
+    reference, _, _ = attack_accuracy(challenge, folder, data, examples=100)
     policy(mode)
-    accuracy, x_adv, model = attack_accuracy(challenge, folder, data)
+    accuracy, x_adv, model = attack_accuracy(challenge, folder, data, examples=100)
     assert model.get_layer(index=2).compute_dtype == mode.split("_")[1]
     assert model.output.dtype == "float32" and x_adv.dtype == np.float32
     assert 0 < reference < 1 and abs(accuracy - reference) <= 0.01, (accuracy, reference)
@@ -109,8 +110,8 @@ def test_mixed_precision_free_training_keeps_a_finite_perturbation(mode, policy,
     step = loop.FreeTrainStep(tf.distribute.get_strategy(), model, optimizer,
                               settings=pgd.AttackSettings(epsilon=0.3, steps=1, step_size=0.1,
                                                           random_start=True),
-                              loss_fn=summed_xent, replays=4, batch_size=50)
-    x, y = data.train_images[:50], data.train_labels[:50]
+                              loss_fn=summed_xent, replays=4, batch_size=10)
+    x, y = data.train_images[:10], data.train_labels[:10]
     for replay in range(8):
         metrics, x_adv = step(x, y, report=True, step=replay)
     perturbation = step.perturbation.numpy()
@@ -118,7 +119,7 @@ def test_mixed_precision_free_training_keeps_a_finite_perturbation(mode, policy,
     assert np.mean(np.abs(perturbation) > 0.29) > 0.5
     assert np.all(np.isfinite(model.get_layer("fc1").kernel.numpy()))
     assert 0 <= x_adv.numpy().min() and x_adv.numpy().max() <= 1
-    assert 0 < metrics["nat_correct"].numpy() <= 50
+    assert 0 < metrics["nat_correct"].numpy() <= 10
 
 
 @pytest.mark.slow

@@ -125,7 +125,8 @@ def test_the_devices_decide_which_layers_a_model_gets(two_replicas):
 
 
 @pytest.mark.slow
-def test_the_attack_predicts_the_same_with_either_layer_path(mnist_fixture, mnist_data):
+def test_the_attack_predicts_the_same_with_either_layer_path(mnist_fixture, mnist_data,
+                                                              monkeypatch):
     """On the fixture's weights and test images, PGD-40 from the same starts through the
     CPU-tuned layers (unrolled) and through Keras' own (graph loop, as on GPUs) leaves the model
     predicting the same classes."""
@@ -137,6 +138,7 @@ def test_the_attack_predicts_the_same_with_either_layer_path(mnist_fixture, mnis
     x, y = data.test_images[:100].astype(np.float32), data.test_labels[:100]
     start = pgd.start_point(x, pgd.AttackSettings(epsilon=0.3, steps=40, step_size=0.01,
                                                   random_start=True), np.random.default_rng(4))
+    monkeypatch.setattr(pgd, "UNROLL_AFTER", 0)
     predictions = []
     for on_cpu in (True, False):
         model = mnist_model.Model(on_cpu)
@@ -156,11 +158,11 @@ def test_every_process_of_a_machine_picks_the_same_variants():
     choose alike."""
     code = ("from common.runtime import devices; from common.attacks import pgd; "
             "from common.models.layers import layer_classes; import tensorflow as tf; "
-            "from common.models import layers; "
+            "from common.models import layers; import keras; "
             "print([c.__module__ for c in layer_classes(devices.runs_on_cpu())], "
             "layers.depthwise_gradient_wins(), "
-            "pgd.unrolls(tf.distribute.get_strategy(), 40), "
-            "pgd.unrolls(tf.distribute.get_strategy(), 1000))")
+            "pgd.unrolls(tf.distribute.get_strategy(), 40, keras.layers.MaxPooling2D()), "
+            "pgd.unrolls(tf.distribute.get_strategy(), 1000, keras.layers.MaxPooling2D()))")
     outputs = [subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                               text=True, timeout=120, env=script_environment()).stdout
                for _ in range(2)]

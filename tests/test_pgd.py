@@ -268,9 +268,38 @@ def test_the_unrolled_cpu_loop_equals_the_graph_loop_on_the_challenge_network(mn
     np.testing.assert_array_equal(results[0], results[1])
 
 
-def test_the_steps_unroll_on_cpus_up_to_a_fixed_count():
+def pooling_model(nested=False):
+    """A small image model with a max-pool, inside a submodel where `nested`."""
+    inputs = keras.Input((8, 8, 1))
+    pooled = keras.Sequential([keras.layers.Conv2D(4, 3), keras.layers.MaxPooling2D()]) \
+        if nested else keras.layers.MaxPooling2D()
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(pooled(inputs))))
+
+
+def test_the_steps_of_a_max_pooling_model_unroll_on_cpus_up_to_a_fixed_count():
+    """Unrolling buys back oneDNN's max-pool gradient; other models keep the graph loop, which
+    traces once for any number of steps."""
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    assert pgd.unrolls(strategy, pgd.MAX_UNROLLED_STEPS)
-    assert not pgd.unrolls(strategy, pgd.MAX_UNROLLED_STEPS + 1)
-    assert pgd.unrolls(tf.distribute.get_strategy(), 40)  # the default strategy, no GPU here
-    assert pgd.PGD(tiny_model(), epsilon=0.1, steps=40)._unroll
+    pooling = pooling_model()
+    assert pgd.unrolls(strategy, pgd.MAX_UNROLLED_STEPS, pooling)
+    assert not pgd.unrolls(strategy, pgd.MAX_UNROLLED_STEPS + 1, pooling)
+    assert pgd.unrolls(tf.distribute.get_strategy(), 40, pooling_model(nested=True))
+    assert not pgd.unrolls(strategy, 40, tiny_model())
+    assert pgd.PGD(pooling, epsilon=0.1, steps=40)._unroll
+    assert not pgd.PGD(tiny_model(), epsilon=0.1, steps=40)._unroll
+
+
+def test_an_attack_unrolls_once_it_has_attacked_enough_examples_to_pay_for_the_tracing():
+    model = pooling_model()
+    x = np.random.default_rng(0).uniform(size=(pgd.UNROLL_AFTER, 8, 8, 1)).astype(np.float32)
+    y = np.argmax(model.predict(x, verbose=0), axis=1)
+    attack = pgd.PGD(model, epsilon=0.1, steps=5, seed=3)
+    first = attack.perturb(x, y)
+    assert attack._looped.tracing_count() == 1 and attack._unrolled.tracing_count() == 0
+    second = attack.perturb(x, y)
+    assert attack._unrolled.tracing_count() == 1
+    # The unrolled steps give the iterate of the graph loop, from the same starts.
+    looped = pgd.PGD(model, epsilon=0.1, steps=5, seed=3)
+    looped.skip(x)
+    np.testing.assert_array_equal(second, looped.perturb(x, y))
+    assert not np.array_equal(first, second)  # other starts

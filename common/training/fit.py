@@ -65,7 +65,7 @@ class AdversarialModel(keras.Model):
         self.context = steps.StepContext(model=model, optimizer=None, settings=settings,
                                          method=method, beta=float(beta),
                                          attack_training=attack_training,
-                                         unroll=pgd.unrolls(attack.strategy, settings.steps))
+                                         unroll=pgd.unrolls(attack.strategy, settings.steps, model))
         self.method = method
         self.fgsm_step_size = fgsm_step_size
         self.replays = int(replays)

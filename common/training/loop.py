@@ -94,7 +94,7 @@ class TrainStep:
         self.context = steps.StepContext(model=model, optimizer=optimizer, settings=settings,
                                          method=method, beta=beta,
                                          attack_training=attack_training,
-                                         unroll=pgd.unrolls(strategy, settings.steps))
+                                         unroll=pgd.unrolls(strategy, settings.steps, model))
         rules = steps.training_method(method)
         if rules.carries is not isinstance(self, FreeTrainStep):
             raise ValueError(f"{type(self).__name__} does not run this method. "

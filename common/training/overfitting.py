@@ -84,7 +84,7 @@ class OverfittingGuard:
         self._batch = devices.split_batch(strategy, (tf.convert_to_tensor(images, tf.float32),
                                              tf.convert_to_tensor(labels, tf.int64),
                                              tf.convert_to_tensor(start, tf.float64)))
-        self._unroll = pgd.unrolls(strategy, self.settings.steps)
+        self._unroll = pgd.unrolls(strategy, self.settings.steps, model)
         self._count = tf.function(self._count_correct)
         self._examples = len(images)
 

@@ -94,11 +94,11 @@ def script_cases(tmp_path):
     a_folder.mkdir()
     mnist, cifar = "mnist_challenge", "cifar10_challenge"
     cases = []
-    for folder in (mnist, cifar):
-        for script in ("train.py", "eval.py", "pgd_attack.py", "run_attack.py", "summary.py",
-                       "autoattack.py"):
-            cases.append((f"{folder}/{script}", ["--epsilon=-1"],
-                          "config key 'epsilon' must be at least 0, got -1.0"))
+    scripts = ("train.py", "eval.py", "pgd_attack.py", "run_attack.py", "summary.py",
+               "autoattack.py")
+    for index, script in enumerate(scripts):
+        cases.append((f"{(mnist, cifar)[index % 2]}/{script}", ["--epsilon=-1"],
+                      "config key 'epsilon' must be at least 0, got -1.0"))
     cases += [
         (f"{mnist}/pgd_attack.py", ["--k=abc"], "flag --k=abc"),
         (f"{cifar}/pgd_attack.py", ["--num_steps=abc"], "flag --num_steps=abc"),

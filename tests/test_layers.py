@@ -154,8 +154,8 @@ def test_the_attack_predicts_the_same_with_either_layer_path(mnist_fixture, mnis
 
 @pytest.mark.slow
 def test_every_process_of_a_machine_picks_the_same_variants():
-    """The choices are rules of the devices and the step count, never timings: two new processes
-    choose alike."""
+    """The choices are rules of the devices, the step count and the model, never timings: two new
+    processes choose alike."""
     code = ("from common.runtime import devices; from common.attacks import pgd; "
             "from common.models.layers import layer_classes; import tensorflow as tf; "
             "from common.models import layers; import keras; "

@@ -48,8 +48,8 @@ def evaluation_set(challenge, data_path):
 
 
 def attack_accuracy(challenge, folder, data_path, jit_compile=False, examples=100):
-    """PGD's accuracy on the first `examples` test images (few: float16 has no fast kernels on
-    CPUs, it runs emulated), the attack and the model."""
+    """(PGD's accuracy, its adversarial examples, the model) on the first `examples` test images
+    (few: float16 has no fast kernels on CPUs, it runs emulated)."""
     model = fixture_model(challenge, folder)
     if challenge == "mnist":
         attack = pgd.LinfPGDAttack(model, 0.05, 10, 0.01, True, "xent", seed=0,

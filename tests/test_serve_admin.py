@@ -123,6 +123,8 @@ def test_storage_failures_answer_503_or_507_and_leave_no_file(server, db, state,
                   str(1 << 60), database_url=f"sqlite:///{state}/serve.sqlite3").wait_ready()
     refused = upload(full.url, token, data)
     assert refused.status_code == 507, refused.text
+    # Answered before the body was read, which was read after: no reset connection.
+    assert refused.headers.get("Connection") != "close"
     assert f"at least {1 << 60} bytes of its disk free (--min_free_bytes)" in \
         refused.json()["error"]
     assert list((state.parent / "full" / "incoming").iterdir()) == []

@@ -287,8 +287,13 @@ class Service:
             accepted = await self._accept(upload, received)
         except uploads.Refused as refused:
             await self._refused(request, upload, refused.status, refused.message)
-            return self._api_error(refused.status, refused.message, refused.close,
-                                   refused.headers)
+            # A participant's client (requests, curl) sends the whole body before it reads the
+            # answer: a body left unread makes the closing connection reset, and the client may
+            # see the reset instead of the answer. So it is read first, as the form's is; a
+            # client without a valid token, too slow or too large is closed on at once.
+            close = refused.close and (upload.participant is None or refused.status in (408, 413)
+                                       or not await self._drain(request))
+            return self._api_error(refused.status, refused.message, close, refused.headers)
         except ClientDisconnect:
             await self._refused(request, upload, 499, "the client went away")
             return Response(status_code=400)

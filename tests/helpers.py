@@ -202,6 +202,18 @@ def run_script(script, *args, cwd=None, timeout=600):
                           text=True, timeout=timeout, env=env)
 
 
+def start_script(script, *args, output, cwd=None):
+    """Starts one of the challenge scripts as a user would, stdout and stderr going to the open
+    file `output`; returns its subprocess.Popen, or the warm_interpreter.Run that answers the
+    same calls (poll, wait, kill, terminate, send_signal, pid, returncode) where a fork stands
+    for a new process."""
+    argv, env = [os.path.join(REPO, script), *args], script_environment()
+    if warm_interpreter.usable_for(argv, env):
+        return warm_interpreter.Run(argv, cwd=cwd or REPO, env=env, stdout=output, stderr=output)
+    return subprocess.Popen([sys.executable, *argv], cwd=cwd or REPO, env=env,
+                            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+
+
 def run_side_by_side(runs):
     """Runs each (script, arguments, cwd) of `runs` as run_script does, three at a time; returns
     the CompletedProcesses in order."""

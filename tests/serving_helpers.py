@@ -19,7 +19,7 @@ import uuid
 import numpy as np
 import pytest
 import requests
-from helpers import REPO, free_port, script_environment, shared_path
+from helpers import REPO, free_port, script_environment, shared_path, start_script
 
 MNIST_SERVE = "mnist_challenge/serve.py"
 EPSILON = 0.3
@@ -78,10 +78,13 @@ class Server:
 
     def start(self):
         with open(self.output_path, "ab") as output:
-            self.process = subprocess.Popen(self.command, stdout=output,
-                                            stderr=subprocess.STDOUT, cwd=REPO,
-                                            env=script_environment(),
-                                            preexec_fn=self._limit_open_files)
+            if self.open_files is None:
+                self.process = start_script(*self.command[1:], output=output)
+            else:
+                self.process = subprocess.Popen(self.command, stdout=output,
+                                                stderr=subprocess.STDOUT, cwd=REPO,
+                                                env=script_environment(),
+                                                preexec_fn=self._limit_open_files)
         _RUNNING.append(self)
 
     def _limit_open_files(self):

@@ -9,12 +9,11 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 import tomllib
 
 import pytest
-from helpers import REPO, run_side_by_side, script_environment
+from helpers import REPO, run_script, run_side_by_side
 
 README = os.path.join(REPO, "README.md")
 PAGES = [README] + sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
@@ -290,9 +289,7 @@ def test_the_quick_start_runs(tmp_path, mnist_data):
         extra = {name: value for name, value in overrides.items()
                  if not (script == "autoattack.py" and name == "store_adv_path")}
         arguments += [f"--{name}={value}" for name, value in extra.items()]
-        result = subprocess.run([sys.executable, os.path.join(REPO, command[1]), *arguments],
-                                cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                                env=script_environment())
+        result = run_script(command[1], *arguments, cwd=tmp_path)
         assert result.returncode == 0, (script, arguments, result.stdout[-2000:],
                                         result.stderr[-3000:])
         results[script] = result

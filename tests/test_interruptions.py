@@ -10,13 +10,11 @@ ahead of it, so the test does the same thing on a fast or a slow machine.
 import glob
 import os
 import random
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from helpers import REPO, assert_one_error_line, checkpoint_values, run_script
+from helpers import assert_one_error_line, checkpoint_values, run_script, start_script
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +28,16 @@ TRAINING = ("--epsilon=0.1", "--k=5", "--a=0.02", "--training_batch_size=20",
             "--num_summary_steps=4")
 
 
-def training_command(model_dir, mnist_data, *extra):
-    return [sys.executable, os.path.join(REPO, "mnist_challenge/train.py"),
-            f"--model_dir={model_dir}", f"--data_path={mnist_data}", *TRAINING,
+def training_arguments(model_dir, mnist_data, *extra):
+    return [f"--model_dir={model_dir}", f"--data_path={mnist_data}", *TRAINING,
             f"--max_num_training_steps={MAX_STEPS}", *extra]
+
+
+def training_process(model_dir, mnist_data, *extra):
+    """train.py started, for a test to kill."""
+    with open(os.devnull, "wb") as output:
+        return start_script("mnist_challenge/train.py",
+                            *training_arguments(model_dir, mnist_data, *extra), output=output)
 
 
 def checkpoint_steps(model_dir):
@@ -66,18 +70,18 @@ KILLS = {"pgd": 2, "fgsm_rs": 1, "free": 1}
 def test_a_run_killed_mid_run_ends_as_an_uninterrupted_one(method, tmp_path, mnist_data):
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     extra = METHODS[method]
-    subprocess.run(training_command(whole, mnist_data, *extra), check=True, capture_output=True)
+    uninterrupted = run_script("mnist_challenge/train.py",
+                               *training_arguments(whole, mnist_data, *extra))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
     kill_points = sorted(random.Random(KILLS_SEED).sample(list(KILL_AT), KILLS[method]))
     for step in kill_points:
-        process = subprocess.Popen(training_command(killed, mnist_data, *extra),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = training_process(killed, mnist_data, *extra)
         wait_for_checkpoint(process, killed, step)
         process.kill()
         process.wait()
         assert process.returncode == -9
         assert MAX_STEPS not in checkpoint_steps(killed), "the run ended before the kill"
-    final = subprocess.run(training_command(killed, mnist_data, *extra), capture_output=True,
-                           text=True)
+    final = run_script("mnist_challenge/train.py", *training_arguments(killed, mnist_data, *extra))
     assert final.returncode == 0, (kill_points, final.stderr)
     assert "Resuming from " in final.stdout, kill_points
     expected = checkpoint_values(f"{whole}/checkpoint-{MAX_STEPS}")
@@ -92,11 +96,9 @@ def test_a_run_killed_mid_run_ends_as_an_uninterrupted_one(method, tmp_path, mni
 def test_eval_once_reads_a_folder_the_trainer_is_rotating(tmp_path, mnist_data):
     """The trainer writes a checkpoint every step and keeps 3, for as long as the test lasts."""
     model_dir = str(tmp_path / "run")
-    trainer = subprocess.Popen(
-        training_command(model_dir, mnist_data, "--num_checkpoint_steps=1",
-                         "--max_num_training_steps=1000000", "--k=1",
-                         "--training_batch_size=10"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trainer = training_process(model_dir, mnist_data, "--num_checkpoint_steps=1",
+                               "--max_num_training_steps=1000000", "--k=1",
+                               "--training_batch_size=10")
     try:
         wait_for_checkpoint(trainer, model_dir, 1)
         evaluated = []

@@ -1,20 +1,23 @@
 """Runs the challenge scripts for the tests without paying TensorFlow's import in each run.
 
 Importing TensorFlow and Keras costs about 5 CPU-seconds, and the suite runs the scripts about
-150 times. `run(argv, cwd=..., env=..., timeout=...)` instead asks a server process (this file
-run as a script, one per test process) that has imported them and listed the devices, as a
-script's start does, and nothing else: no operation has run, so no thread of TensorFlow's exists
-when it forks. Each run is a fork of that server, which runs the script as `__main__` with the
-run's own argv, folder, environment, umask, stdin from /dev/null and stdout and stderr to files,
-and reports its exit status as Python would give it. What a fork cannot give as a new process
-does, the caller asks of a new process (`usable_for`): TensorFlow's own start-up lines and the
-settings TensorFlow reads at import (`TF_*`, `CUDA_*`, oneDNN's and OpenMP's variables).
+200 times. `run(argv, ...)` (to the end) and `Run(argv, ...)` (started, like subprocess.Popen)
+instead ask a server process (this file run as a script, one per test process) that has
+imported them and listed the devices, as a script's start does, and nothing else: no operation
+has run, so no thread of TensorFlow's exists when it forks. Each run is a fork of that server,
+which runs the script as `__main__` with the run's own argv, folder, environment, umask, stdin
+from /dev/null and stdout and stderr to the caller's files; the server reaps it and sends the
+caller its exit status. What a fork cannot give as a new process does, the caller asks of a new
+process (`usable_for`): TensorFlow's own start-up lines and the settings TensorFlow reads at
+import (`TF_*`, `CUDA_*`, oneDNN's and OpenMP's variables).
 """
 
 import atexit
+import contextlib
 import json
 import os
 import runpy
+import select
 import signal
 import socket
 import struct
@@ -49,14 +52,17 @@ def _receive_exactly(connection, size):
 
 # The server side.
 
-def _run_child(connection, request, stdout, stderr):
-    """In the forked child: becomes the script's process, runs it, reports its exit status after
-    every exit handler the script registered, and exits."""
+def _run_child(request, stdout, stderr):
+    """In the forked child: becomes the script's process and runs it; its exit status is the
+    one Python would give it."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     devnull = os.open(os.devnull, os.O_RDONLY)
-    for source, target in ((devnull, 0), (stdout, 1), (stderr, 2)):
-        os.dup2(source, target)
-        os.close(source)
+    os.dup2(devnull, 0)
+    os.dup2(stdout, 1)
+    os.dup2(stderr, 2)
+    for fd in {devnull, stdout, stderr}:
+        os.close(fd)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -67,35 +73,41 @@ def _run_child(connection, request, stdout, stderr):
     script = request["argv"][0]
     sys.argv = list(request["argv"])
     sys.path[0] = os.path.dirname(os.path.abspath(script))
-    connection.sendall(HEADER.pack(os.getpid()))
-    status = {"code": 1}
-
-    def report():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        connection.sendall(HEADER.pack(status["code"]))
-
-    atexit.register(report)  # registered first, so it runs after the script's own exit handlers
+    code = 1
     try:
         runpy.run_path(script, run_name="__main__")
-        status["code"] = 0
+        code = 0
     except SystemExit as stop:
         if stop.code is None or isinstance(stop.code, int):
-            status["code"] = stop.code or 0
+            code = stop.code or 0
         else:
             print(stop.code, file=sys.stderr)
     except BaseException:
         traceback.print_exc()
-    sys.exit(status["code"])
+    sys.exit(code)
 
 
 def serve(path):
-    """Listens on the Unix socket `path` and forks a child per request; ends with its parent."""
+    """Listens on the Unix socket `path`; for each request forks a child that runs the script,
+    sends the caller the child's pid and, once it has ended, its exit status. Ends with its
+    parent."""
     import keras  # noqa: F401
     import tensorflow as tf
 
     tf.config.list_physical_devices()
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the system
+    running = {}  # pid: the caller's connection
+
+    def report_ended(signum, frame):
+        while running:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return
+            connection = running.pop(pid)
+            with contextlib.suppress(OSError):  # the caller may have gone
+                connection.sendall(HEADER.pack(os.waitstatus_to_exitcode(status)))
+            connection.close()
+
+    signal.signal(signal.SIGCHLD, report_ended)
     parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path + ".new")
@@ -110,14 +122,17 @@ def serve(path):
         connection.settimeout(None)
         header, fds, _, _ = socket.recv_fds(connection, HEADER.size, 2)
         request = json.loads(_receive_exactly(connection, HEADER.unpack(header)[0]))
-        sys.stdout.flush()
-        sys.stderr.flush()
-        if os.fork() == 0:
-            listener.close()
-            _run_child(connection, request, *fds)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # until it is in `running`
+        pid = os.fork()
+        if pid == 0:
+            for inherited in (listener, connection, *running.values()):
+                inherited.close()
+            _run_child(request, *fds)
         for fd in fds:
             os.close(fd)
-        connection.close()
+        running[pid] = connection
+        connection.sendall(HEADER.pack(pid))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
 
 
 # The tests' side.
@@ -171,37 +186,69 @@ def _current_umask():
     return mask
 
 
+class Run:
+    """`argv` (a script and its arguments) running in a fork of the server, its output going to
+    the open files `stdout` and `stderr`: the part of subprocess.Popen the tests use."""
+
+    def __init__(self, argv, *, cwd, env, stdout, stderr):
+        server = _started_server(env)
+        self.args = [sys.executable, *argv]
+        self.returncode = None
+        request = json.dumps({"argv": [str(arg) for arg in argv], "cwd": str(cwd), "env": env,
+                              "umask": _current_umask()}).encode()
+        self._connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._connection.connect(server.path)
+        socket.send_fds(self._connection, [HEADER.pack(len(request))],
+                        [stdout.fileno(), stderr.fileno()])
+        self._connection.sendall(request)
+        self.pid = HEADER.unpack(_receive_exactly(self._connection, HEADER.size))[0]
+
+    def poll(self):
+        if self.returncode is None and select.select([self._connection], [], [], 0)[0]:
+            self.wait()
+        return self.returncode
+
+    def wait(self, timeout=None):
+        if self.returncode is None:
+            self._connection.settimeout(timeout)
+            try:
+                status = _receive_exactly(self._connection, HEADER.size)
+            except TimeoutError as error:
+                raise subprocess.TimeoutExpired(self.args, timeout) from error
+            if status is None:
+                raise RuntimeError("the warm interpreter ended before the run it started")
+            self.returncode = HEADER.unpack(status)[0]
+            self._connection.close()
+        return self.returncode
+
+    def send_signal(self, number):
+        if self.poll() is None:
+            os.kill(self.pid, number)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self):
+        self.send_signal(signal.SIGTERM)
+
+
 def run(argv, *, cwd, env, timeout):
     """Runs `argv` (a script and its arguments) in a fork of the server; returns what
     `subprocess.run(..., capture_output=True, text=True)` would. Raises
     subprocess.TimeoutExpired, having killed the run, after `timeout` seconds."""
-    server = _started_server(env)
-    request = json.dumps({"argv": [str(arg) for arg in argv], "cwd": str(cwd), "env": env,
-                          "umask": _current_umask()}).encode()
-    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr, \
-            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-        connection.connect(server.path)
-        socket.send_fds(connection, [HEADER.pack(len(request))],
-                        [stdout.fileno(), stderr.fileno()])
-        connection.sendall(request)
-        connection.settimeout(timeout)
-        pid = None
+    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        process = Run(argv, cwd=cwd, env=env, stdout=stdout, stderr=stderr)
         try:
-            pid = HEADER.unpack(_receive_exactly(connection, HEADER.size))[0]
-            status = _receive_exactly(connection, HEADER.size)
-            while connection.recv(1):  # the end of the connection: the process has ended
-                pass
-        except TimeoutError as error:
-            if pid is not None:
-                os.kill(pid, signal.SIGKILL)
-            raise subprocess.TimeoutExpired(argv, timeout) from error
-        # No status: the process died of a signal before its exit handlers ran.
-        code = HEADER.unpack(status)[0] if status else -signal.SIGKILL
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
         outputs = []
         for file in (stdout, stderr):
             file.seek(0)
             outputs.append(file.read().decode(errors="replace"))
-    return subprocess.CompletedProcess([sys.executable, *argv], code, *outputs)
+    return subprocess.CompletedProcess(process.args, process.returncode, *outputs)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import json
 import os
 import runpy
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -55,7 +56,8 @@ def _receive_exactly(connection, size):
 def _run_child(request, stdout, stderr):
     """In the forked child: becomes the script's process and runs it; its exit status is the
     one Python would give it."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for number in (signal.SIGCHLD, signal.SIGTERM):
+        signal.signal(number, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -97,9 +99,9 @@ def serve(path):
     tf.config.list_physical_devices()
     running = {}  # pid: the caller's connection
 
-    def report_ended(signum, frame):
+    def report_ended(signum=None, frame=None, block=False):
         while running:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
             if pid == 0:
                 return
             connection = running.pop(pid)
@@ -107,7 +109,16 @@ def serve(path):
                 connection.sendall(HEADER.pack(os.waitstatus_to_exitcode(status)))
             connection.close()
 
+    def stop(signum=None, frame=None):
+        """Kills the runs still going (a server a test left running) and reports them."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        for pid in running:
+            os.kill(pid, signal.SIGKILL)
+        report_ended(block=True)
+        os._exit(0)
+
     signal.signal(signal.SIGCHLD, report_ended)
+    signal.signal(signal.SIGTERM, stop)
     parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path + ".new")
@@ -133,6 +144,7 @@ def serve(path):
         running[pid] = connection
         connection.sendall(HEADER.pack(pid))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+    stop()
 
 
 # The tests' side.
@@ -152,11 +164,10 @@ class _Server:
             time.sleep(0.05)
 
     def close(self):
-        self.process.kill()
+        """Stops the server, which kills the runs still going and reports them."""
+        self.process.terminate()
         self.process.wait()
-        for name in os.listdir(self.folder):
-            os.unlink(os.path.join(self.folder, name))
-        os.rmdir(self.folder)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 _server = None

@@ -34,6 +34,8 @@ import traceback
 IMPORT_TIME_PREFIXES = ("TF_", "CUDA_", "ONEDNN_", "DNNL_", "MKL_", "OMP_", "KMP_", "XLA_",
                         "PYTHON")
 HEADER = struct.Struct("!q")
+# The signals whose handlers the server sets: a run reported ended, the server stopped.
+HANDLED = {signal.SIGCHLD, signal.SIGTERM}
 START_TIMEOUT = 300
 
 
@@ -56,9 +58,9 @@ def _receive_exactly(connection, size):
 def _run_child(request, stdout, stderr):
     """In the forked child: becomes the script's process and runs it; its exit status is the
     one Python would give it."""
-    for number in (signal.SIGCHLD, signal.SIGTERM):
+    for number in HANDLED:
         signal.signal(number, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # a signal sent meanwhile lands now
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(stdout, 1)
@@ -111,7 +113,7 @@ def serve(path):
 
     def stop(signum=None, frame=None):
         """Kills the runs still going (a server a test left running) and reports them."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         for pid in running:
             os.kill(pid, signal.SIGKILL)
         report_ended(block=True)
@@ -133,7 +135,9 @@ def serve(path):
         connection.settimeout(None)
         header, fds, _, _ = socket.recv_fds(connection, HEADER.size, 2)
         request = json.loads(_receive_exactly(connection, HEADER.unpack(header)[0]))
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # until it is in `running`
+        # Blocked until the child is in `running` and, in the child, until the handlers are
+        # Python's own again.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         pid = os.fork()
         if pid == 0:
             for inherited in (listener, connection, *running.values()):
@@ -143,7 +147,7 @@ def serve(path):
             os.close(fd)
         running[pid] = connection
         connection.sendall(HEADER.pack(pid))
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
     stop()
 
 

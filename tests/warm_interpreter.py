@@ -27,7 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 
 # The variables read while TensorFlow loads: a run whose environment differs in one of them needs
 # a new process.
@@ -77,18 +76,8 @@ def _run_child(request, stdout, stderr):
     script = request["argv"][0]
     sys.argv = list(request["argv"])
     sys.path[0] = os.path.dirname(os.path.abspath(script))
-    code = 1
-    try:
-        runpy.run_path(script, run_name="__main__")
-        code = 0
-    except SystemExit as stop:
-        if stop.code is None or isinstance(stop.code, int):
-            code = stop.code or 0
-        else:
-            print(stop.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-    sys.exit(code)
+    runpy.run_path(script, run_name="__main__")
+    sys.exit(0)
 
 
 def serve(path):

@@ -287,12 +287,8 @@ class Service:
             accepted = await self._accept(upload, received)
         except uploads.Refused as refused:
             await self._refused(request, upload, refused.status, refused.message)
-            # A participant's client (requests, curl) sends the whole body before it reads the
-            # answer: a body left unread makes the closing connection reset, and the client may
-            # see the reset instead of the answer. So it is read first, as the form's is; a
-            # client without a valid token, too slow or too large is closed on at once.
-            close = refused.close and (upload.participant is None or refused.status in (408, 413)
-                                       or not await self._drain(request))
+            close = await self._closes_after(request, refused,
+                                             read_rest=upload.participant is not None)
             return self._api_error(refused.status, refused.message, close, refused.headers)
         except ClientDisconnect:
             await self._refused(request, upload, 499, "the client went away")
@@ -326,10 +322,7 @@ class Service:
         except uploads.Refused as refused:
             await self._refused(request, upload, refused.status, refused.message)
             headers = dict(refused.headers)
-            # Read the rest of the body first (up to the size limit, storing none of it), as a
-            # web server's lingering close does: a browser still sending the file may show an
-            # answer followed by a closed connection as a broken one.
-            if refused.close and (refused.status == 413 or not await self._drain(request)):
+            if await self._closes_after(request, refused):
                 headers["Connection"] = "close"
             return self._render_form(status=refused.status, headers=headers,
                                      error=refused.message,
@@ -340,6 +333,21 @@ class Service:
             return Response(status_code=400)
         return RedirectResponse(f"/submissions/{accepted.id}/{accepted.page_key}",
                                 status_code=303)
+
+    async def _closes_after(self, request, refused, *, read_rest=True):
+        """Whether the connection closes after answering `refused`, whose body was not all read.
+
+        A client still sending (a browser, requests, curl: they send the whole body before they
+        read the answer) may see the reset of a connection closed on unread bytes instead of the
+        answer. So the rest is read first (up to the size limit, storing none of it), as a web
+        server's lingering close does, except from a client too slow (408), too large (413) or
+        not `read_rest` (an API client without a valid token), which is closed on at once.
+        """
+        if not refused.close:
+            return False
+        if refused.status in (408, 413) or not read_rest:
+            return True
+        return not await self._drain(request)
 
     async def _drain(self, request):
         """Reads the rest of the body, up to the size limit and for at most DRAIN_SECONDS (a

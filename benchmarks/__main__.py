@@ -16,8 +16,8 @@ from absl import flags
 from benchmarks import cli
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
-BENCHMARKS = ("versus_original", "layers", "training_methods", "mnist", "autoattack",
-              "cifar10")
+BENCHMARKS = ("versus_original", "layers", "training_methods", "precision", "mnist",
+              "autoattack", "cifar10")
 # The smallest sizes of each, for --quick.
 SMALL_PEAK = ["--peak_size=256", "--peak_products=2", "--peak_repeats=1"]
 QUICK = {
@@ -27,6 +27,8 @@ QUICK = {
                         "--cifar10_filters=16,16,32,64"],
     "layers": ["--batch=2", "--rounds=1"],
     "training_methods": ["--batches=2", "--pgd_steps=1", "--replays=2", "--rounds=1"],
+    "precision": ["--training_batch=2", "--training_attack_steps=1", "--attack_batch=2",
+                  "--attack_steps=1", "--rounds=1"],
     "mnist": ["--attack_batch=2", "--training_batch=2", "--steps=1", "--repeats=1"],
     "autoattack": ["--batch=2", "--pgd_steps=1", "--iterations=1", "--queries=1", "--rounds=1"],
     "cifar10": ["--simple_batch=2", "--wide_batch=1", "--steps=1", "--repeats=1",

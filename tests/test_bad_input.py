@@ -25,7 +25,7 @@ BAD_VALUES = {
     "weight_decay": ["-1", "abc"], "momentum": ["-0.5", "1.5", "abc"],
     "eval_on_cpu": ["maybe", "2"], "random_start": ["maybe"], "jit_compile": ["yes please"],
     "loss_func": ["hinge", ""], "attack_batch_norm": ["batch"],
-    "precision": ["float16", "float64"],
+    "precision": ["float16", "float64"], "training_precision": ["bfloat16", "AUTO"],
     "model_dir": [""], "data_path": [""], "store_adv_path": [""],
     "filters": ["[16,16,32]", "[16,16,32,0]", "[16,16,32,6.5]", "notjson", "5"],
     "step_size_schedule": ["[[5,0.1]]", "[[0,0.1],[10,-1]]", "[[0,0.1],[0,0.2]]", "[]",

@@ -1,11 +1,13 @@
 """Mixed precision and XLA on CPU, on the TF1 fixture models, and traced functions reused."""
 
 import functools
+import os
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import checkpoint_values, run_script
 
 from cifar10_challenge import cifar10_input
 from cifar10_challenge import model as cifar_model
@@ -76,6 +78,31 @@ def test_mixed_precision_attacks_within_a_point_of_float32(challenge, mode, poli
     assert model.get_layer(index=2).compute_dtype == mode.split("_")[1]
     assert model.output.dtype == "float32" and x_adv.dtype == np.float32
     assert 0 < reference < 1 and abs(accuracy - reference) <= 0.01, (accuracy, reference)
+
+
+def test_auto_trains_in_bfloat16_only_on_cpus_with_bfloat16_instructions():
+    policy = precision.training_policy
+    zen4, skylake = {"avx2", "avx512f", "avx512_bf16"}, {"avx2", "avx512f"}
+    assert policy("auto", "float32", on_cpu=True, features=zen4) == "mixed_bfloat16"
+    assert policy("auto", "float32", on_cpu=True, features={"amx_bf16"}) == "mixed_bfloat16"
+    assert policy("auto", "float32", on_cpu=True, features=skylake) == "float32"
+    assert policy("auto", "mixed_float16", on_cpu=False, features=zen4) == "mixed_float16"
+    assert policy("", "mixed_bfloat16", on_cpu=True) == "mixed_bfloat16"
+    assert policy("float32", "mixed_bfloat16", on_cpu=True, features=zen4) == "float32"
+
+
+def test_train_py_trains_in_its_training_precision_and_saves_float32_weights(tmp_path,
+                                                                           mnist_data):
+    model_dir = tmp_path / "bf16"
+    result = run_script("mnist_challenge/train.py", f"--model_dir={model_dir}",
+                        f"--data_path={mnist_data}", "--training_precision=mixed_bfloat16",
+                        "--max_num_training_steps=2", "--k=2", "--training_batch_size=10")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Training computes in mixed_bfloat16 (training_precision "
+                                    "mixed_bfloat16)\n"), result.stdout
+    saved = checkpoint_values(os.path.join(model_dir, "checkpoint-2"))
+    kernel = saved["optimizer/_trainable_variables/0/.ATTRIBUTES/VARIABLE_VALUE"]  # conv1's
+    assert kernel.dtype == np.float32 and kernel.shape == (5, 5, 1, 32)
 
 
 @pytest.mark.slow

@@ -1,4 +1,6 @@
-"""The `precision` config key: float32 (the original's), mixed_float16 or mixed_bfloat16.
+"""The `precision` config key: float32 (the original's), mixed_float16 or mixed_bfloat16; and
+`training_precision`, which training alone uses, so that a model can train in bfloat16 where
+that is fast while the attacks that report its robustness stay float32.
 
 With mixed precision the layers compute in 16 bits with float32 weights; the logits, the losses
 and CIFAR-10's per-image standardization stay float32 (the models give those layers a float32
@@ -7,6 +9,14 @@ the attack scales the loss it differentiates so that small input gradients keep 
 """
 
 import keras
+
+from common.runtime import devices
+
+# /proc/cpuinfo's names of the instructions that compute in bfloat16. With them oneDNN runs
+# mixed_bfloat16 faster than float32; without them it emulates bfloat16, slower (figures in
+# benchmarks/README.md).
+BFLOAT16_INSTRUCTIONS = ("avx512_bf16", "amx_bf16")
+AUTO = "auto"  # training_precision: mixed_bfloat16 on CPUs with those instructions
 
 # The attack's gradient sign is the same for any positive multiple of the loss; scaled by 2^10,
 # gradients down to about 6e-11 instead of 6e-8 survive float16.
@@ -28,3 +38,19 @@ def training_optimizer(optimizer):
     if computes_in_float16():
         return keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
+
+
+def cpu_computes_bfloat16(features=None):
+    """Whether the CPU (with `features`, this one's by default) has bfloat16 instructions:
+    AVX512_BF16 or AMX-BF16."""
+    features = devices.cpu_features() if features is None else features
+    return any(name in features for name in BFLOAT16_INSTRUCTIONS)
+
+
+def training_policy(training_precision, precision, *, on_cpu, features=None):
+    """The policy training computes in: `training_precision` where set, `precision` where it is
+    empty. "auto" is mixed_bfloat16 where training runs on CPUs with bfloat16 instructions
+    (`features`, this CPU's by default) and `precision` elsewhere, GPUs included."""
+    if training_precision == AUTO:
+        return "mixed_bfloat16" if on_cpu and cpu_computes_bfloat16(features) else precision
+    return training_precision or precision

@@ -51,7 +51,8 @@ def _between(lowest, highest):
 
 def _one_of(*choices):
     def check(value):
-        return None if value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
+        shown = ", ".join(choice or '""' for choice in choices)
+        return None if value in choices else f"must be one of {shown}, got {value!r}"
 
     return check
 
@@ -165,6 +166,11 @@ RULES = {
     "jit_compile": (bool, None, "Compile the attack and the training step with XLA."),
     "precision": (str, _one_of("float32", "mixed_float16", "mixed_bfloat16"),
                   "float32, mixed_float16 or mixed_bfloat16."),
+    "training_precision": (str, _one_of("", "float32", "mixed_float16", "mixed_bfloat16",
+                                        "auto"),
+                           "What train.py alone computes in: empty (as precision), float32, "
+                           "mixed_float16, mixed_bfloat16, or auto (mixed_bfloat16 on CPUs with "
+                           "bfloat16 instructions, precision elsewhere)."),
 }
 
 

@@ -59,6 +59,7 @@ def train(challenge):
         keras.utils.set_random_seed(challenge.weights_seed(config))
         data = challenge.load_data(config["data_path"])
         strategy = devices.training_strategy()
+        _set_training_precision(config, strategy)
         model = _model(challenge, config, strategy)
         with strategy.scope():
             optimizer = precision.training_optimizer(challenge.optimizer(config))
@@ -75,6 +76,17 @@ def train(challenge):
                    seed=seed, to_images=challenge.summary_images, guard=guard)
 
     cli.run(main, challenge.config_path)
+
+
+def _set_training_precision(config, strategy):
+    """Training's policy (precision.training_policy), named on a line where it is not the
+    config's `precision`."""
+    policy = precision.training_policy(config["training_precision"], config["precision"],
+                                       on_cpu=devices.runs_on_cpu(strategy))
+    if policy != config["precision"]:
+        print(f"Training computes in {policy} (training_precision "
+              f"{config['training_precision']})", flush=True)
+        precision.set_precision(policy)
 
 
 def _train_step(challenge, config, strategy, *, model, optimizer):

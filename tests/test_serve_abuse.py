@@ -268,7 +268,7 @@ class _Kept(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def test_rate_limit_lets_one_warning_per_cause_through_then_counts_the_others():
+def test_rate_limit_lets_one_line_per_cause_through_then_counts_the_others():
     from common.serving import connections
 
     logger = logging.getLogger("test_serve_abuse.rate_limit")
@@ -282,10 +282,12 @@ def test_rate_limit_lets_one_warning_per_cause_through_then_counts_the_others():
     for number in range(5):
         logger.warning("closed connection %d", number)
         logger.info("progress %d", number)
+        logger.info("no token from %d", number, extra={"cause": "no token"})
     logger.warning("another cause")
     time.sleep(1)
     expected = ["closed connection 0"] + [f"progress {number}" for number in range(5)] + [
-        "another cause", "4 more like this in 0.3 s, the last: closed connection 4"]
+        "another cause", "4 more like this in 0.3 s, the last: closed connection 4",
+        "no token from 0", "4 more like this in 0.3 s, the last: no token from 4"]
     assert sorted(kept.lines) == sorted(expected)
     assert other.lines == kept.lines
 

@@ -153,7 +153,7 @@ def test_the_checks_name_the_participants_file_never_the_servers_path(tmp_path):
     assert RULES.check(str(path), "mine.npy").dtype == np.float32
 
 
-def test_an_upload_too_slow_to_finish_is_refused_with_408_leaving_nothing(tmp_path, monkeypatch):
+def test_an_upload_too_slow_to_finish_is_refused_with_408_leaving_nothing(tmp_path):
     from common.serving import web
 
     class Slow(FakeRequest):
@@ -162,9 +162,8 @@ def test_an_upload_too_slow_to_finish_is_refused_with_408_leaving_nothing(tmp_pa
             await asyncio.sleep(30)
             yield self.body[200:]
 
-    monkeypatch.setattr(web, "UPLOAD_SECONDS", 0.3)
     service = web.Service(None, None, RULES, str(tmp_path), queue.Limits(10, 30, 500),
-                          min_free_bytes=0)
+                          min_free_bytes=0, upload_timeout=0.3)
     request = Slow(body(part("file", b"x" * 1000, "a.npy")))
     with pytest.raises(uploads.Refused) as error:
         asyncio.run(service._receive(request))

@@ -220,8 +220,9 @@ def _print_standings(standings):
 
 
 def _start_log(state_dir):
-    """Progress and errors to stderr and to state_dir/serve.log, warnings of one cause at most
-    once every 10 s; requests to state_dir/access.log where --access_log_bytes is not 0."""
+    """Progress and errors to stderr and to state_dir/serve.log, warnings of one cause (and
+    refusals of uploads without a valid token) at most once every 10 s, with a count; requests
+    to state_dir/access.log where --access_log_bytes is not 0."""
     formatter = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(module)s: "
                                   "%(message)s")
     handlers = [logging.StreamHandler(sys.stderr),
@@ -420,7 +421,8 @@ def _web(challenge, db, store, rules, state_dir, listener, scorer, where, gate):
         _remove_stale(store.folder, keep=lambda name: name[:-len(storage.SUFFIX)] in known)
     limits = queue.Limits(FLAGS.max_submissions_per_hour, FLAGS.max_refused_per_hour,
                           FLAGS.max_submissions_total)
-    service = web.Service(db, store, rules, spool_dir, limits, FLAGS.min_free_bytes)
+    service = web.Service(db, store, rules, spool_dir, limits, FLAGS.min_free_bytes,
+                          upload_timeout=FLAGS.upload_timeout)
     host, port = listener.getsockname()[:2]
     log.info("%s challenge on http://%s:%d (role %s): %s; %d test images, epsilon %g, at most "
              "%d uploads per participant and hour", challenge.name,

@@ -229,7 +229,9 @@ class RateLimit(logging.Filter):
     """Lets the first warning or error of each cause through, holds back the others of that
     cause for `window` seconds, then writes one line with their count and the last of them. A
     record's cause is its `cause` attribute where it has one, else its logger and message
-    template. One instance may filter several handlers: each record is judged once."""
+    template; a record below warning level is limited only where it names a cause (lines a
+    stranger can repeat at will). One instance may filter several handlers: each record is
+    judged once."""
 
     def __init__(self, window=10.0):
         super().__init__()
@@ -239,7 +241,8 @@ class RateLimit(logging.Filter):
 
     def filter(self, record):
         if not hasattr(record, "let_through"):
-            record.let_through = record.levelno < logging.WARNING or self._first(record)
+            limited = record.levelno >= logging.WARNING or hasattr(record, "cause")
+            record.let_through = not limited or self._first(record)
         return record.let_through
 
     def _first(self, record):

@@ -43,7 +43,6 @@ TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates"
 CONCURRENT_CHECKS = 2
 REFRESH_SECONDS = 2
 CACHE_SECONDS = 2
-UPLOAD_SECONDS = 600
 # How long the rest of a refused form upload is read before the connection is closed.
 DRAIN_SECONDS = 30
 SECURITY_HEADERS = [
@@ -117,14 +116,17 @@ class _Cached:
 
 class Service:
     """The web role of a challenge server: accepts uploads into `db` and `store` after checking
-    them against `rules`, spooling them in `spool_dir`, within the queue.Limits `limits` and
-    while more than `min_free_bytes` stay free where files are kept."""
+    them against `rules`, spooling them in `spool_dir`, within the queue.Limits `limits`, while
+    more than `min_free_bytes` stay free where files are kept, each upload received within
+    `upload_timeout` seconds (the connections' own deadline, connections.Gate, comes first
+    where the server takes connections itself)."""
 
-    def __init__(self, db, store, rules, spool_dir, limits, min_free_bytes):
+    def __init__(self, db, store, rules, spool_dir, limits, min_free_bytes, *, upload_timeout):
         self.db, self.store, self.rules = db, store, rules
         self.spool_dir = spool_dir
         self.limits = limits
         self.min_free_bytes = min_free_bytes
+        self.upload_timeout = upload_timeout
         self._checks = asyncio.Semaphore(CONCURRENT_CHECKS)
         self._settings = _Cached(lambda: settings.current(db))
         self._board = _Cached(self._read_board)
@@ -220,14 +222,14 @@ class Service:
             raise uploads.Refused(429, str(limited), close=True, headers=headers) from None
 
     async def _receive(self, request, on_field=None, before_file=None):
-        """The upload, within UPLOAD_SECONDS: a client that sends too slowly holds no
+        """The upload, within `upload_timeout`: a client that sends too slowly holds no
         connection and no spool file longer (the spool file is removed on the way out)."""
         try:
             return await asyncio.wait_for(uploads.receive(request, self.spool_dir, self.rules,
                                                           on_field, before_file),
-                                          UPLOAD_SECONDS)
+                                          self.upload_timeout)
         except TimeoutError:
-            raise uploads.Refused(408, f"the upload took longer than {UPLOAD_SECONDS} s",
+            raise uploads.Refused(408, f"the upload took longer than {self.upload_timeout:g} s",
                                   close=True) from None
 
     async def _accept(self, upload, received):
@@ -268,9 +270,12 @@ class Service:
         return accepted
 
     async def _refused(self, request, upload, status, message):
-        who = upload.participant.name if upload.participant else \
-            f"{request.client.host if request.client else 'a client'} (no valid token)"
-        log.info("refused an upload from %s: %d %s", who, status, message)
+        if upload.participant is not None:
+            log.info("refused an upload from %s: %d %s", upload.participant.name, status, message)
+        else:  # anyone can send these: a flood of them is one line a window (RateLimit)
+            log.info("refused an upload from %s (no valid token): %d %s",
+                     request.client.host if request.client else "a client", status, message,
+                     extra={"cause": "an upload without a valid token"})
         if upload.upload_id is not None:
             await run_in_threadpool(queue.end_upload, self.db, upload.upload_id, str(status))
 

@@ -1,5 +1,6 @@
-"""Test set-up: the repository on sys.path, two logical CPUs, and the fixtures of the data and TF1
-checkpoints (helpers live in helpers.py).
+"""Test set-up: the repository on sys.path, two logical CPUs, and the fixtures of the data, the TF1
+checkpoints and the challenge server's databases (helpers live in helpers.py and
+serving_helpers.py).
 
 The datasets come from ../shared/data where it has them, else from a cache ($MADRY_TEST_DATA,
 by default ~/.cache/madry-challenges) that the data readers' own downloader fills once per
@@ -40,6 +41,16 @@ def cifar_data():
 @pytest.fixture
 def cifar_fixture():
     return shared_path("fixtures", "tf1_checkpoints", "cifar10_simple")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def backend(request, tmp_path_factory):
+    """A challenge server's database of each kind, fresh for the module: open_database's keyword
+    arguments."""
+    from serving_helpers import database_at
+
+    with database_at(request.param, tmp_path_factory) as where:
+        yield where
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 import tensorflow as tf
-from serving_helpers import database_at, open_database
+from serving_helpers import open_database
 
 from common.io import checkpoints
 from common.runtime.errors import UserError
@@ -25,12 +25,6 @@ from common.serving import admin, participants, queue, settings, storage, upload
 
 OLD, NEW = "a" * 64, "b" * 64
 SHAPE = (20, 6)
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def backend(request, tmp_path_factory):
-    with database_at(request.param, tmp_path_factory) as where:
-        yield where
 
 
 @pytest.fixture

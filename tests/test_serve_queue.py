@@ -9,19 +9,13 @@ import time
 
 import pytest
 import sqlalchemy as sa
-from serving_helpers import database_at, open_database
+from serving_helpers import open_database
 
 from common.runtime.errors import UserError
 from common.serving import database, participants, queue, settings, storage, uploads
 
 MODEL = "a" * 64
 OPEN = queue.Limits(per_hour=10**6, refused_per_hour=10**6, total=10**6)
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def backend(request, tmp_path_factory):
-    with database_at(request.param, tmp_path_factory) as where:
-        yield where
 
 
 @pytest.fixture

@@ -131,6 +131,32 @@ def test_the_report_holds_every_indicator_and_reads_back_as_json(diagnoses):
         assert f"| {item.name} | {'yes' if item.triggered else 'no'} |" in table
 
 
+# Radii at which the linear model keeps some, not all, of its accuracy (pixels in [0, 1]).
+OTHER_NORMS = {"L2": 1.0, "L1": 6.0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", sorted(OTHER_NORMS))
+def test_in_l2_and_l1_the_saturated_model_is_caught_and_autoattack_bounds_the_worst_case(
+        natural, examples, norm):
+    """The same diagnosis in the other balls: the scaled logits (a 10-step PGD of the ball's
+    own steps reports too much) trigger what they trigger in L-infinity, and the worst case
+    found is never above the ball's AutoAttack."""
+    epsilon = OTHER_NORMS[norm]
+    x, y = (values[:10] for values in examples)
+    model = WRAPPERS["scaled"](natural)
+    reported = PGD(model, epsilon=epsilon, norm=norm, steps=10, step_size=epsilon / 4, seed=0)
+    diagnosis = diagnose(model, x, y, epsilon=epsilon, norm=norm, attack=reported,
+                         image_shape=(28, 28, 1))
+    triggered = _triggered(diagnosis)
+    assert "zero_gradients" not in triggered and "reported_overestimates" in triggered, \
+        diagnosis.to_markdown()
+    assert diagnosis.to_dict()["norm"] == norm
+    result = AutoAttack(model, norm=norm, epsilon=epsilon, image_shape=(28, 28, 1)).evaluate(x, y)
+    assert 0 < result.robust_accuracy < diagnosis.clean_accuracy
+    assert not np.any(diagnosis.robust & ~result.robust)
+
+
 def test_no_attack_crashes_on_a_model_without_gradients(natural, examples):
     model = quantised(natural)
     x, y = examples
@@ -213,6 +239,29 @@ def test_the_script_on_the_fixture_model_triggers_nothing_and_stays_below_autoat
     assert report["clean_accuracy"] == np.mean(np.argmax(model(x), axis=1) == y)
     autoattack = AutoAttack(model, epsilon=FIXTURE_EPSILON, image_shape=(28, 28, 1))
     assert report["robust_accuracy"] <= autoattack.evaluate(x, y).robust_accuracy
+
+
+@pytest.mark.slow
+def test_the_cifar10_script_diagnoses_the_simple_fixture_on_the_255_scale(tmp_path,
+                                                                         cifar_fixture,
+                                                                         cifar_data):
+    """The TF1 CIFAR-10 fixture (the simple network) through cifar10_challenge/diagnose.py on 3
+    test images, epsilon 8 of 255 and its config's PGD shortened to 2 steps of 4: the same
+    report, its ball on the [0, 255] scale."""
+    out_dir = tmp_path / "out"
+    result = run_script("cifar10_challenge/diagnose.py",
+                        f"--model_dir={writable_copy(cifar_fixture, tmp_path)}",
+                        f"--data_path={cifar_data}", "--filters=[16,16,32,64]",
+                        "--num_eval_examples=3", "--num_steps=2", "--step_size=4",
+                        f"--out_dir={out_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.load(open(out_dir / "diagnosis.json"))
+    assert (report["examples"], report["epsilon"], report["norm"]) == (3, 8.0, "Linf")
+    assert report["reported_attack"] == "PGD-2"
+    assert [item["name"] for item in report["indicators"]] == list(indicators.RULES)
+    assert report["robust_accuracy"] <= min(report["reported_accuracy"],
+                                            report["clean_accuracy"])
+    assert (out_dir / "accuracy_vs_epsilon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow

@@ -43,13 +43,13 @@ flags.adopt_module_key_flags(peak)
 
 def built_under(policy, build):
     """`build()` with `policy` the global precision policy; float32 again afterwards."""
-    import keras
+    from common.runtime import precision
 
-    keras.mixed_precision.set_global_policy(policy)
+    precision.set_precision(policy)
     try:
         return build()
     finally:
-        keras.mixed_precision.set_global_policy("float32")
+        precision.set_precision("float32")
 
 
 def training_step(x):
@@ -90,7 +90,7 @@ def main():
     import numpy as np
 
     from benchmarks.flops import attack_flops_per_example, training_flops_per_example
-    from benchmarks.timing import alternating_best_seconds, report, timed_training_step
+    from benchmarks.timing import alternating_best_seconds, timed_training_step
     from common.runtime import precision
 
     rng = np.random.default_rng(0)
@@ -112,19 +112,25 @@ def main():
         {policy: run for policy, (_, run) in attacks.items()}, ROUNDS.value)
     peak_gflops = max(peak_gflops, peak.flagged_peak_gflops())
     print(peak.describe(peak_gflops))
+    compared(f"training step ({TRAINING_ATTACK_STEPS.value}-step attack, batch {batch})", batch,
+             training_seconds,
+             {policy: training_flops_per_example(step.model, TRAINING_ATTACK_STEPS.value)
+              for policy, (step, _) in steps.items()}, peak_gflops)
+    compared(f"attack ({ATTACK_STEPS.value} steps, batch {attack_batch})", attack_batch,
+             attack_seconds,
+             {policy: attack_flops_per_example(model, ATTACK_STEPS.value)
+              for policy, (model, _) in attacks.items()}, peak_gflops)
+
+
+def compared(title, examples, seconds, flops, peak_gflops):
+    """One workload's lines: each precision's rate and its speed relative to the first's."""
+    from benchmarks.timing import report
+
     reference = COMPARED.value[0]
-    print(f"training step ({TRAINING_ATTACK_STEPS.value}-step attack, batch {batch})")
-    for policy, (step, _) in steps.items():
-        report(f"  {policy}", batch, training_seconds[policy],
-               training_flops_per_example(step.model, TRAINING_ATTACK_STEPS.value), peak_gflops)
-        print(f"  {policy}: {training_seconds[reference] / training_seconds[policy]:.2f}x "
-              f"{reference}")
-    print(f"attack ({ATTACK_STEPS.value} steps, batch {attack_batch})")
-    for policy, (model, _) in attacks.items():
-        report(f"  {policy}", attack_batch, attack_seconds[policy],
-               attack_flops_per_example(model, ATTACK_STEPS.value), peak_gflops)
-        print(f"  {policy}: {attack_seconds[reference] / attack_seconds[policy]:.2f}x "
-              f"{reference}")
+    print(title)
+    for policy in seconds:
+        report(f"  {policy}", examples, seconds[policy], flops[policy], peak_gflops)
+        print(f"  {policy}: {seconds[reference] / seconds[policy]:.2f}x {reference}")
 
 
 if __name__ == "__main__":

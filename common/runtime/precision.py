@@ -16,6 +16,7 @@ from common.runtime import devices
 # mixed_bfloat16 faster than float32; without them it emulates bfloat16, slower (figures in
 # benchmarks/README.md).
 BFLOAT16_INSTRUCTIONS = ("avx512_bf16", "amx_bf16")
+POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 AUTO = "auto"  # training_precision: mixed_bfloat16 on CPUs with those instructions
 
 # The attack's gradient sign is the same for any positive multiple of the loss; scaled by 2^10,

@@ -12,6 +12,7 @@ import os
 from absl import flags
 
 from common.attacks.losses import PGD_LOSSES
+from common.runtime import precision
 from common.runtime.errors import UserError
 from common.training import overfitting
 from common.training.schedules import SHAPES as SCHEDULE_SHAPES
@@ -164,10 +165,8 @@ RULES = {
                           "attack: train (batch statistics, as the original) or eval (moving "
                           "averages)."),
     "jit_compile": (bool, None, "Compile the attack and the training step with XLA."),
-    "precision": (str, _one_of("float32", "mixed_float16", "mixed_bfloat16"),
-                  "float32, mixed_float16 or mixed_bfloat16."),
-    "training_precision": (str, _one_of("", "float32", "mixed_float16", "mixed_bfloat16",
-                                        "auto"),
+    "precision": (str, _one_of(*precision.POLICIES), "float32, mixed_float16 or mixed_bfloat16."),
+    "training_precision": (str, _one_of("", *precision.POLICIES, precision.AUTO),
                            "What train.py alone computes in: empty (as precision), float32, "
                            "mixed_float16, mixed_bfloat16, or auto (mixed_bfloat16 on CPUs with "
                            "bfloat16 instructions, precision elsewhere)."),

@@ -101,26 +101,14 @@ def _trickle(port, index, stop):
             stop.wait(1)
 
 
-def _session_from(address):
-    """A requests session whose connections leave from `address`."""
-    import requests
-
-    class FromAddress(requests.adapters.HTTPAdapter):
-        def init_poolmanager(self, *args, **kwargs):
-            super().init_poolmanager(*args, source_address=(address, 0), **kwargs)
-
-    session = requests.Session()
-    session.mount("http://", FromAddress())
-    return session
-
-
 def _upload_all(url, tokens, attacks):
     """Each participant's uploads one after another, all participants at once: the statuses
     and the seconds from the first start to the last answer."""
+    from benchmarks.client import session_from
 
     def one_participant(index):
         statuses = []
-        with _session_from(f"127.0.2.{index + 1}") as session:
+        with session_from(f"127.0.2.{index + 1}") as session:
             for attack in attacks:
                 answer = session.post(f"{url}/api/submissions", timeout=600,
                                       headers={"Authorization": f"Bearer {tokens[index]}"},

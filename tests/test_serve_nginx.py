@@ -13,7 +13,6 @@ import subprocess
 import time
 
 import pytest
-import requests
 from helpers import free_port, shared_path
 from serving_helpers import (
     Server,
@@ -26,6 +25,8 @@ from serving_helpers import (
     stop_servers_after_each_test,  # noqa: F401 (an autouse fixture)
     wait_done,
 )
+
+from benchmarks.client import session_from
 
 pytestmark = pytest.mark.slow
 
@@ -99,18 +100,6 @@ def _running_nginx(folder, port):
         process.wait(30)
 
 
-def _session_from(address):
-    """A requests session whose connections leave from `address`."""
-
-    class FromAddress(requests.adapters.HTTPAdapter):
-        def init_poolmanager(self, *args, **kwargs):
-            super().init_poolmanager(*args, source_address=(address, 0), **kwargs)
-
-    session = requests.Session()
-    session.mount("https://", FromAddress())
-    return session
-
-
 def test_upload_through_nginx_is_scored_and_logged_with_the_real_client(tmp_path,
                                                                           monkeypatch):
     from common.evaluation import submission
@@ -141,7 +130,7 @@ def test_upload_through_nginx_is_scored_and_logged_with_the_real_client(tmp_path
     attack = npy_bytes(random_sign_attack(mnist_test_set()[0][:EXAMPLES], seed=3))
     url = f"https://127.0.0.1:{port}"
     with _running_nginx(folder, port):
-        client = _session_from(CLIENT)
+        client = session_from(CLIENT)
         answer = client.post(f"{url}/api/submissions", timeout=60,
                              headers={"Authorization": f"Bearer {token}",
                                       "X-Forwarded-For": "203.0.113.9"},

@@ -139,7 +139,8 @@ def test_help_lists_the_defined_flags_and_measures_nothing(script, spelling):
     pytest.param(script, args, id=f"{script} {args[0]}") for script, args in
     [(script, args) for script in _scripts() for args in bad_arguments(script)] + [
         ("benchmarks/versus_original.py", ["--baseline_checkout=/nonexistent/checkout"]),
-        ("benchmarks/versus_original.py", ["--baseline_checkout="])]])
+        ("benchmarks/versus_original.py", ["--baseline_checkout="]),
+        ("benchmarks/versus_reference.py", ["--reference_path=/nonexistent/auto-attack"])]])
 def test_a_bad_flag_gives_one_error_line(script, args):
     result = run(script, *args, timeout=60)
     assert result.returncode != 0

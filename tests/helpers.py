@@ -260,6 +260,30 @@ def cluster_environments(count):
         for index in range(count)]
 
 
+# What a worker prints when the port it was given was taken between the pick and its start.
+PORT_TAKEN = ("Address already in use", "Could not start gRPC server")
+
+
+def run_cluster(script, *args, workers=2, timeout=400):
+    """Runs `script` as a cluster of `workers` processes on 127.0.0.1, each a new process (a
+    fork would keep TensorFlow's state from before TF_CONFIG), its ports picked again where one
+    was taken; returns (returncode, stdout, stderr) of each worker, the chief first."""
+    for _ in range(3):
+        processes = [subprocess.Popen(
+            [sys.executable, os.path.join(REPO, script), *args], env=env, cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for env in cluster_environments(workers)]
+        try:
+            results = [(process, *process.communicate(timeout=timeout))
+                       for process in processes]
+        finally:
+            for process in processes:
+                process.kill()
+        if not any(taken in err for _, _, err in results for taken in PORT_TAKEN):
+            break
+    return [(process.returncode, out, err) for process, out, err in results]
+
+
 SLOW_BODY_BYTES = 1 << 20
 
 

@@ -232,3 +232,16 @@ def test_the_layers_benchmark_times_every_form_and_names_the_one_in_use():
 
     few_channels = "depthwise" if layers.depthwise_gradient_wins() else "tensorflow"
     assert in_use == {"conv1": few_channels, "conv2": "convolution", "fc1": "transposed product"}
+
+
+@pytest.mark.slow
+def test_the_cluster_benchmark_times_each_worker_count_to_the_same_result():
+    result = run("benchmarks/cluster.py", "--workers=1,2", "--examples=4", "--attacks=apgd-ce",
+                 "--threads=1", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "4 examples, 1 CPU thread(s) per worker" in result.stdout, result.stdout
+    rows = re.findall(r"^ +(\d) +(\d+\.\d\d) +(\d+\.\d\d) +(\d+)% (yes|NO)$", result.stdout, re.M)
+    assert [(row[0], row[-1]) for row in rows] == [("1", "yes"), ("2", "yes")], result.stdout
+    first, second = rows
+    assert first[2] == "1.00" and first[3] == "100"
+    assert abs(float(second[2]) / 2 - int(second[3]) / 100) < 0.006  # efficiency: speedup / 2

@@ -38,6 +38,28 @@ def mnist_test_set():
     return data.test_images.astype(np.float32), data.test_labels
 
 
+def noised_model(folder):
+    """The MNIST fixture with its last layer's weights noised, as a TF1 checkpoint in `folder`:
+    another model for the same challenge."""
+    import tensorflow as tf  # here: most server tests' processes need no TensorFlow
+
+    source = tf.train.latest_checkpoint(shared_path("fixtures", "tf1_checkpoints", "mnist"))
+    reader = tf.train.load_checkpoint(source)
+    with tf.Graph().as_default():
+        variables = {}
+        for name in reader.get_variable_to_shape_map():
+            value = reader.get_tensor(name)
+            if name == "Variable_6":  # the logits' weights, (1024, 10)
+                value = value + np.random.default_rng(0).normal(0, value.std(), value.shape) \
+                    .astype(value.dtype)
+            variables[name] = tf.compat.v1.Variable(value, name=name.replace("/", "_"))
+        saver = tf.compat.v1.train.Saver(variables)
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            saver.save(session, str(folder / "checkpoint"), global_step=1)
+    return folder
+
+
 def random_sign_attack(images, seed, epsilon=EPSILON):
     """A valid submission: each pixel moved by +-epsilon at random, clipped to [0, 1]."""
     signs = np.random.default_rng(seed).choice([-1.0, 1.0], images.shape)

@@ -1,10 +1,9 @@
 """A host's view through real serve.py processes on SQLite: files stored compacted and scored as
 run_attack.py scores the upload, storage errors as 503/507 with nothing left behind, the total
-limit, the /submit page, the admin commands while the server runs, closing with a private split,
-and moving the challenge to another model. (The export, unknown ids and the same data on
-PostgreSQL: test_serve_data.py, in-process.)"""
+limit, the /submit page, the admin commands while the server runs, and closing with a private
+split. (The export, unknown ids and the same data on PostgreSQL: test_serve_data.py, in-process;
+moving the challenge to another model, on both databases: test_serve_api.py.)"""
 
-import glob
 import gzip
 import re
 import time
@@ -13,7 +12,6 @@ import numpy as np
 import pytest
 import requests
 import sqlalchemy as sa
-import tensorflow as tf
 from helpers import run_script, shared_path
 from serving_helpers import (
     Server,
@@ -186,60 +184,3 @@ def test_after_closing_uploads_get_403_and_the_board_turns_private(server, db, s
     assert "The challenge closed at 2020-01-01 08:00 UTC: uploads are no\nlonger accepted." \
         in page
     assert "Scores on the private test images" in page
-
-
-def _other_model(folder):
-    """The MNIST fixture with its last layer's weights noised, as a TF1 checkpoint in
-    `folder`."""
-    source = checkpoints.latest_checkpoint(MNIST_MODEL)
-    reader = tf.train.load_checkpoint(source)
-    with tf.Graph().as_default():
-        variables = {}
-        for name in reader.get_variable_to_shape_map():
-            value = reader.get_tensor(name)
-            if name == "Variable_6":  # the logits' weights, (1024, 10)
-                value = value + np.random.default_rng(0).normal(0, value.std(), value.shape) \
-                    .astype(value.dtype)
-            variables[name] = tf.compat.v1.Variable(value, name=name.replace("/", "_"))
-        saver = tf.compat.v1.train.Saver(variables)
-        with tf.compat.v1.Session() as session:
-            session.run(tf.compat.v1.global_variables_initializer())
-            saver.save(session, str(folder / "checkpoint"), global_step=1)
-    return folder
-
-
-def test_another_model_is_refused_and_rescore_moves_the_challenge_to_it(server, db, state,
-                                                                        tmp_path):
-    before = leaderboard(server.url)
-    server.stop()
-    other = _other_model(tmp_path)
-    old = checkpoints.fingerprint(checkpoints.latest_checkpoint(MNIST_MODEL))
-    new = checkpoints.fingerprint(checkpoints.latest_checkpoint(str(other)))
-    refused = Server(state, *FLAGS, model_dir=other)
-    refused.process.wait(120)
-    lines = [line for line in refused.output().splitlines() if line.startswith("Error:")]
-    assert refused.process.returncode != 0 and len(lines) == 1, refused.output()[-2000:]
-    assert old[:12] in lines[0] and new[:12] in lines[0] and "--rescore" in lines[0]
-    moved = Server(state, *FLAGS, "--rescore", model_dir=other).wait_ready()
-    deadline = time.monotonic() + 240
-    submissions = db.tables.submissions
-    while time.monotonic() < deadline:
-        with db.read() as connection:
-            left = connection.execute(sa.select(sa.func.count()).where(
-                submissions.c.status.in_(("queued", "scoring")))).scalar_one()
-        if left == 0:
-            break
-        time.sleep(0.5)
-    assert left == 0, moved.output()[-3000:]
-    with db.read() as connection:
-        models = set(connection.execute(sa.select(submissions.c.model).where(
-            submissions.c.status == "scored")).scalars())
-        history = set(connection.execute(sa.select(db.tables.scores.c.model)).scalars())
-    assert models == {new} and history == {old, new}
-    time.sleep(2.5)
-    after = leaderboard(moved.url)
-    assert {row["id"] for row in after} == {row["id"] for row in before}
-    assert [row["accuracy"] for row in after] != [row["accuracy"] for row in before]
-    assert "queued again to be scored on it" in moved.output()
-    moved.stop()
-    assert glob.glob(str(state / "scoring" / "*")) == []

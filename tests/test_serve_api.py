@@ -1,8 +1,8 @@
 """The challenge server's API through real serve.py processes on local ports, once on SQLite (one
 process, web and scorer) and once on PostgreSQL (a web process and two scorer processes sharing
 the queue): valid submissions scored as run_attack.py scores them, every bad file refused with
-the checks' own line, tokens, the size limit, the rate limit, owners, the leaderboard and the
-form."""
+the checks' own line, tokens, the size limit, the rate limit, owners, the leaderboard, the
+form, and, last, moving the challenge to another model."""
 
 import http.client
 import io
@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import requests
+import sqlalchemy as sa
 from helpers import PicklePayload, run_script, shared_path
 from serving_helpers import (
     EPSILON,
@@ -22,6 +23,7 @@ from serving_helpers import (
     fresh_postgres_database,
     leaderboard,
     mnist_test_set,
+    noised_model,
     npy_bytes,
     open_database,
     random_sign_attack,
@@ -32,6 +34,7 @@ from serving_helpers import (
 )
 
 from common.evaluation import submission
+from common.io import checkpoints
 from common.runtime.errors import UserError
 
 pytestmark = pytest.mark.slow
@@ -45,9 +48,10 @@ ROW_KEYS = {"id", "participant", "track", "accuracy", "submitted_at"}
 
 
 class Deployment:
-    def __init__(self, kind, servers, db, spool_dirs):
+    def __init__(self, kind, servers, db, spool_dirs, database_url):
         self.kind, self.servers, self.db, self.spool_dirs = kind, servers, db, spool_dirs
         self.url = servers[0].url
+        self.database_url = database_url
 
     def participant(self):
         return add_participant(self.db)
@@ -61,7 +65,8 @@ def deployment(request, tmp_path_factory):
     if request.param == "sqlite":
         server = Server(root / "state", *limit).wait_ready()
         db = open_database(state_dir=root / "state")
-        yield Deployment("sqlite", [server], db, [root / "state" / "incoming"])
+        yield Deployment("sqlite", [server], db, [root / "state" / "incoming"],
+                         f"sqlite:///{root / 'state'}/serve.sqlite3")
         server.stop()
         db.dispose()
         return
@@ -72,7 +77,7 @@ def deployment(request, tmp_path_factory):
         for server in servers:
             server.wait_ready()
         db = open_database(database_url=url)
-        yield Deployment("postgresql", servers, db, [root / "web" / "incoming"])
+        yield Deployment("postgresql", servers, db, [root / "web" / "incoming"], url)
         for server in servers:
             server.stop()
         db.dispose()
@@ -353,3 +358,71 @@ def test_the_form_leads_to_a_status_page_that_refreshes_until_scored(deployment,
     assert refused.headers.get("Connection") != "close"
     assert requests.get(f"{deployment.url}/submissions/{location.group(1)}/{'x' * 32}",
                         timeout=30).status_code == 404
+
+
+def _unscored(db):
+    submissions = db.tables.submissions
+    with db.read() as connection:
+        return connection.execute(sa.select(sa.func.count()).where(
+            submissions.c.status.in_(("queued", "scoring")))).scalar_one()
+
+
+def _wait_all_scored(db, servers):
+    deadline = time.monotonic() + 240
+    while _unscored(db) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _unscored(db) == 0, "\n".join(server.output()[-3000:] for server in servers)
+
+
+# Last of the module: it moves the deployment's challenge to another model.
+def test_a_scorer_of_another_model_is_refused_and_rescore_moves_the_challenge(deployment,
+                                                                               tmp_path):
+    """The mistake of two scorers started on different models of one queue: the second is
+    refused; with --rescore it moves the challenge, the running scorers of the old model stop
+    with one line, every submission is scored again on the new model and the leaderboard (of
+    the web server still running) shows the new scores."""
+    _wait_all_scored(deployment.db, deployment.servers)
+    before = leaderboard(deployment.url)
+    assert before
+    other = noised_model(tmp_path)
+    old = checkpoints.fingerprint(checkpoints.latest_checkpoint(
+        shared_path("fixtures", "tf1_checkpoints", "mnist")))
+    new = checkpoints.fingerprint(checkpoints.latest_checkpoint(str(other)))
+    refused = Server(tmp_path / "refused", role="scorer", database_url=deployment.database_url,
+                     model_dir=other)
+    refused.process.wait(120)
+    lines = [line for line in refused.output().splitlines() if line.startswith("Error:")]
+    assert refused.process.returncode != 0 and len(lines) == 1, refused.output()[-2000:]
+    assert old[:12] in lines[0] and new[:12] in lines[0] and "--rescore" in lines[0]
+
+    # On SQLite the submission files are in the state folder, which a scorer shares.
+    mover = Server(deployment.servers[0].state_dir if deployment.kind == "sqlite"
+                   else tmp_path / "mover", "--rescore", role="scorer",
+                   database_url=deployment.database_url, model_dir=other).wait_ready()
+    _wait_all_scored(deployment.db, [mover, *deployment.servers])
+    submissions = deployment.db.tables.submissions
+    with deployment.db.read() as connection:
+        models = set(connection.execute(sa.select(submissions.c.model).where(
+            submissions.c.status == "scored")).scalars())
+        history = set(connection.execute(sa.select(deployment.db.tables.scores.c.model))
+                      .scalars())
+    assert models == {new} and history == {old, new}
+    assert "queued again to be scored on it" in mover.output()
+    moved = f"the challenge moved to model {new[:12]}"
+    for server in deployment.servers:  # each scorer retires at its next claim
+        if server.role == "scorer":
+            server.process.wait(60)
+            lines = [line for line in server.output().splitlines() if line.startswith("Error:")]
+            assert server.process.returncode == 1 and len(lines) == 1, server.output()[-2000:]
+            assert moved in lines[0]
+        elif server.role == "both":  # its web server goes on, and says its scorer stopped
+            deadline = time.monotonic() + 30
+            while "scores nothing more" not in server.output() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert server.process.poll() is None
+            assert f"{moved}; this scorer has {old[:12]}: this server scores nothing more" in \
+                server.output(), server.output()[-2000:]
+    time.sleep(2.5)  # the leaderboard's cache
+    after = leaderboard(deployment.url)
+    assert {row["id"] for row in after} == {row["id"] for row in before}
+    assert [row["accuracy"] for row in after] != [row["accuracy"] for row in before]

@@ -397,6 +397,15 @@ def _scorer_loop(scorer, stop):
             stop.wait(RESTART_SECONDS)
 
 
+def _scorer_beside_web(scorer, stop):
+    """The scorer thread of role `both`: the web server goes on when the scorer retires, which
+    the log says."""
+    _scorer_loop(scorer, stop)
+    if scorer.retired:
+        log.error("%s: this server scores nothing more; restart it with that model",
+                  scorer.retired)
+
+
 def _run_scorer_here(scorer):
     stop = threading.Event()
     try:
@@ -432,8 +441,8 @@ def _web(challenge, db, store, rules, state_dir, listener, scorer, where, gate):
     stop = threading.Event()
     thread = None
     if scorer is not None:
-        thread = threading.Thread(target=_scorer_loop, args=(scorer, stop), name="scorer",
-                                  daemon=True)
+        thread = threading.Thread(target=_scorer_beside_web, args=(scorer, stop),
+                                  name="scorer", daemon=True)
         thread.start()
     try:
         server.run(sockets=[listener])

@@ -20,8 +20,8 @@ SMALL = ("--num_eval_examples=4", "--eval_batch_size=2", "--epsilon=0.05", "--k=
 
 
 def on_cluster_and_alone(script, args_in):
-    """Runs `script` on a 2-worker cluster with the arguments `args_in(tmp_path / "cluster")`,
-    then in one process with `args_in(tmp_path / "single")`; returns the two chief's stdouts."""
+    """Runs `script` on a 2-worker cluster with the arguments `args_in("cluster")`, then in one
+    process with `args_in("single")`; returns the chief's stdout and the single process's."""
     cluster = run_cluster(script, *args_in("cluster"))
     for returncode, _, err in cluster:
         assert returncode == 0, err[-3000:]

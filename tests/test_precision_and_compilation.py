@@ -108,6 +108,7 @@ def test_train_py_trains_in_its_training_precision_and_saves_float32_weights(tmp
 @pytest.mark.slow
 def test_float16_training_scales_its_loss(policy, mnist_data):
     policy("mixed_float16")
+    keras.utils.set_random_seed(0)  # seeded: a few images, some of them classified right
     data = mnist_input.MNISTData(mnist_data)
     model = mnist_model.Model()
     optimizer = precision.training_optimizer(keras.optimizers.Adam(1e-4, epsilon=1e-8))
@@ -124,7 +125,7 @@ def test_float16_training_scales_its_loss(policy, mnist_data):
     after = model.get_layer("fc1").kernel.numpy()
     assert after.dtype == np.float32 and np.all(np.isfinite(after))
     assert float(optimizer.dynamic_scale.numpy()) < initial_scale
-    assert not np.array_equal(before, after) and 0 <= metrics["nat_correct"].numpy() <= batch
+    assert not np.array_equal(before, after) and 0 < metrics["nat_correct"].numpy() <= batch
 
 
 @pytest.mark.parametrize("mode", ["mixed_float16", "mixed_bfloat16"])

@@ -2,7 +2,7 @@
 unprivileged foreground process with a throwaway self-signed certificate, in front of a server
 trusting it (--forwarded_allow_ips=127.0.0.1). A participant at 127.0.0.3 uploads through it;
 the upload is scored, and the server's access log names 127.0.0.3, not nginx nor a spoofed
-X-Forwarded-For."""
+X-Forwarded-For. A page asked for over plain HTTP is redirected to HTTPS."""
 
 import contextlib
 import os
@@ -70,12 +70,13 @@ def _certificate(folder):
     return os.path.join(folder, "fullchain.pem")
 
 
-def _site_for_test(text, folder, port):
-    """The written site with this test's certificate and port, as a host edits it (and no
+def _site_for_test(text, folder, port, http_port):
+    """The written site with this test's certificate and ports, as a host edits it (and no
     IPv6, which the test machine may lack)."""
     text = text.replace("/etc/letsencrypt/live/127.0.0.1", folder)
     text = text.replace("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;")
-    return text.replace("listen [::]:443 ssl;\n", "")
+    text = text.replace("listen 80;", f"listen 127.0.0.1:{http_port};")
+    return text.replace("listen [::]:443 ssl;\n", "").replace("listen [::]:80;\n", "")
 
 
 @contextlib.contextmanager
@@ -121,9 +122,9 @@ def test_upload_through_nginx_is_scored_and_logged_with_the_real_client(tmp_path
     assert f"client_max_body_size {limit};" in text
     assert f"proxy_pass http://127.0.0.1:{server.port};" in text
     assert "proxy_request_buffering off;" in text
-    port = free_port()
+    port, http_port = free_port(), free_port()
     with open(os.path.join(folder, "site.conf"), "w", encoding="utf-8") as site:
-        site.write(_site_for_test(text, folder, port))
+        site.write(_site_for_test(text, folder, port, http_port))
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", _certificate(folder))
     server.wait_ready()
     _, token = add_participant(open_database(state_dir=state))
@@ -139,6 +140,11 @@ def test_upload_through_nginx_is_scored_and_logged_with_the_real_client(tmp_path
         view = wait_done(url, token, answer.json()["id"], servers=[server])
         too_large = client.post(f"{url}/api/submissions", data=b"x" * (limit + 1), timeout=60,
                                 headers={"Authorization": f"Bearer {token}"})
+        plain = client.get(f"http://127.0.0.1:{http_port}/submit?track=x", timeout=60,
+                           allow_redirects=False)
+    # The written site is for port 443, HTTPS's own, so the address names no port.
+    assert plain.status_code == 301
+    assert plain.headers["Location"] == "https://127.0.0.1/submit?track=x"
     assert view["status"] == "scored" and 0 <= view["accuracy"] <= 1, view
     assert too_large.status_code == 413 and "nginx" in too_large.text  # nginx's own answer
     with open(os.path.join(state, "access.log"), encoding="utf-8") as log:

@@ -1,7 +1,8 @@
 """An nginx site for a challenge server: TLS in front, the server on the loopback behind it.
 
-`nginx_site` writes the `server` block (and the `limit_conn_zone` it needs, both valid in nginx's
-`http` context, where Debian's nginx includes `/etc/nginx/sites-enabled/*`). Its settings follow
+`nginx_site` writes the HTTPS `server` block, a plain-HTTP one that redirects to it, and the
+`limit_conn_zone` they need, all valid in nginx's `http` context, where Debian's nginx includes
+`/etc/nginx/sites-enabled/*`. Its settings follow
 the challenge server's: the body limit is the server's upload limit, the deadlines and the
 per-address cap are its defaults, and request buffering is off, so an upload streams to the
 server, which checks the token and the size as it arrives.
@@ -18,6 +19,14 @@ SITE = """\
 
 # At most {per_address} connections at once from one client address.
 limit_conn_zone $binary_remote_addr zone={zone}:10m;
+
+# Plain HTTP: every request is sent to the same address over HTTPS.
+server {{
+    listen {http_port};
+    listen [::]:{http_port};
+    server_name {server_name};
+    return 301 https://$host{port_suffix}$request_uri;
+}}
 
 server {{
     listen {port} ssl;
@@ -59,7 +68,8 @@ server {{
 
 
 def nginx_site(challenge, *, server_name, upstream, max_body_bytes, header_timeout,
-               stall_timeout, upload_timeout, per_address, port=443, certificate_dir=None):
+               stall_timeout, upload_timeout, per_address, port=443, http_port=80,
+               certificate_dir=None):
     """The text of the nginx site.
 
     Args:
@@ -70,13 +80,15 @@ def nginx_site(challenge, *, server_name, upstream, max_body_bytes, header_timeo
         header_timeout, stall_timeout, upload_timeout: the server's deadlines, in seconds.
         per_address: the connections one client address may hold at once.
         port: where nginx listens for HTTPS.
+        http_port: where nginx listens for plain HTTP, only to redirect to HTTPS.
         certificate_dir: the folder of fullchain.pem and privkey.pem (default: certbot's
             /etc/letsencrypt/live/SERVER_NAME).
     """
     return SITE.format(challenge=challenge, server_name=server_name, upstream=upstream,
                        max_body_bytes=max_body_bytes, header_timeout=header_timeout,
                        stall_timeout=stall_timeout, read_timeout=upload_timeout + CHECK_SECONDS,
-                       per_address=per_address, port=port,
+                       per_address=per_address, port=port, http_port=http_port,
+                       port_suffix="" if port == 443 else f":{port}",
                        zone=f"{challenge.lower().replace('-', '_')}_per_address",
                        certificate_dir=certificate_dir or
                        f"/etc/letsencrypt/live/{server_name}")

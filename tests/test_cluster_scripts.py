@@ -1,8 +1,9 @@
 """The evaluation scripts as a 2-worker cluster on 127.0.0.1 (TF_CONFIG,
 MultiWorkerMirroredStrategy) give what one process gives: pgd_attack.py's stored examples,
-eval.py's accuracies and summaries, reproduce.py's accuracy against epsilon and diagnose.py's
-report, with the chief alone printing and writing. (autoattack.py on a cluster, killed and
-resumed, is in test_cluster_eval.py.)"""
+eval.py's accuracies and summaries and reproduce.py's accuracy against epsilon, with the chief
+alone printing and writing. (autoattack.py on a cluster, killed and resumed, is in
+test_cluster_eval.py; diagnose.py, which reuses its file's single-process run, in
+test_diagnose.py.)"""
 
 import json
 import os
@@ -85,15 +86,3 @@ def test_reproduce_writes_the_same_curves(tmp_path, mnist_fixture, mnist_data):
                        for name in ("cluster", "single"))
     assert cluster["curves"] == single["curves"]
     assert cluster["curves"]["PGD"][0] == 1 > cluster["curves"]["PGD"][-1]  # it falls
-
-
-def test_diagnose_writes_the_same_report(tmp_path, mnist_fixture, mnist_data):
-    def args_in(name):
-        return (f"--model_dir={mnist_fixture}", f"--data_path={mnist_data}", *SMALL,
-                f"--out_dir={tmp_path / name}")
-
-    on_cluster_and_alone("mnist_challenge/diagnose.py", args_in)
-    assert sorted(os.listdir(tmp_path / "cluster")) == sorted(os.listdir(tmp_path / "single"))
-    cluster, single = (json.load(open(tmp_path / name / "diagnosis.json"))
-                       for name in ("cluster", "single"))
-    assert cluster["indicators"] == single["indicators"]

@@ -1,8 +1,9 @@
 """diagnose on models with known failure modes (failure_modes.py), built from a linear MNIST
 model trained in a few seconds: its input quantised under tf.stop_gradient (zero gradients),
 random noise on its input (random outputs), its logits times 10^4 (a saturated cross-entropy),
-a softmax on top (probabilities), the model itself, and the TF1 MNIST fixture. Each broken one
-triggers its indicator, the natural ones none; the worst case never exceeds AutoAttack's."""
+a softmax on top (probabilities), the model itself, and the TF1 MNIST fixture (diagnose.py in one
+process and as a 2-worker cluster, which agree). Each broken one triggers its indicator, the
+natural ones none; the worst case never exceeds AutoAttack's."""
 
 import json
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from failure_modes import WRAPPERS, linear_model, quantised
-from helpers import assert_one_error_line, run_script, shared_path, writable_copy
+from helpers import assert_one_error_line, run_cluster, run_script, shared_path, writable_copy
 
 from common.attacks import APGD, FAB, PGD, AutoAttack, Square, losses
 from common.evaluation import indicators
@@ -212,17 +213,30 @@ def test_an_indicator_triggers_only_beyond_its_threshold():
     assert above.advice == indicators.RULES["more_iterations_help"].advice
 
 
+# The fixture's config PGD shortened to 10 steps of 0.025 at epsilon 0.1, on 10 test images in
+# batches of 5 (on two workers, 3 and 2 images each).
+FIXTURE_ARGS = ("--num_eval_examples=10", "--eval_batch_size=5", "--k=10", "--a=0.025",
+                f"--epsilon={FIXTURE_EPSILON}")
+
+
+@pytest.fixture(scope="module")
+def fixture_run(tmp_path_factory):
+    """mnist_challenge/diagnose.py on the TF1 MNIST fixture in one process, with FIXTURE_ARGS:
+    (its result, the model folder, the output folder)."""
+    folder = tmp_path_factory.mktemp("fixture")
+    model_dir = writable_copy(shared_path("fixtures", "tf1_checkpoints", "mnist"), folder)
+    out_dir = folder / "out"
+    result = run_script("mnist_challenge/diagnose.py", f"--model_dir={model_dir}",
+                        f"--data_path={shared_path('data', 'mnist')}", *FIXTURE_ARGS,
+                        f"--out_dir={out_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, model_dir, out_dir
+
+
 @pytest.mark.slow
 def test_the_script_on_the_fixture_model_triggers_nothing_and_stays_below_autoattack(
-        tmp_path, mnist_fixture, mnist_data, data):
-    """The TF1 MNIST fixture through mnist_challenge/diagnose.py, its config's PGD shortened
-    to 10 steps of 0.025 at epsilon 0.1, on 10 test images."""
-    model_dir = writable_copy(mnist_fixture, tmp_path)
-    out_dir = tmp_path / "out"
-    result = run_script("mnist_challenge/diagnose.py", f"--model_dir={model_dir}",
-                        f"--data_path={mnist_data}", "--num_eval_examples=10", "--k=10",
-                        "--a=0.025", f"--epsilon={FIXTURE_EPSILON}", f"--out_dir={out_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
+        fixture_run, data):
+    result, model_dir, out_dir = fixture_run
     assert sorted(path.name for path in out_dir.iterdir()) == sorted(
         ["diagnosis.md", "diagnosis.json", "accuracy_vs_epsilon.png", "attack_loss.png"])
     report = json.load(open(out_dir / "diagnosis.json"))
@@ -239,6 +253,25 @@ def test_the_script_on_the_fixture_model_triggers_nothing_and_stays_below_autoat
     assert report["clean_accuracy"] == np.mean(np.argmax(model(x), axis=1) == y)
     autoattack = AutoAttack(model, epsilon=FIXTURE_EPSILON, image_shape=(28, 28, 1))
     assert report["robust_accuracy"] <= autoattack.evaluate(x, y).robust_accuracy
+
+
+@pytest.mark.slow
+def test_a_two_worker_cluster_writes_the_same_diagnosis(tmp_path, fixture_run):
+    """The same command as a 2-worker TF_CONFIG cluster on 127.0.0.1 (new processes, each
+    attacking its share of every batch): the chief alone prints and writes, and its report is
+    the single process's."""
+    result, model_dir, out_dir = fixture_run
+    cluster = run_cluster("mnist_challenge/diagnose.py", f"--model_dir={model_dir}",
+                          f"--data_path={shared_path('data', 'mnist')}", *FIXTURE_ARGS,
+                          f"--out_dir={tmp_path}")
+    for returncode, _, err in cluster:
+        assert returncode == 0, err[-3000:]
+    (_, chief_out, _), (_, worker_out, _) = cluster
+    assert worker_out == "" and (out_dir / "diagnosis.md").read_text() in chief_out
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        path.name for path in out_dir.iterdir())
+    assert json.load(open(tmp_path / "diagnosis.json")) == json.load(
+        open(out_dir / "diagnosis.json"))
 
 
 @pytest.mark.slow

@@ -46,6 +46,9 @@ EXAMPLES = flags.DEFINE_integer("examples", 1000, "test images per submission "
                                 upper_bound=10000)
 DATA_PATH = flags.DEFINE_string("data_path", os.path.join(REPO, "mnist_challenge", "MNIST_data"),
                                 "folder of the MNIST data")
+MODEL_DIR = flags.DEFINE_string("model_dir", None, "the model the server is set up for (the web "
+                                "role records its fingerprint and scores nothing); default: "
+                                "mnist_challenge/config.json's")
 
 
 def _free_port():
@@ -55,12 +58,15 @@ def _free_port():
 
 
 def _start_server(state_dir, port):
-    """serve.py --role=web, once it answers; its output goes to state_dir/../server.out."""
+    """serve.py --role=web, once it answers; its output goes to state_dir/../server.out, whose last
+    line is the error where it does not start."""
     import requests
 
     command = [sys.executable, os.path.join(REPO, "mnist_challenge", "serve.py"), "--role=web",
                f"--state_dir={state_dir}", f"--port={port}", f"--data_path={DATA_PATH.value}",
                f"--num_eval_examples={EXAMPLES.value}", "--max_submissions_per_hour=100000"]
+    if MODEL_DIR.value:
+        command.append(f"--model_dir={MODEL_DIR.value}")
     with open(os.path.join(os.path.dirname(state_dir), "server.out"), "wb") as output:
         server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=REPO)
     deadline = time.monotonic() + START_SECONDS
@@ -70,7 +76,10 @@ def _start_server(state_dir, port):
                 return server
         time.sleep(0.2)
     server.kill()
-    cli.fail(f"serve.py did not start; its output is in {output.name}")
+    server.wait()
+    with open(output.name, encoding="utf-8", errors="replace") as written:
+        last = (written.read().strip().splitlines() or ["(no output)"])[-1]
+    cli.fail(f"serve.py did not start: {last.removeprefix('Error: ')}")
 
 
 def _submission(images, seed):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import shared_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(REPO, "benchmarks")
@@ -245,3 +246,17 @@ def test_the_cluster_benchmark_times_each_worker_count_to_the_same_result():
     first, second = rows
     assert first[2] == "1.00" and first[3] == "100"
     assert abs(float(second[2]) / 2 - int(second[3]) / 100) < 0.006  # efficiency: speedup / 2
+
+
+@pytest.mark.slow
+def test_the_serving_benchmark_loads_a_server_and_counts_every_answer():
+    result = run("benchmarks/serving.py", "--participants=2", "--uploads=2", "--slow=2",
+                 "--examples=10", f"--data_path={shared_path('data', 'mnist')}",
+                 f"--model_dir={shared_path('fixtures', 'tf1_checkpoints', 'mnist')}",
+                 timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"^uploads accepted: 4 of 4 in \d+\.\d\d s: \d+\.\d per second$",
+                     result.stdout, re.M), result.stdout
+    answered = re.search(r"^leaderboard during the load: (\d+) requests, (\d+) answered 200, "
+                         r"p50 \d+ ms, p95 \d+ ms$", result.stdout, re.M)
+    assert answered and answered[1] == answered[2], result.stdout

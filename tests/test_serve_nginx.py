@@ -153,3 +153,14 @@ def test_upload_through_nginx_is_scored_and_logged_with_the_real_client(tmp_path
                      lines, re.MULTILINE), lines
     assert "203.0.113.9" not in lines
     assert '"POST /api/submissions HTTP/1.1" 413' not in lines  # never reached the server
+
+
+def test_a_site_on_other_ports_redirects_to_its_own_https_port():
+    from common.serving import proxy
+
+    text = proxy.nginx_site("MNIST", server_name="challenge.example.org",
+                            upstream="127.0.0.1:8000", max_body_bytes=1000, header_timeout=20,
+                            stall_timeout=20, upload_timeout=300, per_address=16, port=8443,
+                            http_port=8080)
+    assert "listen 8080;" in text and "listen 8443 ssl;" in text
+    assert "return 301 https://$host:8443$request_uri;" in text

@@ -2,10 +2,10 @@
 
 `nginx_site` writes the HTTPS `server` block, a plain-HTTP one that redirects to it, and the
 `limit_conn_zone` they need, all valid in nginx's `http` context, where Debian's nginx includes
-`/etc/nginx/sites-enabled/*`. Its settings follow
-the challenge server's: the body limit is the server's upload limit, the deadlines and the
-per-address cap are its defaults, and request buffering is off, so an upload streams to the
-server, which checks the token and the size as it arrives.
+`/etc/nginx/sites-enabled/*`. Its settings follow the challenge server's: the body limit is the
+server's upload limit, the deadlines and the per-address cap are its defaults, and request
+buffering is off, so an upload streams to the server, which checks the token and the size as it
+arrives.
 """
 
 # Time the server may take to check an upload after its last byte.

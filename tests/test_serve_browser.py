@@ -88,16 +88,18 @@ def test_a_browser_submits_follows_the_status_page_and_finds_the_row(tmp_path, b
     seen = set()
 
     def scored(driver):
+        """The page reloads itself: an element read during a reload is gone (missing, stale, or
+        in Chromium's own words not in the document), and is read again at the next poll."""
         try:
             seen.add(driver.find_element(By.ID, "status").text)
-        except WebDriverException as error:  # Chromium's own word for a stale element
-            if "does not belong to the document" not in str(error):
+        except WebDriverException as error:
+            gone = isinstance(error, (NoSuchElementException, StaleElementReferenceException)) \
+                or "does not belong to the document" in str(error)
+            if not gone:
                 raise
         return "scored" in seen
 
-    # The page reloads itself: an element read during a reload is gone, try again.
-    WebDriverWait(browser, 120, poll_frequency=0.2, ignored_exceptions=(
-        NoSuchElementException, StaleElementReferenceException)).until(scored)
+    WebDriverWait(browser, 120, poll_frequency=0.2).until(scored)
     assert browser.current_url == status_url
     assert seen & {"queued", "scoring"}, seen  # it refreshed itself from a waiting state
     accuracy = browser.find_element(By.ID, "accuracy").text

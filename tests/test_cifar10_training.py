@@ -130,17 +130,17 @@ def test_a_short_real_run_lowers_the_loss(tmp_path, cifar_data):
     model_dir = tmp_path / "run"
     result = run_script("cifar10_challenge/train.py", f"--model_dir={model_dir}",
                         f"--data_path={cifar_data}", "--filters=[16,16,32,64]",
-                        "--max_num_training_steps=40", "--training_batch_size=64",
-                        "--num_steps=1", "--num_output_steps=20", "--num_summary_steps=5",
-                        "--num_checkpoint_steps=20")
+                        "--max_num_training_steps=20", "--training_batch_size=64",
+                        "--num_steps=1", "--num_output_steps=10", "--num_summary_steps=4",
+                        "--num_checkpoint_steps=10")
     assert result.returncode == 0, result.stderr
-    assert "Step 20:" in result.stdout and "examples per second" in result.stdout
+    assert "Step 10:" in result.stdout and "examples per second" in result.stdout
     events = EventAccumulator(str(model_dir), size_guidance={"tensors": 0})
     events.Reload()
     xent = [float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors("xent adv train")]
-    assert len(xent) == 8
+    assert len(xent) == 5
     assert np.mean(xent[-3:]) < xent[0] - 0.05, xent
-    assert tf.train.latest_checkpoint(str(model_dir)).endswith("checkpoint-40")
+    assert tf.train.latest_checkpoint(str(model_dir)).endswith("checkpoint-20")
 
 
 def _train_args(model_dir, cifar_data, steps, *extra):

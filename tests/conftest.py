@@ -1,4 +1,5 @@
-"""Test set-up: the repository on sys.path, two logical CPUs, and the fixtures of the data, the TF1
+"""Test set-up: each test process's share of the cores for TensorFlow's thread pools, the
+repository on sys.path, two logical CPUs, and the fixtures of the data, the TF1
 checkpoints and the challenge server's databases (helpers live in helpers.py and
 serving_helpers.py).
 

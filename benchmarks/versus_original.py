@@ -154,6 +154,15 @@ def _import_from(checkout):
         cli.fail(f"the baseline imported {common.__file__}, not the one in {checkout}")
 
 
+def _as_the_scripts_run():
+    """Grappler off on CPUs, as the port's scripts run; a --baseline_checkout from before
+    `steady_cpu_kernels` runs as its scripts did, with Grappler."""
+    from common.runtime import devices
+
+    if hasattr(devices, "steady_cpu_kernels"):
+        devices.steady_cpu_kernels()
+
+
 def run_side(workload, side):
     """{"examples_per_second", "flops_per_example"} of one side of one workload, measured in
     this process (flops only on the port's side, from its Keras model)."""
@@ -175,14 +184,16 @@ def run_side(workload, side):
     if side == "original":
         run = _cifar_original(x, y) if workload == "cifar10_attack" else \
             _mnist_original(workload, x, y)
-    elif workload == "cifar10_attack":
-        model, run = _cifar_port(x, y)
-        flops = attack_flops_per_example(model, CIFAR_STEPS.value)
     else:
-        model, run = _mnist_port(workload, x, y)
-        counter = attack_flops_per_example if workload == "mnist_attack" else \
-            training_flops_per_example
-        flops = counter(model, MNIST_STEPS.value)
+        _as_the_scripts_run()
+        if workload == "cifar10_attack":
+            model, run = _cifar_port(x, y)
+            flops = attack_flops_per_example(model, CIFAR_STEPS.value)
+        else:
+            model, run = _mnist_port(workload, x, y)
+            counter = attack_flops_per_example if workload == "mnist_attack" else \
+                training_flops_per_example
+            flops = counter(model, MNIST_STEPS.value)
     seconds = _timed(run, count)
     return {"examples_per_second": batch * count / seconds, "flops_per_example": flops}
 

@@ -1,6 +1,7 @@
-"""Fast and free adversarial training: FGSM-RS and free replays against hand-written reference
-loops, the cyclic learning rate at its corners, the epsilon ramp, two replicas against one device
-for each method, and the catastrophic-overfitting guard stopping a real run and restoring."""
+"""Fast and free adversarial training: FGSM-RS, N-FGSM and free replays against hand-written
+reference loops, the cyclic learning rate at its corners, the epsilon ramp, two replicas against
+one device for each method, and the catastrophic-overfitting guard stopping a real run and
+restoring."""
 
 import os
 
@@ -85,6 +86,32 @@ def test_fgsm_rs_is_one_pgd_step_of_its_size_from_a_random_start(batch, initial_
     reference_optimizer.apply_gradients(zip(
         xent_gradients(reference, x_adv, y, reference.trainable_variables),
         reference.trainable_variables))
+    for ours, before in zip(model.get_weights(), initial_weights):
+        assert not np.array_equal(ours, before)
+    assert_same_adam_steps(model.get_weights(), reference.get_weights())
+
+
+@pytest.mark.slow
+def test_nfgsm_is_one_unprojected_step_from_noise_twice_epsilon(batch, initial_weights):
+    config = load(MNIST, "--training_method=nfgsm", "--fgsm_step_size=0.3")
+    settings = MNIST.training_attack_settings(config)
+    x, y = batch
+    model, optimizer = model_and_adam(initial_weights)
+    step = loop.TrainStep(tf.distribute.get_strategy(), model, optimizer, method="nfgsm",
+                          settings=settings, loss_fn=summed_xent)
+    step(x, y, step.start_points(x, 5, 7), report=False, step=7)
+
+    reference, reference_optimizer = model_and_adam(initial_weights)
+    noise = seeds.generator(5, seeds.TRAINING_STARTS, 7).uniform(-2 * EPSILON, 2 * EPSILON,
+                                                                  x.shape)
+    start = np.clip(x.astype(np.float64) + noise, 0, 1)
+    x_start = tf.constant(start, tf.float32)
+    gradient = xent_gradients(reference, x_start, y, x_start)
+    x_adv = np.clip(start + 0.3 * np.sign(gradient.numpy()), 0, 1)  # no projection
+    assert np.abs(x_adv - x).max() > 2.5 * EPSILON
+    reference_optimizer.apply_gradients(zip(
+        xent_gradients(reference, tf.constant(x_adv, tf.float32), y,
+                       reference.trainable_variables), reference.trainable_variables))
     for ours, before in zip(model.get_weights(), initial_weights):
         assert not np.array_equal(ours, before)
     assert_same_adam_steps(model.get_weights(), reference.get_weights())

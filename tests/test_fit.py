@@ -38,7 +38,7 @@ def compiled(model, attack, method, **options):
     return adversarial
 
 
-@pytest.mark.parametrize("method", ["pgd", "fgsm_rs"])
+@pytest.mark.parametrize("method", ["pgd", "fgsm_rs", "nfgsm"])
 @pytest.mark.slow
 def test_a_fit_step_equals_the_challenge_loop_step(method):
     x, y = data()
@@ -49,7 +49,7 @@ def test_a_fit_step_equals_the_challenge_loop_step(method):
     theirs = small_model()
     settings = steps.training_settings(attack.settings, method)
     step = loop.TrainStep(tf.distribute.get_strategy(), theirs, keras.optimizers.SGD(0.5),
-                          settings=settings, loss_fn=mean_xent)
+                          method=method, settings=settings, loss_fn=mean_xent)
     step(x, y, adversarial.start_points(x, 0).numpy(), report=False)
     for mine, other in zip(adversarial.model.get_weights(), theirs.get_weights()):
         np.testing.assert_allclose(mine, other, atol=1e-6)

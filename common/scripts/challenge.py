@@ -85,7 +85,8 @@ class Challenge:
     def training_attack_settings(self, config):
         """The attack that training_method trains on (steps.training_settings): the config's
         PGD, or its steps and step size from `training_attack` (for pgd and trades); one step of
-        fgsm_step_size from a random start; for free training, the config's epsilon ball."""
+        fgsm_step_size from a random start (fgsm_rs, nfgsm); for free training, the config's
+        epsilon ball."""
         return steps.training_settings(self.attack_settings(config), config["training_method"],
                                        fgsm_step_size=config["fgsm_step_size"],
                                        attack_steps=config["training_attack"])

@@ -139,7 +139,9 @@ RULES = {
                                "the steps, the last one held)."),
     "training_method": (str, _one_of(*TRAINING_METHODS), "pgd (the original: train on the "
                         "config's PGD attack), fgsm_rs (one step of fgsm_step_size from a "
-                        "random start), free (each batch replayed replay_m times, the "
+                        "random start), nfgsm (de Jorge et al., 2022: one step of "
+                        "fgsm_step_size from a start twice epsilon wide, not projected back "
+                        "onto the epsilon ball), free (each batch replayed replay_m times, the "
                         "perturbation carried over) or trades (Zhang et al., 2019: the loss on "
                         "the clean batch plus trades_beta times the KL divergence at the "
                         "config's PGD steps)."),
@@ -147,8 +149,9 @@ RULES = {
                         "training_method pgd (or trades) trains on, for a few-step attack in "
                         "training while the scripts evaluate with the config's own; [] trains "
                         "on the config's own attack, as the original."),
-    "fgsm_step_size": (float, _positive, "Step size of fgsm_rs, in pixel units (Wong et al.: "
-                       "1.25 epsilon)."),
+    "fgsm_step_size": (float, _positive, "Step size of fgsm_rs and nfgsm, in pixel units "
+                       "(Wong et al.: 1.25 epsilon for fgsm_rs; de Jorge et al.: epsilon for "
+                       "nfgsm)."),
     "trades_beta": (float, _at_least(0), "Weight of the KL term of training_method trades "
                     "(Zhang et al.: 6.0)."),
     "replay_m": (int, _at_least(1), "Replays of each batch in free training; "

@@ -4,11 +4,12 @@ catastrophic-overfitting guard (common/training/overfitting.py) as a Keras callb
 
 The methods are the challenge loop's, the same code (common/training/steps.py): `pgd` trains on
 the PGD attack of `attack` (a `common.attacks.PGD`); `fgsm_rs` on one step of `fgsm_step_size`
-from a random start (Wong et al., 2020); `free` replays each batch `replays` times, each replay
-one optimizer step whose backward pass also moves a perturbation carried over to the next replay
-and the next batch (Shafahi et al., 2019); `trades` (Zhang et al., 2019) minimises the compiled
-loss on the clean batch plus `beta` times the KL divergence of the prediction at the attack's
-point from the clean one. Random starts are drawn inside the step from `seed` and the
+from a random start (Wong et al., 2020); `nfgsm` on one step from a start twice as wide, not
+projected back onto the ball (de Jorge et al., 2022); `free` replays each batch `replays` times,
+each replay one optimizer step whose backward pass also moves a perturbation carried over to the
+next replay and the next batch (Shafahi et al., 2019); `trades` (Zhang et al., 2019) minimises
+the compiled loss on the clean batch plus `beta` times the KL divergence of the prediction at the
+attack's point from the clean one. Random starts are drawn inside the step from `seed` and the
 optimizer's step count, so that `keras.callbacks.BackupAndRestore` resumes a run on the same
 starts. Works under any `tf.distribute` strategy `fit` supports.
 """
@@ -37,9 +38,10 @@ class AdversarialModel(keras.Model):
         model: the Keras model trained, returning logits.
         attack: a `common.attacks.PGD` on `model`: the training attack (its ball, steps and step
             size; for free training its ball).
-        method: "pgd", "fgsm_rs", "free" or "trades".
+        method: "pgd", "fgsm_rs", "nfgsm", "free" or "trades".
         beta: trades' weight of the KL term.
-        fgsm_step_size: fgsm_rs' step size (None: 1.25 epsilon).
+        fgsm_step_size: the step size of fgsm_rs (None: 1.25 epsilon) and nfgsm (None:
+            epsilon).
         replays: free training's replays of each batch.
         batch_size: free training's batch size, that of `fit`.
         attack_training: the model runs in training mode during the attack (the CIFAR-10

@@ -9,6 +9,10 @@ accuracy in between, as the original did); free training's replay is `free_repla
 
 - `pgd` (Madry et al., 2018) and `fgsm_rs` (Wong et al., 2020, one step from a random start)
   train on the PGD attack of their training settings (`training_settings`).
+- `nfgsm` (de Jorge et al., 2022) trains on one signed step (of epsilon by default) from a start
+  drawn in a ball NFGSM_NOISE times wider, not projected back onto the epsilon ball (only into
+  the pixel range): the stronger noise and the missing projection keep single-step training from
+  catastrophic overfitting at large epsilons.
 - `free` (Shafahi et al., 2019) trains on the clean batch plus a perturbation carried over from
   the last replay, which the same backward pass moves by one signed step of epsilon.
 - `trades` (Zhang et al., 2019) maximises KL(f(x) || f(x')) from x + 0.001 N(0, 1) with the
@@ -35,6 +39,7 @@ import tensorflow as tf
 from common.attacks import pgd, threat_model
 
 TRADES_NOISE = 0.001  # the start's standard deviation, as a fraction of the pixel range
+NFGSM_NOISE = 2.0  # the radius of N-FGSM's start, in epsilons (the authors' k = 2)
 DEFAULT_BETA = 6.0
 
 
@@ -140,6 +145,13 @@ def _one_step(settings, *, fgsm_step_size, attack_steps):
     return dataclasses.replace(settings, steps=1, step_size=step_size, random_start=True)
 
 
+def _noisy_step(settings, *, fgsm_step_size, attack_steps):
+    """N-FGSM's step: one of `fgsm_step_size` (None: epsilon, the authors' choice) from a random
+    start."""
+    step_size = settings.epsilon if fgsm_step_size is None else fgsm_step_size
+    return dataclasses.replace(settings, steps=1, step_size=step_size, random_start=True)
+
+
 def _ball_only(settings, *, fgsm_step_size, attack_steps):
     """The settings as they are: only their ball (and pixel range) is used."""
     return settings
@@ -149,6 +161,16 @@ def _ball_only(settings, *, fgsm_step_size, attack_steps):
 
 def _pgd_attack(context, x_nat, labels, *, start, scale):
     return pgd.pgd_steps(context.model, x_nat, labels, x_start=start, settings=context.settings,
+                         training=context.attack_training, scale=scale, unroll=context.unroll)
+
+
+def _unprojected_attack(context, x_nat, labels, *, start, scale):
+    """N-FGSM's attack: the step from the wide start, kept in a ball as wide as the start's
+    radius plus the step, which it cannot leave, so that nothing pulls it back."""
+    settings = context.settings
+    unbounded = dataclasses.replace(
+        settings, epsilon=NFGSM_NOISE * settings.epsilon + settings.step_size)
+    return pgd.pgd_steps(context.model, x_nat, labels, x_start=start, settings=unbounded,
                          training=context.attack_training, scale=scale, unroll=context.unroll)
 
 
@@ -213,6 +235,19 @@ def _ball_start_in_graph(x_nat, settings, seed):
     return settings.threat_model.random_start(x_nat, seed, tf.float64)
 
 
+def _noise_ball(settings):
+    """The ball N-FGSM's start is drawn from: NFGSM_NOISE times the epsilon ball."""
+    return dataclasses.replace(settings, epsilon=NFGSM_NOISE * settings.epsilon)
+
+
+def _wide_start_on_host(x_nat, settings, rng):
+    return _ball_start_on_host(x_nat, _noise_ball(settings), rng)
+
+
+def _wide_start_in_graph(x_nat, settings, seed):
+    return _ball_start_in_graph(x_nat, _noise_ball(settings), seed)
+
+
 def _noise_start(x_nat, settings, draws):
     """TRADES' start: x_nat + TRADES_NOISE (high - low) N(0, 1)."""
     x_nat = _float64(x_nat)
@@ -261,6 +296,8 @@ METHODS = {
                   start_in_graph=_ball_start_in_graph),
     "fgsm_rs": Method(attack=_pgd_attack, loss=_adversarial_loss, settings=_one_step,
                       start_on_host=_ball_start_on_host, start_in_graph=_ball_start_in_graph),
+    "nfgsm": Method(attack=_unprojected_attack, loss=_adversarial_loss, settings=_noisy_step,
+                    start_on_host=_wide_start_on_host, start_in_graph=_wide_start_in_graph),
     "free": Method(attack=_free_attack, loss=_adversarial_loss, settings=_ball_only),
     "trades": Method(attack=_kl_attack, loss=_trades_loss, start_on_host=_noise_start_on_host,
                      start_in_graph=_noise_start_in_graph, reduces=True),

@@ -3,7 +3,7 @@
 import os
 
 from cifar10_challenge import cifar10_input, model
-from common.training import objectives, overfitting
+from common.training import objectives
 from common.scripts.challenge import Challenge
 from common.evaluation.paper import Paper, Row
 from common.training.momentum import TF1Momentum
@@ -28,11 +28,10 @@ class CIFAR10Challenge(Challenge):
     def training_batch(self, data, step, batch_size, seed):
         return cifar10_input.training_batch(data, step, batch_size, seed)
 
-    def held_out(self, data):
+    def held_out(self, data, examples):
         # CIFAR-10 has no validation split: the guard attacks the first training images, as
         # they are (Wong et al. check a training batch too).
-        return (data.train_images[:overfitting.EXAMPLES].astype("float32"),
-                data.train_labels[:overfitting.EXAMPLES])
+        return data.train_images[:examples].astype("float32"), data.train_labels[:examples]
 
     def loss(self, config, num_replicas):
         """Mean cross-entropy plus weight decay on the kernels named DW, as the original."""

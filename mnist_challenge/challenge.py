@@ -27,8 +27,8 @@ class MNISTChallenge(Challenge):
         indices = mnist_input.batch_indices(step, batch_size, len(data.train_labels), seed)
         return data.train_images[indices], data.train_labels[indices]
 
-    def held_out(self, data):
-        return data.validation_images, data.validation_labels
+    def held_out(self, data, examples):
+        return data.validation_images[:examples], data.validation_labels[:examples]
 
     def optimizer(self, config):
         # Adam with TF1's defaults (Keras' own epsilon is 1e-7); the original's rate is 1e-4.

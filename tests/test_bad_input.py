@@ -35,6 +35,7 @@ BAD_VALUES = {
     "fgsm_step_size": ["-0.375", "0", "abc"],
     "replay_m": INT_BAD + ["0"],
     "overfitting_check_steps": INT_BAD, "epsilon_ramp_steps": INT_BAD,
+    "overfitting_check_examples": INT_BAD + ["0"],
     "training_attack": ["[2]", "[2,0.1,3]", "[-1,0.1]", "[2.5,0.1]", "[2,-0.1]", "[2,\"a\"]",
                         "notjson"],
 }

@@ -150,6 +150,24 @@ def test_backup_and_restore_resumes_a_killed_run_to_the_same_end(tmp_path):
         np.testing.assert_allclose(mine, other, atol=1e-6)
 
 
+def test_the_guard_attacks_only_the_first_examples_of_its_held_out_batch():
+    """The held-out labels past the fifth are wrong: a guard of 5 examples never sees them."""
+    model = small_model()
+    kernel, bias, head, head_bias = (np.zeros_like(w) for w in model.get_weights())
+    kernel[:3, :3], head[:3, :3] = 10 * np.eye(3), np.eye(3)
+    model.set_weights([kernel, bias, head, head_bias])
+    held_x, held_y = data(40, seed=1)
+    held_y[5:] = (held_y[5:] + 1) % 3
+    adversarial = compiled(model, PGD(model, epsilon=EPSILON, steps=2), "pgd")
+    attack = PGD(model, epsilon=1e-4)
+    five = fit.OverfittingGuardCallback((held_x, held_y), attack, every=1, examples=5)
+    adversarial.fit(*data(8), batch_size=8, epochs=1, verbose=0, callbacks=[five])
+    assert five.accuracies == [(1, 1.0)]
+    with pytest.raises(ValueError, match="Received: examples=0"):
+        adversarial.fit(*data(8), batch_size=8, epochs=1, verbose=0, callbacks=[
+            fit.OverfittingGuardCallback((held_x, held_y), attack, examples=0)])
+
+
 def test_the_guard_callback_refuses_a_bad_max_drop_when_made():
     with pytest.raises(ValueError, match="Received: max_drop=1.5"):
         fit.OverfittingGuardCallback(data(8), PGD(small_model(), epsilon=EPSILON), max_drop=1.5)

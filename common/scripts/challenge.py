@@ -45,8 +45,9 @@ class Challenge:
         """The global training batch (x, y) of `step`."""
         raise NotImplementedError
 
-    def held_out(self, data):
-        """(images, labels) the overfitting guard attacks, in the model's input shape."""
+    def held_out(self, data, examples):
+        """The first `examples` (images, labels) the overfitting guard attacks, in the model's
+        input shape."""
         raise NotImplementedError
 
     def optimizer(self, config):

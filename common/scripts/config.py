@@ -162,6 +162,8 @@ RULES = {
                                 f"checks (PGD-{overfitting.STEPS} on a held-out batch; a drop "
                                 f"of more than {overfitting.MAX_DROP} stops training and keeps "
                                 "the weights of the check before); 0 turns them off."),
+    "overfitting_check_examples": (int, _at_least(1), "Held-out images each overfitting "
+                                   "check attacks, a multiple of the replicas."),
     "filters": (list, _filters, "The four widths of the residual network: [16, 160, 320, 640] "
                 "(wide) or [16, 16, 32, 64] (simple)."),
     "attack_batch_norm": (str, _one_of("train", "eval"), "Batch norm during the training "

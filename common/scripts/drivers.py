@@ -66,9 +66,13 @@ def train(challenge):
         batch_size, seed = config["training_batch_size"], challenge.data_seed(config)
         guard = None
         if config["overfitting_check_steps"]:
-            guard = overfitting.OverfittingGuard(strategy, model, challenge.held_out(data),
-                                                 settings=challenge.attack_settings(config),
-                                                 seed=seed)
+            examples = config["overfitting_check_examples"]
+            try:
+                guard = overfitting.OverfittingGuard(
+                    strategy, model, challenge.held_out(data, examples),
+                    settings=challenge.attack_settings(config), seed=seed, examples=examples)
+            except ValueError as error:
+                raise errors.UserError(f"overfitting_check_examples: {error}") from None
         train_step = _train_step(challenge, config, strategy, model=model, optimizer=optimizer)
         loop.train(loop.LoopSettings.from_config(config), train_step,
                    batch_for_step=lambda index: challenge.training_batch(

@@ -201,21 +201,23 @@ class OverfittingGuardCallback(keras.callbacks.Callback):
     weights of that check. `accuracies` lists (step, accuracy) of the checks that passed.
 
     Args:
-        held_out: (images, labels), the first overfitting.EXAMPLES of them attacked.
+        held_out: (images, labels), the first `examples` of them attacked.
         attack: a `common.attacks.PGD` whose ball the guard attacks in.
         every: steps between checks.
         max_drop: the largest drop of accuracy that is not a collapse.
         seed: seeds the guard's random starts.
+        examples: how many held-out images each check attacks, a multiple of the replicas.
     """
 
-    def __init__(self, held_out, attack, *, every=200, max_drop=overfitting.MAX_DROP, seed=0):
+    def __init__(self, held_out, attack, *, every=200, max_drop=overfitting.MAX_DROP, seed=0,
+                 examples=overfitting.EXAMPLES):
         super().__init__()
         if every < 1:
             raise ValueError(f"every must be at least 1. Received: every={every}")
         overfitting.check_max_drop(max_drop)
         self.held_out = tuple(np.asarray(array) for array in held_out)
         self.attack = attack
-        self.every, self.max_drop, self.seed = every, max_drop, seed
+        self.every, self.max_drop, self.seed, self.examples = every, max_drop, seed, examples
         self.accuracies, self.stopped_at = [], None
         self._guard = self._last_good = None
 
@@ -223,7 +225,8 @@ class OverfittingGuardCallback(keras.callbacks.Callback):
         model = self.model.model if isinstance(self.model, AdversarialModel) else self.model
         self._guard = overfitting.OverfittingGuard(
             self.model.distribute_strategy, model, self.held_out,
-            settings=self.attack.settings, seed=self.seed, max_drop=self.max_drop)
+            settings=self.attack.settings, seed=self.seed, max_drop=self.max_drop,
+            examples=self.examples)
 
     def on_train_batch_end(self, batch, logs=None):
         step = int(self.model.optimizer.iterations.numpy())

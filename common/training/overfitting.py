@@ -66,15 +66,21 @@ class OverfittingGuard:
     Args:
         strategy: the tf.distribute strategy the check runs under.
         model: the Keras model trained, returning logits.
-        held_out: (images, labels), the first EXAMPLES of them attacked.
+        held_out: (images, labels), the first `examples` of them attacked.
         settings: a pgd.AttackSettings whose ball (and pixel range) the guard attacks in.
         seed: seeds the guard's random starts.
         max_drop: the largest drop of accuracy that is not a collapse, between 0 and 1.
+        examples: how many held-out images each check attacks, a multiple of the replicas.
     """
 
-    def __init__(self, strategy, model, held_out, *, settings, seed, max_drop=MAX_DROP):
+    def __init__(self, strategy, model, held_out, *, settings, seed, max_drop=MAX_DROP,
+                 examples=EXAMPLES):
         check_max_drop(max_drop)
-        images, labels = (tensor[:EXAMPLES] for tensor in held_out)
+        replicas = strategy.num_replicas_in_sync
+        if examples < 1 or examples % replicas:
+            raise ValueError(f"The guard's examples must be a positive multiple of the "
+                             f"{replicas} replicas. Received: examples={examples}")
+        images, labels = (tensor[:examples] for tensor in held_out)
         self.strategy = strategy
         self.model = model
         self.max_drop = max_drop

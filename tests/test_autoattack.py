@@ -119,13 +119,17 @@ def test_a_killed_run_resumes_to_the_same_end(tmp_path):
         evaluation(tmp_path, {}, "killed.npz", settings={"run": 2})
 
 
+SCRIPT_EXAMPLES = 20
+
+
 @pytest.mark.slow
 def test_the_script_on_the_mnist_fixture(tmp_path, mnist_data, mnist_fixture):
     model_dir = writable_copy(mnist_fixture, tmp_path)
     store = tmp_path / "aa" / "attack.npy"
     store.parent.mkdir()
-    args = (f"--model_dir={model_dir}", f"--data_path={mnist_data}", "--num_eval_examples=40",
-            "--eval_batch_size=20", "--epsilon=0.05", f"--store_adv_path={store}")
+    args = (f"--model_dir={model_dir}", f"--data_path={mnist_data}",
+            f"--num_eval_examples={SCRIPT_EXAMPLES}", f"--eval_batch_size={SCRIPT_EXAMPLES // 2}",
+            "--epsilon=0.05", f"--store_adv_path={store}")
     result = run_script("mnist_challenge/autoattack.py", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line.split("\r")[-1].strip() for line in result.stdout.splitlines()]
@@ -139,9 +143,9 @@ def test_the_script_on_the_mnist_fixture(tmp_path, mnist_data, mnist_fixture):
     assert f"robust accuracy: {100 * report['robust_accuracy']:.2f}%" in lines
 
     data = mnist_input.MNISTData(mnist_data)
-    x, y = data.test_images[:40], data.test_labels[:40]
+    x, y = data.test_images[:SCRIPT_EXAMPLES], data.test_labels[:SCRIPT_EXAMPLES]
     x_adv = np.load(store)
-    assert x_adv.shape == (40, 784) and np.abs(x_adv - x).max() <= 0.05 + 1e-6
+    assert x_adv.shape == (SCRIPT_EXAMPLES, 784) and np.abs(x_adv - x).max() <= 0.05 + 1e-6
     model = mnist_model.Model(on_cpu=False)
     checkpoints.load_weights(model, f"{model_dir}/checkpoint-300", mnist_model.tf1_variables)
     robust = np.argmax(model.predict(x_adv, verbose=0), axis=1) == y
@@ -152,16 +156,16 @@ def test_the_script_on_the_mnist_fixture(tmp_path, mnist_data, mnist_fixture):
                                      axis=1) == y)
     assert report["robust_accuracy"] <= pgd_accuracy
 
-    # The submission run_attack.py checks and scores: these 40 rows, then the clean images.
+    # The submission run_attack.py checks and scores: these rows, then the clean images.
     full = data.test_images.copy()
-    full[:40] = x_adv
+    full[:SCRIPT_EXAMPLES] = x_adv
     np.save(tmp_path / "full.npy", full)
     scored = run_script("mnist_challenge/run_attack.py", f"--model_dir={model_dir}",
                         f"--data_path={mnist_data}", "--epsilon=0.05",
                         f"--store_adv_path={tmp_path}/full.npy", cwd=tmp_path)
     assert scored.returncode == 0, scored.stderr[-2000:]
-    rest = np.argmax(model.predict(data.test_images[40:], verbose=0), axis=1) == \
-        data.test_labels[40:]
+    rest = np.argmax(model.predict(data.test_images[SCRIPT_EXAMPLES:], verbose=0), axis=1) == \
+        data.test_labels[SCRIPT_EXAMPLES:]
     expected = (robust.sum() + rest.sum()) / 10000
     assert f"Accuracy: {100 * expected:.2f}%" in scored.stdout
 

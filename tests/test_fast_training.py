@@ -235,6 +235,7 @@ def test_two_replicas_take_the_same_steps_as_one_device(method, batch, initial_w
 
 GUARDED = ("--epsilon=0.05", "--training_method=fgsm_rs", "--fgsm_step_size=0.06",
            "--training_batch_size=50", "--overfitting_check_steps=10",
+           "--overfitting_check_examples=256",
            "--num_checkpoint_steps=10", "--num_output_steps=1000",
            "--learning_rate_schedule=piecewise_constant",
            # a rate that wrecks the model after step 30: a drop the guard must catch

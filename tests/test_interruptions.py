@@ -58,9 +58,11 @@ METHODS = {
     "pgd": (),
     # with the guard, whose memory, and free's perturbation, the checkpoints must keep
     "fgsm_rs": ("--training_method=fgsm_rs", "--fgsm_step_size=0.125", "--epsilon_ramp_steps=6",
-                "--overfitting_check_steps=3", "--learning_rate_schedule=piecewise_linear",
+                "--overfitting_check_steps=3", "--overfitting_check_examples=60",
+                "--learning_rate_schedule=piecewise_linear",
                 "--step_size_schedule=[[0,0],[8,0.001],[16,0]]"),
-    "free": ("--training_method=free", "--replay_m=3", "--overfitting_check_steps=4"),
+    "free": ("--training_method=free", "--replay_m=3", "--overfitting_check_steps=4",
+             "--overfitting_check_examples=60"),
 }
 # Kills per run: the fast methods share pgd's resume code, and one kill covers what they add.
 KILLS = {"pgd": 2, "fgsm_rs": 1, "free": 1}

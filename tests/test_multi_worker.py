@@ -47,6 +47,7 @@ def written(model_dir):
     # free training gathers its perturbation from both workers; the guard all-reduces its count
     ("mnist_challenge/train.py", "mnist", 4, ("--epsilon=0.1", "--training_method=free",
                                               "--replay_m=2", "--overfitting_check_steps=2",
+                                              "--overfitting_check_examples=60",
                                               "--training_batch_size=20")),
 ])
 def test_two_workers_equal_one_process_over_two_devices(tmp_path, script, data, steps, extra):

@@ -24,7 +24,7 @@ from mnist_challenge import model as mnist_model
 from mnist_challenge.challenge import MNIST
 
 EPSILON = 0.05  # the fixture model is naturally trained: at 0.3 every attack reaches 0%
-COUNT, BATCH, RESTARTS = 6, 3, 30
+COUNT, BATCH, RESTARTS = 6, 3, 8
 
 
 def _mnist_args(*extra):

@@ -43,6 +43,10 @@ def test_the_l1_projection_is_the_nearest_point_of_the_ball_in_the_box():
         expected = [x_nat32[i] + projection_by_bisection(delta[i], epsilon, room[i])
                     for i, epsilon in enumerate(epsilons)]
         np.testing.assert_allclose(projected, expected, atol=1e-9)
+        # The whole batch at once, epsilon per example: rows that fit (100) and rows that do not.
+        batched = threat_model.l1_projection(tf.constant(delta),
+                                             tf.constant(epsilons[:, None]), tf.constant(room))
+        np.testing.assert_allclose(x_nat32 + batched.numpy(), expected, atol=1e-9)
         sizes = np.abs(projected - x_nat32).reshape(len(x), -1).sum(1)
         assert np.all(sizes <= epsilons * (1 + 1e-9) + 1e-12)
         assert projected.min() >= pixel_range[0] and projected.max() <= pixel_range[1]

@@ -74,10 +74,11 @@ def test_fab_finds_the_smallest_perturbation_of_a_linear_model():
     x = (0.5 - needed[:, None] * signs).astype(np.float32)
     labels = tf.zeros(16, tf.int64)
     for targeted in (True, False):
-        x_adv, distance = fab.fab_steps(model, tf.constant(x), labels,
-                                        targets=tf.ones(16, tf.int64), noise=tf.zeros_like(x),
-                                        settings=fab.FABSettings(threat_model=ThreatModel(0.1)),
-                                        targeted=targeted)
+        # In a graph, as the attacks run it (step by step, eagerly, it takes minutes).
+        x_adv, distance = tf.function(fab.fab_steps)(
+            model, tf.constant(x), labels, targets=tf.ones(16, tf.int64),
+            noise=tf.zeros_like(x), settings=fab.FABSettings(threat_model=ThreatModel(0.1)),
+            targeted=targeted)
         assert np.all(distance.numpy() >= needed * (1 - 1e-5))
         assert np.all(distance.numpy() <= needed * 1.01)
         assert np.all(np.argmax(model(x_adv).numpy(), axis=1) == 1)

@@ -19,7 +19,7 @@ import uuid
 import numpy as np
 import pytest
 import requests
-from helpers import REPO, free_port, script_environment, shared_path, start_script
+from helpers import REPO, free_port, run_script, script_environment, shared_path, start_script
 
 MNIST_SERVE = "mnist_challenge/serve.py"
 EPSILON = 0.3
@@ -191,10 +191,9 @@ def _stop_every_server():
 
 
 def run_serve(*flags, timeout=120):
-    """serve.py run to its end (adding a participant, or failing): the CompletedProcess."""
-    return subprocess.run([sys.executable, os.path.join(REPO, MNIST_SERVE), *flags], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout,
-                          env=script_environment())
+    """serve.py run to its end (adding a participant, or failing), as run_script runs a script
+    (a fork of the warm interpreter where one stands for a new process): the CompletedProcess."""
+    return run_script(MNIST_SERVE, *flags, timeout=timeout)
 
 
 def open_database(state_dir=None, database_url=None, challenge="MNIST"):

@@ -4,6 +4,7 @@ limit, the /submit page, the admin commands while the server runs, and closing w
 split. (The export, unknown ids and the same data on PostgreSQL: test_serve_data.py, in-process;
 moving the challenge to another model, on both databases: test_serve_api.py.)"""
 
+import concurrent.futures
 import gzip
 import re
 import time
@@ -28,6 +29,7 @@ from serving_helpers import (
 )
 
 from common.io import checkpoints
+from common.serving import settings
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +37,15 @@ EXAMPLES = 1000
 FLAGS = (f"--num_eval_examples={EXAMPLES}", "--public_fraction=0.5", "--min_free_bytes=0",
          "--max_submissions_total=3")
 MNIST_MODEL = shared_path("fixtures", "tf1_checkpoints", "mnist")
+CACHE_WAIT = 2.5  # the server's caches of the settings and the leaderboard: 2 s
+
+
+def _until(condition, seconds=CACHE_WAIT):
+    """Whether `condition()` holds, asked until it does or for `seconds` (then once more)."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return condition()
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +87,14 @@ def test_a_float64_upload_is_stored_as_float32_and_scored_as_run_attack_py_score
     attack = random_sign_attack(images, seed=5).astype(np.float64)
     path = tmp_path / "attack64.npy"
     np.save(path, attack)
+    # run_attack.py on the same file, while the server scores it.
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    running = pool.submit(run_script, "mnist_challenge/run_attack.py",
+                          f"--model_dir={MNIST_MODEL}",
+                          f"--data_path={shared_path('data', 'mnist')}",
+                          f"--num_eval_examples={EXAMPLES}", f"--store_adv_path={path}",
+                          cwd=tmp_path)
+    pool.shutdown(wait=False)
     _, token = add_participant(db)
     answer = upload(server.url, token, path.read_bytes())
     assert answer.status_code == 202, answer.text
@@ -87,10 +106,7 @@ def test_a_float64_upload_is_stored_as_float32_and_scored_as_run_attack_py_score
     assert kept.dtype == np.float32 and np.array_equal(kept, attack)
     assert (state / "submissions" / f"{submission_id}.npy.gz").stat().st_size < \
         path.stat().st_size / 4
-    result = run_script("mnist_challenge/run_attack.py", f"--model_dir={MNIST_MODEL}",
-                        f"--data_path={shared_path('data', 'mnist')}",
-                        f"--num_eval_examples={EXAMPLES}", f"--store_adv_path={path}",
-                        cwd=tmp_path)
+    result = running.result()
     assert result.returncode == 0, result.stderr
     printed = re.search(r"^Accuracy: (\d+\.\d\d)%$", result.stdout, re.MULTILINE).group(1)
     row = _submission(db, submission_id)
@@ -159,18 +175,24 @@ def test_admin_commands_work_while_the_server_runs(server, db, state, images):
                    f"{100 * views[1]['accuracy']:.2f}%"
     hidden = _serve(state, f"--hide_submission={ids[0]}")
     assert hidden.returncode == 0 and "off the leaderboard" in hidden.stdout
-    time.sleep(2.5)  # the leaderboard's cache
-    assert ids[0] not in [row["id"] for row in leaderboard(server.url)]
+    # Off the board once the leaderboard's cache is read again.
+    assert _until(lambda: ids[0] not in [row["id"] for row in leaderboard(server.url)])
     assert ids[1] in [row["id"] for row in leaderboard(server.url)]
 
 
 def test_after_closing_uploads_get_403_and_the_board_turns_private(server, db, state, images):
     _, token = add_participant(db)
-    late = upload(server.url, token, npy_bytes(random_sign_attack(images, seed=9)))
+    # Clean on the public half, attacked on the private one: the two halves' scores differ.
+    submitted = random_sign_attack(images, seed=9)
+    public = settings.public_subset(db, EXAMPLES, 0.5)
+    submitted[public] = images[public]
+    late = upload(server.url, token, npy_bytes(submitted))
     assert late.status_code == 202
     closed = _serve(state, "--closes_at=2020-01-01T10:00:00+02:00")
     assert closed.returncode == 0 and "closes at 2020-01-01 08:00 UTC" in closed.stdout
-    time.sleep(2.5)
+    # The settings' cache read again (the form says the challenge closed), then the upload.
+    assert _until(lambda: "The challenge closed at" in
+                  requests.get(f"{server.url}/submit", timeout=30).text)
     refused = upload(server.url, token, npy_bytes(images))
     assert refused.status_code == 403
     assert refused.json()["error"] == ("the challenge closed at 2020-01-01 08:00 UTC: uploads "
@@ -178,8 +200,12 @@ def test_after_closing_uploads_get_403_and_the_board_turns_private(server, db, s
     view = wait_done(server.url, token, late.json()["id"])  # still scored
     row = _submission(db, late.json()["id"])
     assert view["accuracy"] == row.private_accuracy != row.public_accuracy
-    board = {row["id"]: row["accuracy"] for row in leaderboard(server.url)}
-    assert board[late.json()["id"]] == row.private_accuracy
+    def board():
+        return {row["id"]: row["accuracy"] for row in leaderboard(server.url)}
+
+    # The leaderboard's cache read again after the late one was scored.
+    assert _until(lambda: late.json()["id"] in board())
+    assert board()[late.json()["id"]] == row.private_accuracy
     page = requests.get(f"{server.url}/", timeout=30).text
     assert "The challenge closed at 2020-01-01 08:00 UTC: uploads are no\nlonger accepted." \
         in page

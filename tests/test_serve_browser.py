@@ -1,6 +1,7 @@
 """A real browser (Debian's headless Chromium, driven by Selenium through /usr/bin/chromedriver)
 opens /submit, uploads an attack, follows the status page, which refreshes itself without any
-JavaScript until the submission is scored, and finds the row on the leaderboard at /."""
+JavaScript until the submission is scored, and finds the row on the leaderboard at /. The server
+scores the first EXAMPLES test images (`--num_eval_examples`), to keep it short."""
 
 import os
 import re
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
+EXAMPLES = 1000
 
 
 @pytest.fixture
@@ -54,10 +56,10 @@ def test_a_browser_submits_follows_the_status_page_and_finds_the_row(tmp_path, b
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     state = tmp_path / "state"
-    server = Server(state).wait_ready()
+    server = Server(state, f"--num_eval_examples={EXAMPLES}").wait_ready()
     db = open_database(state_dir=state)
     name, token = add_participant(db, "Ada <Lovelace>")
-    test_images = mnist_test_set()[0]
+    test_images = mnist_test_set()[0][:EXAMPLES]
     attack = tmp_path / "my attack.npy"
     np.save(attack, random_sign_attack(test_images, seed=7))
     # A wrong token: the form again, saying so (the file read to its end first, so that the

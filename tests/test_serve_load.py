@@ -23,7 +23,7 @@ from serving_helpers import (
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES = 200  # --num_eval_examples: the first 200 test images, to keep the test short
+EXAMPLES = 100  # --num_eval_examples: the first 100 test images, to keep the test short
 
 
 def test_twenty_uploads_at_once_from_five_participants_are_all_scored(tmp_path):

@@ -1,7 +1,8 @@
 """Several scorers on one PostgreSQL queue: a web process and two scorer processes share it, no
 job is taken by both, and the job of a scorer killed with SIGKILL goes to the other after the
 timeout and is scored once. The PostgreSQL server comes from $MADRY_TEST_POSTGRES_URL (by
-default the project machines' own at 127.0.0.1:5432), or a throwaway one (serving_helpers)."""
+default the project machines' own at 127.0.0.1:5432), or a throwaway one (serving_helpers).
+Every server scores the first EXAMPLES test images (`--num_eval_examples`), to keep it short."""
 
 import re
 import time
@@ -24,6 +25,8 @@ from serving_helpers import (
 pytestmark = pytest.mark.slow
 
 JOB_TIMEOUT = 3
+EXAMPLES = 1000
+EVAL = f"--num_eval_examples={EXAMPLES}"
 
 
 def _rows(db):
@@ -52,10 +55,10 @@ def _kill_a_scorer_while_it_scores(db, scorers):
 
 
 def test_two_scorers_share_the_queue_and_a_killed_ones_job_goes_to_the_other(tmp_path):
-    images = mnist_test_set()[0]
+    images = mnist_test_set()[0][:EXAMPLES]
     with fresh_postgres_database() as url:
-        web = Server(tmp_path / "web", role="web", database_url=url)
-        scorers = [Server(tmp_path / f"scorer{number}", f"--job_timeout={JOB_TIMEOUT}",
+        web = Server(tmp_path / "web", EVAL, role="web", database_url=url)
+        scorers = [Server(tmp_path / f"scorer{number}", EVAL, f"--job_timeout={JOB_TIMEOUT}",
                           role="scorer", database_url=url) for number in (1, 2)]
         for server in (web, *scorers):
             server.wait_ready()

@@ -130,7 +130,7 @@ def test_a_short_real_run_lowers_the_loss(tmp_path, cifar_data):
     model_dir = tmp_path / "run"
     result = run_script("cifar10_challenge/train.py", f"--model_dir={model_dir}",
                         f"--data_path={cifar_data}", "--filters=[16,16,32,64]",
-                        "--max_num_training_steps=20", "--training_batch_size=64",
+                        "--max_num_training_steps=20", "--training_batch_size=32",
                         "--num_steps=1", "--num_output_steps=10", "--num_summary_steps=4",
                         "--num_checkpoint_steps=10")
     assert result.returncode == 0, result.stderr

@@ -49,13 +49,13 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_problem():
-    """A linear model of MNIST's input shape with seeded weights, 15 seeded inputs and the
+    """A linear model of MNIST's input shape with seeded weights, 10 seeded inputs and the
     model's own labels (all clean examples correct), so that the attacks leave some robust."""
     rng = np.random.default_rng(31)
     weights = rng.normal(scale=0.05, size=(784, 10)).astype(np.float32)
     model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(10)])
     model.set_weights([weights, np.zeros(10, np.float32)])
-    x = rng.uniform(size=(15, 784)).astype(np.float32)
+    x = rng.uniform(size=(10, 784)).astype(np.float32)
     return model, x, np.argmax(x @ weights, axis=1)
 
 

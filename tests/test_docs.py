@@ -251,7 +251,7 @@ def _npy_shape(path):
 @pytest.mark.slow
 def test_the_quick_start_runs(tmp_path, mnist_data):
     """Runs each command of README.md's Quick start block, in order, as written but shortened
-    (30 training steps, 100 test images, 5 PGD steps) and writing only into tmp_path: the
+    (5 training steps, 20 test images, 5 PGD steps) and writing only into tmp_path: the
     config is a copy of config_fast.json in tmp_path whose store_adv_path is tmp_path/attack.npy,
     so the files the scripts put beside it (autoattack.npy, autoattack.json) land there too."""
     _, block = _quick_start_block()
@@ -269,10 +269,10 @@ def test_the_quick_start_runs(tmp_path, mnist_data):
     store = tmp_path / "attack.npy"
     overrides = {
         "data_path": mnist_data, "model_dir": str(tmp_path / "model"),
-        "store_adv_path": str(store), "max_num_training_steps": "30",
-        "num_checkpoint_steps": "30", "num_output_steps": "10", "num_summary_steps": "30",
-        "overfitting_check_steps": "0", "num_eval_examples": "100", "k": "5",
-        "eval_batch_size": "100",
+        "store_adv_path": str(store), "max_num_training_steps": "5",
+        "num_checkpoint_steps": "5", "num_output_steps": "5", "num_summary_steps": "5",
+        "overfitting_check_steps": "0", "num_eval_examples": "20", "k": "5",
+        "eval_batch_size": "20",
     }
     results = {}
     for command, script in zip(commands, scripts):
@@ -294,13 +294,13 @@ def test_the_quick_start_runs(tmp_path, mnist_data):
                                         result.stderr[-3000:])
         results[script] = result
         if script == "pgd_attack.py":
-            assert _npy_shape(store) == (100, 784)
+            assert _npy_shape(store) == (20, 784)
 
     accuracy = [line for line in results["run_attack.py"].stdout.splitlines()
                 if line.startswith("Accuracy")]
     assert accuracy, results["run_attack.py"].stdout
     assert (tmp_path / "pred.npy").exists()
     assert (tmp_path / "autoattack.npy").exists(), sorted(os.listdir(tmp_path))
-    assert _npy_shape(tmp_path / "autoattack.npy") == (100, 784)
+    assert _npy_shape(tmp_path / "autoattack.npy") == (20, 784)
     with open(tmp_path / "autoattack.json") as report:
         assert "robust_accuracy" in json.load(report)

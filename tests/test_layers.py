@@ -135,7 +135,7 @@ def test_the_attack_predicts_the_same_with_either_layer_path(mnist_fixture, mnis
     from mnist_challenge import mnist_input
 
     data = mnist_input.MNISTData(mnist_data)
-    x, y = data.test_images[:100].astype(np.float32), data.test_labels[:100]
+    x, y = data.test_images[:50].astype(np.float32), data.test_labels[:50]
     start = pgd.start_point(x, pgd.AttackSettings(epsilon=0.3, steps=40, step_size=0.01,
                                                   random_start=True), np.random.default_rng(4))
     monkeypatch.setattr(pgd, "UNROLL_AFTER", 0)

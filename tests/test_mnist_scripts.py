@@ -44,17 +44,17 @@ def test_model_summary_prints_the_parameter_count():
 def test_pgd_attack_stores_the_attack_from_inside_the_folder(model_dir, mnist_data, tmp_path):
     store = tmp_path / "attack.npy"
     result = run_script("mnist_challenge/pgd_attack.py",
-                        *_args(model_dir, mnist_data, "--num_eval_examples=250",
-                               "--eval_batch_size=100", "--k=5", f"--store_adv_path={store}"),
+                        *_args(model_dir, mnist_data, "--num_eval_examples=25",
+                               "--eval_batch_size=10", "--k=5", f"--store_adv_path={store}"),
                         cwd=os.path.join(REPO, "mnist_challenge"))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "Iterating over 3 batches"
     assert [line for line in lines if line.startswith("batch size")] == \
-        ["batch size: 100", "batch size: 100", "batch size: 50"]
+        ["batch size: 10", "batch size: 10", "batch size: 5"]
     assert lines[-2:] == ["Storing examples", f"Examples stored in {store}"]
     x_adv = np.load(store)
-    assert x_adv.shape == (250, 784) and x_adv.dtype == np.float32
+    assert x_adv.shape == (25, 784) and x_adv.dtype == np.float32
     assert x_adv.min() >= 0 and x_adv.max() <= 1
 
 

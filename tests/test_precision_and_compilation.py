@@ -57,7 +57,7 @@ def attack_accuracy(challenge, folder, data_path, jit_compile=False, examples=10
         attack = pgd.LinfPGDAttack(model, 0.05, 10, 0.01, True, "xent", seed=0,
                                    jit_compile=jit_compile)
     else:
-        attack = pgd.LinfPGDAttack(model, 4.0, 5, 1.0, True, "xent", pixel_range=(0.0, 255.0),
+        attack = pgd.LinfPGDAttack(model, 4.0, 3, 1.0, True, "xent", pixel_range=(0.0, 255.0),
                                    seed=0, jit_compile=jit_compile)
     images, labels = evaluation_set(challenge, data_path)
     x, y = images[:examples], labels[:examples]

@@ -85,10 +85,10 @@ def test_autoattack_runs_with_other_settings_never_block_each_other(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"store_adv_path": "attack.npy"}))
     submission = np.random.default_rng(0).random((3, 784)).astype(np.float32)
     np.save(tmp_path / "attack.npy", submission)
-    for count in (6, 9):
+    for count in (2, 3):
         result = run_script("mnist_challenge/autoattack.py",
                             *_mnist(f"--config={tmp_path}/config.json", "--attacks=apgd-ce",
-                                    f"--num_eval_examples={count}", "--eval_batch_size=6"))
+                                    f"--num_eval_examples={count}", "--eval_batch_size=2"))
         assert result.returncode == 0, result.stderr[-2000:]
         assert np.load(tmp_path / "autoattack.npy").shape == (count, 784)
         assert json.load(open(tmp_path / "autoattack.json"))["settings"]["num_examples"] == count

@@ -21,7 +21,7 @@ from mnist_challenge import mnist_input
 from mnist_challenge import model as mnist_model
 
 EPSILON = 0.3
-EXAMPLES = 30
+EXAMPLES = 10
 FIXTURE_EPSILON = 0.1
 
 

@@ -20,6 +20,16 @@ def small_model(seed=0):
                              keras.layers.Dense(3)])
 
 
+def labelling_model():
+    """small_model with weights that classify by the largest of the first three inputs, as
+    `data` makes the labels."""
+    model = small_model()
+    kernel, bias, head, head_bias = (np.zeros_like(w) for w in model.get_weights())
+    kernel[:3, :3], head[:3, :3] = 10 * np.eye(3), np.eye(3)
+    model.set_weights([kernel, bias, head, head_bias])
+    return model
+
+
 def data(count=32, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.uniform(0, 1, (count, 12)).astype(np.float32)
@@ -94,11 +104,7 @@ def test_two_replicas_take_the_step_of_one_device(two_replicas, method, options)
 
 def test_the_guard_stops_a_collapse_and_puts_back_the_last_good_weights():
     x, y = data(64)
-    model = small_model()
-    # Weights that classify by the largest of the first three inputs, as the labels are made.
-    kernel, bias, head, head_bias = (np.zeros_like(w) for w in model.get_weights())
-    kernel[:3, :3], head[:3, :3] = 10 * np.eye(3), np.eye(3)
-    model.set_weights([kernel, bias, head, head_bias])
+    model = labelling_model()
     adversarial = fit.AdversarialModel(model, PGD(model, epsilon=EPSILON, steps=3),
                                        method="fgsm_rs")
     adversarial.compile(optimizer=keras.optimizers.SGD(1e-4),
@@ -152,10 +158,7 @@ def test_backup_and_restore_resumes_a_killed_run_to_the_same_end(tmp_path):
 
 def test_the_guard_attacks_only_the_first_examples_of_its_held_out_batch():
     """The held-out labels past the fifth are wrong: a guard of 5 examples never sees them."""
-    model = small_model()
-    kernel, bias, head, head_bias = (np.zeros_like(w) for w in model.get_weights())
-    kernel[:3, :3], head[:3, :3] = 10 * np.eye(3), np.eye(3)
-    model.set_weights([kernel, bias, head, head_bias])
+    model = labelling_model()
     held_x, held_y = data(40, seed=1)
     held_y[5:] = (held_y[5:] + 1) % 3
     adversarial = compiled(model, PGD(model, epsilon=EPSILON, steps=2), "pgd")

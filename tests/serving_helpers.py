@@ -27,6 +27,7 @@ POSTGRES_VARIABLE = "MADRY_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 START_TIMEOUT = 120
 SCORE_TIMEOUT = 120
+CACHE_WAIT = 2.5  # the web server reads the leaderboard and the settings at most every 2 s
 # Every serve.py process the tests started and have not stopped.
 _RUNNING = []
 
@@ -242,7 +243,11 @@ def wait_done(url, token, submission_id, timeout=SCORE_TIMEOUT, servers=()):
     pytest.fail(f"{submission_id} not scored after {timeout} s: {view}\n{logs}")
 
 
-def leaderboard(url):
+def leaderboard(url, fresh=False):
+    """The leaderboard's rows; `fresh`: read after the server's cache of it has expired, so that
+    every score written before the call shows (a server's readiness check reads it too)."""
+    if fresh:
+        time.sleep(CACHE_WAIT)
     answer = requests.get(f"{url}/api/leaderboard", timeout=30)
     assert answer.status_code == 200, answer.text
     return answer.json()

@@ -15,6 +15,7 @@ import requests
 import sqlalchemy as sa
 from helpers import run_script, shared_path
 from serving_helpers import (
+    CACHE_WAIT,
     Server,
     add_participant,
     leaderboard,
@@ -37,7 +38,6 @@ EXAMPLES = 1000
 FLAGS = (f"--num_eval_examples={EXAMPLES}", "--public_fraction=0.5", "--min_free_bytes=0",
          "--max_submissions_total=3")
 MNIST_MODEL = shared_path("fixtures", "tf1_checkpoints", "mnist")
-CACHE_WAIT = 2.5  # the server's caches of the settings and the leaderboard: 2 s
 
 
 def _until(condition, seconds=CACHE_WAIT):

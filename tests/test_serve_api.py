@@ -316,7 +316,7 @@ def test_the_leaderboard_keeps_each_participants_best_per_track(deployment, test
                                            servers=deployment.servers)["accuracy"]
                                  for token, submission_id in ids]
     assert strong < bobs < weak < clean
-    rows = leaderboard(deployment.url)
+    rows = leaderboard(deployment.url, fresh=True)
     assert [row["accuracy"] for row in rows] == sorted(row["accuracy"] for row in rows)
     reference = [row for row in rows if row["participant"] is None]
     assert len(reference) == 1 and reference[0]["accuracy"] == clean
@@ -390,8 +390,7 @@ def test_a_scorer_of_another_model_is_refused_and_rescore_moves_the_challenge(de
     with one line, every submission is scored again on the new model and the leaderboard (of
     the web server still running) shows the new scores."""
     _wait_all_scored(deployment.db, deployment.servers)
-    time.sleep(2.5)  # the leaderboard's cache, read by the tests before: the last scores too
-    before = leaderboard(deployment.url)
+    before = leaderboard(deployment.url, fresh=True)
     assert before
     other = noised_model(tmp_path)
     old = checkpoints.fingerprint(checkpoints.latest_checkpoint(
@@ -431,7 +430,6 @@ def test_a_scorer_of_another_model_is_refused_and_rescore_moves_the_challenge(de
             assert server.process.poll() is None
             assert f"{moved}; this scorer has {old[:12]}: this server scores nothing more" in \
                 server.output(), server.output()[-2000:]
-    time.sleep(2.5)  # the leaderboard's cache
-    after = leaderboard(deployment.url)
+    after = leaderboard(deployment.url, fresh=True)
     assert {row["id"] for row in after} == {row["id"] for row in before}
     assert [row["accuracy"] for row in after] != [row["accuracy"] for row in before]

@@ -125,11 +125,10 @@ def test_the_devices_decide_which_layers_a_model_gets(two_replicas):
 
 
 @pytest.mark.slow
-def test_the_attack_predicts_the_same_with_either_layer_path(mnist_fixture, mnist_data,
-                                                              monkeypatch):
+def test_the_attack_predicts_the_same_with_either_layer_path(mnist_fixture, mnist_data):
     """On the fixture's weights and test images, PGD-40 from the same starts through the
-    CPU-tuned layers (unrolled) and through Keras' own (graph loop, as on GPUs) leaves the model
-    predicting the same classes."""
+    CPU-tuned layers and through Keras' own (as on GPUs) leaves the model predicting the same
+    classes."""
     from common.attacks import pgd
     from common.io import checkpoints
     from mnist_challenge import mnist_input
@@ -138,14 +137,12 @@ def test_the_attack_predicts_the_same_with_either_layer_path(mnist_fixture, mnis
     x, y = data.test_images[:50].astype(np.float32), data.test_labels[:50]
     start = pgd.start_point(x, pgd.AttackSettings(epsilon=0.3, steps=40, step_size=0.01,
                                                   random_start=True), np.random.default_rng(4))
-    monkeypatch.setattr(pgd, "UNROLL_AFTER", 0)
     predictions = []
     for on_cpu in (True, False):
         model = mnist_model.Model(on_cpu)
         checkpoints.load_weights(model, f"{mnist_fixture}/checkpoint-300",
                                  mnist_model.tf1_variables)
         attack = pgd.PGD(model, epsilon=0.3, steps=40, step_size=0.01, loss="xent")
-        attack._unroll = on_cpu
         x_adv = attack.perturb(x, y, start=start)
         predictions.append(np.argmax(model.predict(x_adv.astype(np.float32), verbose=0), 1))
     np.testing.assert_array_equal(predictions[0], predictions[1])
@@ -154,17 +151,15 @@ def test_the_attack_predicts_the_same_with_either_layer_path(mnist_fixture, mnis
 
 @pytest.mark.slow
 def test_every_process_of_a_machine_picks_the_same_variants():
-    """The choices are rules of the devices, the step count and the model, never timings: two new
+    """The choices are rules of the devices and the CPU's flags, never timings: two new
     processes choose alike."""
-    code = ("from common.runtime import devices; from common.attacks import pgd; "
-            "from common.models.layers import layer_classes; import tensorflow as tf; "
-            "from common.models import layers; import keras; "
+    code = ("from common.runtime import devices; "
+            "from common.models.layers import layer_classes; "
+            "from common.models import layers; "
             "print([c.__module__ for c in layer_classes(devices.runs_on_cpu())], "
-            "layers.depthwise_gradient_wins(), "
-            "pgd.unrolls(tf.distribute.get_strategy(), 40, keras.layers.MaxPooling2D()), "
-            "pgd.unrolls(tf.distribute.get_strategy(), 1000, keras.layers.MaxPooling2D()))")
+            "layers.depthwise_gradient_wins())")
     outputs = [subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                               text=True, timeout=120, env=script_environment()).stdout
                for _ in range(2)]
     assert outputs[0] == outputs[1] and outputs[0].strip(), outputs
-    assert "True False" in outputs[0]  # no GPU here: unrolled up to MAX_UNROLLED_STEPS
+    assert "common.models.layers" in outputs[0]  # no GPU here: the CPU-tuned layers

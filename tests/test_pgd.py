@@ -197,14 +197,6 @@ def test_restarts_keep_the_strongest_start_per_example():
     np.testing.assert_array_equal(many.perturb(x_nat, y), candidates[best, np.arange(len(y))])
 
 
-def _graph_loop_and_unrolled(model, x_nat, y, start, settings, option):
-    """The iterate of pgd_steps traced with the keyword `option` False (graph loop), then True
-    (steps unrolled)."""
-    return [tf.function(lambda x, labels, x0, value=value: pgd.pgd_steps(
-        model, x, labels, x0, settings, **{option: value}))(x_nat, y, start).numpy()
-        for value in (False, True)]
-
-
 def test_the_unrolled_loop_of_training_mode_equals_the_graph_loop():
     """Training mode unrolls the steps in Python (batch norm cannot update inside a graph loop);
     on a model without batch norm both loops take the same steps."""
@@ -215,7 +207,9 @@ def test_the_unrolled_loop_of_training_mode_equals_the_graph_loop():
     settings = pgd.AttackSettings(epsilon=0.2, steps=6, step_size=0.03, random_start=True,
                                   loss="xent")
     start = pgd.start_point(x_nat, settings, np.random.default_rng(1))
-    results = _graph_loop_and_unrolled(model, x_nat, y, start, settings, "training")
+    results = [tf.function(lambda x, labels, x0, training=training: pgd.pgd_steps(
+        model, x, labels, x0, settings, training=training))(x_nat, y, start).numpy()
+        for training in (False, True)]
     np.testing.assert_array_equal(results[0], results[1])
     assert np.abs(results[0] - start).max() > 0.05
 
@@ -246,60 +240,3 @@ def test_an_l2_step_moves_by_the_step_size_along_the_gradient():
                      random_start=False, loss="margin", pixel_range=(-10, 10))
     np.testing.assert_allclose(attack.perturb(x_nat, [0]) - x_nat, [[-0.1, -0.2, -0.2]],
                                atol=1e-6)
-
-
-@pytest.mark.slow
-def test_the_unrolled_cpu_loop_equals_the_graph_loop_on_the_challenge_network(mnist_fixture,
-                                                                             mnist_data):
-    """On CPUs the attack unrolls its steps (oneDNN's max-pool gradient is lost inside a graph
-    loop); on the MNIST network with the fixture's weights both loops give the same iterate."""
-    from common.io import checkpoints
-    from mnist_challenge import mnist_input
-    from mnist_challenge import model as mnist_model
-
-    model = mnist_model.Model()
-    checkpoints.load_weights(model, f"{mnist_fixture}/checkpoint-300", mnist_model.tf1_variables)
-    data = mnist_input.MNISTData(mnist_data)
-    x_nat, y = data.test_images[:50].astype(np.float32), data.test_labels[:50]
-    settings = pgd.AttackSettings(epsilon=0.3, steps=10, step_size=0.01, random_start=True,
-                                  loss="xent")
-    start = pgd.start_point(x_nat, settings, np.random.default_rng(2))
-    results = _graph_loop_and_unrolled(model, x_nat, y, start, settings, "unroll")
-    np.testing.assert_array_equal(results[0], results[1])
-
-
-def pooling_model(nested=False):
-    """A small image model with a max-pool, inside a submodel where `nested`."""
-    inputs = keras.Input((8, 8, 1))
-    pooled = keras.Sequential([keras.layers.Conv2D(4, 3), keras.layers.MaxPooling2D()]) \
-        if nested else keras.layers.MaxPooling2D()
-    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(pooled(inputs))))
-
-
-def test_the_steps_of_a_max_pooling_model_unroll_on_cpus_up_to_a_fixed_count():
-    """Unrolling buys back oneDNN's max-pool gradient; other models keep the graph loop, which
-    traces once for any number of steps."""
-    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    pooling = pooling_model()
-    assert pgd.unrolls(strategy, pgd.MAX_UNROLLED_STEPS, pooling)
-    assert not pgd.unrolls(strategy, pgd.MAX_UNROLLED_STEPS + 1, pooling)
-    assert pgd.unrolls(tf.distribute.get_strategy(), 40, pooling_model(nested=True))
-    assert not pgd.unrolls(strategy, 40, tiny_model())
-    assert pgd.PGD(pooling, epsilon=0.1, steps=40)._unroll
-    assert not pgd.PGD(tiny_model(), epsilon=0.1, steps=40)._unroll
-
-
-def test_an_attack_unrolls_once_it_has_attacked_enough_examples_to_pay_for_the_tracing():
-    model = pooling_model()
-    x = np.random.default_rng(0).uniform(size=(pgd.UNROLL_AFTER, 8, 8, 1)).astype(np.float32)
-    y = np.argmax(model.predict(x, verbose=0), axis=1)
-    attack = pgd.PGD(model, epsilon=0.1, steps=5, seed=3)
-    first = attack.perturb(x, y)
-    assert attack._looped.tracing_count() == 1 and attack._unrolled.tracing_count() == 0
-    second = attack.perturb(x, y)
-    assert attack._unrolled.tracing_count() == 1
-    # The unrolled steps give the iterate of the graph loop, from the same starts.
-    looped = pgd.PGD(model, epsilon=0.1, steps=5, seed=3)
-    looped.skip(x)
-    np.testing.assert_array_equal(second, looped.perturb(x, y))
-    assert not np.array_equal(first, second)  # other starts

@@ -200,7 +200,7 @@ def test_new_batch_sizes_and_checkpoints_reuse_the_traced_functions(mnist_data, 
         checkpoints.load_latest_weights(model, mnist_fixture, mnist_model.tf1_variables)
         robustness.evaluate(model, attack, data.test_images, data.test_labels, 10, 4)
     attack.perturb(data.test_images[:7], data.test_labels[:7])
-    assert attack._looped.tracing_count() == 1
+    assert attack._spread_attack.tracing_count() == 1
     scoring = robustness.scoring_function(model, attack.strategy)
     assert scoring.tracing_count() == 1
     optimizer = keras.optimizers.Adam(1e-4, epsilon=1e-8)

@@ -7,24 +7,13 @@ few percent of pixels over 40 steps.
 """
 
 import dataclasses
-import functools
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from common.attacks import checks, losses
 from common.attacks.threat_model import ThreatModel
 from common.runtime import devices, precision, seeds
-
-# On CPUs the steps of a model that max-pools are unrolled up to this many: in a graph loop's
-# body oneDNN leaves the max-pool gradient to a generic kernel, many times slower (see
-# benchmarks/README.md); beyond it, tracing would take too long.
-MAX_UNROLLED_STEPS = 200
-# Unrolled steps take longer to trace than they save on a few examples: an attack unrolls once
-# it has attacked this many (on the MNIST network, about where the saving pays for the tracing).
-UNROLL_AFTER = 1000
-MAX_POOLING = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,7 +68,7 @@ def start_point(x_nat, settings, rng):
 
 
 def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=None,
-              unroll=False, trace=False):
+              trace=False):
     """`settings.steps` gradient steps from `x_start` (float64), each projected back into
     the threat model's ball around `x_nat` and the pixel range.
 
@@ -88,8 +77,8 @@ def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=Non
     float32 array with a Python float.
 
     With `training`, batch norm updates its averages and, over several replicas, synchronizes
-    its statistics, which TensorFlow cannot do inside a graph loop: the steps are then unrolled,
-    as they are with `unroll` (for speed on CPUs, see `unrolls`).
+    its statistics, which TensorFlow cannot do inside a graph loop: the steps are then unrolled
+    in Python; otherwise they run in a graph loop, which traces once for any number of steps.
     `scale` (a float32 scalar, training's epsilon ramp) multiplies epsilon and the step size.
     The `targeted` loss aims at the most likely wrong class of the natural image.
     With `trace`, returns (the iterate, the loss maximised per example at the start and after
@@ -105,7 +94,7 @@ def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=Non
         targets = losses.wrong_classes(logits, labels, 1)[:, 0]
     x = x_start
     seen = tf.TensorArray(tf.float32, size=settings.steps + 1)
-    for step in range(settings.steps) if training or unroll else tf.range(settings.steps):
+    for step in range(settings.steps) if training else tf.range(settings.steps):
         grad, loss = input_gradient(model, tf.cast(x, tf.float32), labels, loss=settings.loss,
                                     training=training, targets=targets, with_loss=True)
         if trace:
@@ -116,19 +105,6 @@ def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=Non
     logits = tf.cast(devices.call_model(model, tf.cast(x, tf.float32), training), tf.float32)
     loss = losses.per_example_loss(logits, labels, settings.loss, targets)
     return x, seen.write(settings.steps, loss).stack()
-
-
-def unrolls(strategy, steps, model):
-    """Whether the steps are unrolled: on CPUs, up to MAX_UNROLLED_STEPS, for a model that
-    max-pools. Other models lose nothing in a graph loop, and unrolling multiplies the tracing
-    time. Never on GPUs, where the graph loop runs the same kernels."""
-    return devices.runs_on_cpu(strategy) and steps <= MAX_UNROLLED_STEPS and max_pools(model)
-
-
-def max_pools(layer):
-    """Whether `layer`, or a layer inside it, is one of Keras' max-pooling layers."""
-    return isinstance(layer, MAX_POOLING) or \
-        any(max_pools(inner) for inner in getattr(layer, "layers", ()))
 
 
 def loss_trace(model, x_nat, labels, x_start, settings):
@@ -188,14 +164,8 @@ class PGD:
         self.rng = np.random.default_rng() if seed is None else \
             seeds.generator(seed, seeds.ATTACK_STARTS)
         self.strategy = strategy or devices.default_strategy()
-        self._unroll = unrolls(self.strategy, steps, model)
-        self._attacked = 0
-        self._looped = devices.Spread(self.strategy, self._attack_batch, jit_compile)
-        self._unrolled = devices.Spread(
-            self.strategy, functools.partial(self._attack_batch, unroll=True), jit_compile)
-        self._looped_traced = devices.Spread(self.strategy, self._traced_batch, jit_compile)
-        self._unrolled_traced = devices.Spread(
-            self.strategy, functools.partial(self._traced_batch, unroll=True), jit_compile)
+        self._spread_attack = devices.Spread(self.strategy, self._attack_batch, jit_compile)
+        self._spread_traced = devices.Spread(self.strategy, self._traced_batch, jit_compile)
         self._spread_score = devices.Spread(self.strategy, self._score_batch)
         self._logits = devices.spread_logits(model, self.strategy)
 
@@ -207,29 +177,13 @@ class PGD:
                    random_start=settings.random_start, pixel_range=settings.pixel_range,
                    **options)
 
-    def _attack_batch(self, x_nat, labels, x_start, unroll=False):
-        return pgd_steps(self.model, x_nat, labels, x_start=x_start, settings=self.settings,
-                         unroll=unroll)
+    def _attack_batch(self, x_nat, labels, x_start):
+        return pgd_steps(self.model, x_nat, labels, x_start=x_start, settings=self.settings)
 
-    def _traced_batch(self, x_nat, labels, x_start, unroll=False):
+    def _traced_batch(self, x_nat, labels, x_start):
         x, seen = pgd_steps(self.model, x_nat, labels, x_start=x_start, settings=self.settings,
-                            unroll=unroll, trace=True)
+                            trace=True)
         return x, tf.transpose(seen)
-
-    def _unrolls_now(self, x_nat):
-        """Counts `x_nat` as attacked; whether its steps run unrolled: where that is faster
-        (`unrolls`) and once the attack has attacked UNROLL_AFTER examples. Both give the same
-        iterate."""
-        self._attacked += len(x_nat)
-        return self._unroll and self._attacked > UNROLL_AFTER
-
-    def _spread_attack(self, x_nat, y, start):
-        spread = self._unrolled if self._unrolls_now(x_nat) else self._looped
-        return spread(x_nat, y, start)
-
-    def _spread_traced(self, x_nat, y, start):
-        spread = self._unrolled_traced if self._unrolls_now(x_nat) else self._looped_traced
-        return spread(x_nat, y, start)
 
     def _score_batch(self, x, labels):
         """Per example, the loss restarts compare (for a targeted attack, the cross-entropy of

@@ -66,8 +66,7 @@ class AdversarialModel(keras.Model):
                                            fgsm_step_size=fgsm_step_size)
         self.context = steps.StepContext(model=model, optimizer=None, settings=settings,
                                          method=method, beta=float(beta),
-                                         attack_training=attack_training,
-                                         unroll=pgd.unrolls(attack.strategy, settings.steps, model))
+                                         attack_training=attack_training)
         self.method = method
         self.fgsm_step_size = fgsm_step_size
         self.replays = int(replays)

@@ -28,7 +28,6 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from common.attacks import pgd
 from common.io import checkpoints
 from common.io.files import written_in_place
 from common.runtime import devices, seeds
@@ -93,8 +92,7 @@ class TrainStep:
                  jit_compile=False):
         self.context = steps.StepContext(model=model, optimizer=optimizer, settings=settings,
                                          method=method, beta=beta,
-                                         attack_training=attack_training,
-                                         unroll=pgd.unrolls(strategy, settings.steps, model))
+                                         attack_training=attack_training)
         rules = steps.training_method(method)
         if rules.carries is not isinstance(self, FreeTrainStep):
             raise ValueError(f"{type(self).__name__} does not run this method. "

@@ -90,14 +90,13 @@ class OverfittingGuard:
         self._batch = devices.split_batch(strategy, (tf.convert_to_tensor(images, tf.float32),
                                              tf.convert_to_tensor(labels, tf.int64),
                                              tf.convert_to_tensor(start, tf.float64)))
-        self._unroll = pgd.unrolls(strategy, self.settings.steps, model)
         self._count = tf.function(self._count_correct)
         self._examples = len(images)
 
     def _count_correct(self, batch):
         def replica(images, labels, start):
             x_adv = pgd.pgd_steps(self.model, images, labels, x_start=start,
-                                  settings=self.settings, unroll=self._unroll)
+                                  settings=self.settings)
             logits = self.model(tf.cast(x_adv, tf.float32), training=False)
             return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1), labels), tf.int64))
 

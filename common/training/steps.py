@@ -54,7 +54,6 @@ class StepContext:
         method: a key of METHODS.
         beta: TRADES' weight of the KL term.
         attack_training: the model runs in training mode during the attack.
-        unroll: the attack's steps are unrolled (pgd.unrolls).
     """
 
     model: Any
@@ -63,7 +62,6 @@ class StepContext:
     method: str = "pgd"
     beta: float = DEFAULT_BETA
     attack_training: bool = False
-    unroll: bool = False
 
     def __post_init__(self):
         training_method(self.method)
@@ -161,7 +159,7 @@ def _ball_only(settings, *, fgsm_step_size, attack_steps):
 
 def _pgd_attack(context, x_nat, labels, *, start, scale):
     return pgd.pgd_steps(context.model, x_nat, labels, x_start=start, settings=context.settings,
-                         training=context.attack_training, scale=scale, unroll=context.unroll)
+                         training=context.attack_training, scale=scale)
 
 
 def _unprojected_attack(context, x_nat, labels, *, start, scale):
@@ -171,7 +169,7 @@ def _unprojected_attack(context, x_nat, labels, *, start, scale):
     unbounded = dataclasses.replace(
         settings, epsilon=NFGSM_NOISE * settings.epsilon + settings.step_size)
     return pgd.pgd_steps(context.model, x_nat, labels, x_start=start, settings=unbounded,
-                         training=context.attack_training, scale=scale, unroll=context.unroll)
+                         training=context.attack_training, scale=scale)
 
 
 def _free_attack(context, x_nat, labels, *, start, scale):
@@ -185,7 +183,7 @@ def _kl_attack(context, x_nat, labels, *, start, scale):
                                      tf.float32))
     settings = dataclasses.replace(context.settings, loss=_kl_from_clean)
     x = pgd.pgd_steps(context.model, x_nat, clean, x_start=start, settings=settings,
-                      training=context.attack_training, scale=scale, unroll=context.unroll)
+                      training=context.attack_training, scale=scale)
     return tf.clip_by_value(x, *settings.pixel_range)  # the start may leave it, at zero steps
 
 

@@ -32,6 +32,7 @@ BAD_VALUES = {
                            "[[0,0.1,3]]", "[[0.5,0.1]]", "[[0,0],[10,0]]", "notjson"],
     "learning_rate_schedule": ["cosine", "piecewise"],
     "training_method": ["TRADES", "PGD", ""], "trades_beta": ["-1", "abc"],
+    "gradalign_weight": ["-0.5", "abc"],
     "fgsm_step_size": ["-0.375", "0", "abc"],
     "replay_m": INT_BAD + ["0"],
     "overfitting_check_steps": INT_BAD, "epsilon_ramp_steps": INT_BAD,

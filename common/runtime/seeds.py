@@ -16,6 +16,7 @@ FAB_STARTS = 5
 SQUARE = 6
 GUARD = 7
 LANDSCAPE = 8
+ALIGNMENT = 9  # GradAlign's points, folded into a stateless seed inside the step
 
 
 def generator(seed, stream, *index):

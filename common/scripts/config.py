@@ -154,6 +154,10 @@ RULES = {
                        "nfgsm)."),
     "trades_beta": (float, _at_least(0), "Weight of the KL term of training_method trades "
                     "(Zhang et al.: 6.0)."),
+    "gradalign_weight": (float, _at_least(0), "Weight of GradAlign's penalty (Andriushchenko "
+                         "& Flammarion, 2020: 1 - cos of the input gradients at the clean "
+                         "batch and at a uniform point of the epsilon ball) added to the "
+                         "training loss of any training_method but free; 0 turns it off."),
     "replay_m": (int, _at_least(1), "Replays of each batch in free training; "
                  "max_num_training_steps counts replays."),
     "epsilon_ramp_steps": (int, _at_least(0), "Training's epsilon, and its step sizes, rise "
@@ -340,4 +344,8 @@ def validate(config):
         problem = check(checked[key]) if check else None
         if problem:
             raise UserError(f"config key '{key}' {problem}")
+    if checked.get("gradalign_weight") and checked.get("training_method") == "free":
+        raise UserError(f"config key 'gradalign_weight' must be 0 with training_method free, "
+                        f"whose perturbation is carried over, not drawn; got "
+                        f"{checked['gradalign_weight']}")
     return checked

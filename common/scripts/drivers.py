@@ -100,7 +100,8 @@ def _train_step(challenge, config, strategy, *, model, optimizer):
         settings=challenge.training_attack_settings(config),
         loss_fn=challenge.loss(config, strategy.num_replicas_in_sync),
         replays=config["replay_m"], batch_size=config["training_batch_size"],
-        beta=config["trades_beta"], attack_training=challenge.attack_training(config),
+        beta=config["trades_beta"], alignment=config["gradalign_weight"],
+        attack_training=challenge.attack_training(config),
         epsilon_ramp_steps=config["epsilon_ramp_steps"], jit_compile=config["jit_compile"])
 
 

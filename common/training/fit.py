@@ -46,12 +46,15 @@ class AdversarialModel(keras.Model):
         batch_size: free training's batch size, that of `fit`.
         attack_training: the model runs in training mode during the attack (the CIFAR-10
             original's batch norm).
-        seed: seeds the random starts.
+        alignment: GradAlign's weight (Andriushchenko & Flammarion, 2020) of 1 - cos of the
+            cross-entropy's input gradients at the clean batch and at a uniform point of the
+            ball (0: none; not for free).
+        seed: seeds the random starts (and GradAlign's points).
     """
 
     def __init__(self, model, attack, *, method="pgd", beta=steps.DEFAULT_BETA,
-                 fgsm_step_size=None, replays=8, batch_size=None, attack_training=False, seed=0,
-                 **kwargs):
+                 fgsm_step_size=None, replays=8, batch_size=None, attack_training=False,
+                 alignment=0.0, seed=0, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(attack, PGD):
             raise TypeError(f"attack must be a common.attacks.PGD. Received: attack={attack!r}")
@@ -66,7 +69,8 @@ class AdversarialModel(keras.Model):
                                            fgsm_step_size=fgsm_step_size)
         self.context = steps.StepContext(model=model, optimizer=None, settings=settings,
                                          method=method, beta=float(beta),
-                                         attack_training=attack_training)
+                                         attack_training=attack_training,
+                                         alignment=float(alignment))
         self.method = method
         self.fgsm_step_size = fgsm_step_size
         self.replays = int(replays)
@@ -95,7 +99,8 @@ class AdversarialModel(keras.Model):
                 "method": self.method, "beta": self.context.beta,
                 "fgsm_step_size": self.fgsm_step_size, "replays": self.replays,
                 "batch_size": self.batch_size,
-                "attack_training": self.context.attack_training, "seed": self.seed}
+                "attack_training": self.context.attack_training,
+                "alignment": self.context.alignment, "seed": self.seed}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -137,11 +142,12 @@ class AdversarialModel(keras.Model):
 
     def start_points(self, x, step):
         """The attack's start for the batch `x` of optimizer step `step` (float64)."""
-        replica = tf.distribute.get_replica_context()
-        replica_id = 0 if replica is None else replica.replica_id_in_sync_group
-        seed = tf.stack([tf.cast(self.seed, tf.int64) * 1000 + tf.cast(replica_id, tf.int64),
-                         tf.cast(step, tf.int64)])
-        return steps.METHODS[self.method].start_in_graph(x, self.settings, seed)
+        return steps.METHODS[self.method].start_in_graph(x, self.settings,
+                                                         self._replica_seed(step))
+
+    def _replica_seed(self, step):
+        return steps.replica_seed(tf.stack([tf.cast(self.seed, tf.int64),
+                                            tf.cast(step, tf.int64)]))
 
     def _attack_batch(self, x, y, start):
         return steps.attack(self.context, x, y, start=start)
@@ -152,8 +158,10 @@ class AdversarialModel(keras.Model):
         objective = _CompiledLoss(self, sample_weight)
         if steps.training_method(self.method).carries:
             return self._free_replays(context, x, y, objective=objective)
-        x_adv = self._attack(x, y, self.start_points(x, self.optimizer.iterations))
-        result = steps.update(context, x, y, x_adv=x_adv, objective=objective)
+        step = self.optimizer.iterations
+        x_adv = self._attack(x, y, self.start_points(x, step))
+        result = steps.update(context, x, y, x_adv=x_adv, objective=objective,
+                              seed=self._replica_seed(step))
         return self._tracked_metrics(result, x_adv, y, sample_weight=sample_weight)
 
     def _free_replays(self, context, x, y, *, objective):

@@ -80,6 +80,8 @@ class TrainStep:
         beta: TRADES' weight of the KL term.
         attack_training: the model runs in training mode during the attack (the CIFAR-10
             original's batch norm).
+        alignment: GradAlign's weight of its penalty (steps.misalignment; 0: none), its
+            uniform points drawn from the run's seed and the step.
         epsilon_ramp_steps: epsilon, and the step sizes with it, rise linearly from 0 at step 0
             to `settings.epsilon` at this step (0: no ramp).
         jit_compile: compiles the replica step with XLA.
@@ -88,18 +90,19 @@ class TrainStep:
     replays = 1  # steps per batch
 
     def __init__(self, strategy, model, optimizer, *, settings, loss_fn, method="pgd",
-                 beta=steps.DEFAULT_BETA, attack_training=False, epsilon_ramp_steps=0,
-                 jit_compile=False):
+                 beta=steps.DEFAULT_BETA, attack_training=False, alignment=0.0,
+                 epsilon_ramp_steps=0, jit_compile=False):
         self.context = steps.StepContext(model=model, optimizer=optimizer, settings=settings,
                                          method=method, beta=beta,
-                                         attack_training=attack_training)
+                                         attack_training=attack_training, alignment=alignment)
         rules = steps.training_method(method)
         if rules.carries is not isinstance(self, FreeTrainStep):
             raise ValueError(f"{type(self).__name__} does not run this method. "
                              f"Received: method={method!r}")
-        if rules.reduces and not hasattr(loss_fn, "reduce"):
-            raise TypeError(f"{method} needs an objective with `reduce` (common.training."
-                            f"objectives.Xent). Received: loss_fn={loss_fn!r}")
+        if self.context.needs_reduce and not hasattr(loss_fn, "reduce"):
+            raise TypeError(f"{method}{' with GradAlign' if alignment else ''} needs an "
+                            f"objective with `reduce` (common.training.objectives.Xent). "
+                            f"Received: loss_fn={loss_fn!r}")
         self.strategy = strategy
         self.model = model
         self.optimizer = optimizer
@@ -130,27 +133,30 @@ class TrainStep:
         return training_start(x_batch, settings, seed=seed, step=step,
                               method=self.context.method)
 
-    def _replica_step(self, x_nat, labels, x_start, scale, report):
+    def _replica_step(self, x_nat, labels, x_start, scale, report, seed):
         x_adv = steps.attack(self.context, x_nat, labels, start=x_start, scale=scale)
         metrics = _natural_metrics(self.model, x_nat, labels, report)
-        result = steps.update(self.context, x_nat, labels, x_adv=x_adv, objective=self.loss_fn)
+        result = steps.update(self.context, x_nat, labels, x_adv=x_adv, objective=self.loss_fn,
+                              seed=steps.replica_seed(seed), scale=scale)
         return {**metrics, **_adversarial_metrics(result.logits, labels)}, x_adv
 
-    def _distributed_step(self, x_nat, labels, x_start, scale, report):
+    def _distributed_step(self, x_nat, labels, x_start, scale, report, seed):
         metrics, x_adv = self.strategy.run(self._replica_function,
-                                           args=(x_nat, labels, x_start, scale, report))
+                                           args=(x_nat, labels, x_start, scale, report, seed))
         return self._totals(metrics), self.strategy.experimental_local_results(x_adv)[0]
 
     def _totals(self, metrics):
         return {name: self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
                 for name, value in metrics.items()}
 
-    def __call__(self, x_nat, labels, x_start, *, report=True, step=0):
+    def __call__(self, x_nat, labels, x_start, *, report=True, step=0, seed=0):
         """Runs the step on a global batch from its start points (float64, see pgd.start_point);
-        returns summed metrics and some adversarial images."""
+        returns summed metrics and some adversarial images. `seed` (the run's) and `step` seed
+        the draws made inside the step (GradAlign's)."""
         batch = (tf.convert_to_tensor(x_nat), tf.convert_to_tensor(labels),
                  tf.convert_to_tensor(x_start, tf.float64))
-        return self._step(*devices.split_batch(self.strategy, batch), self._scale(step), report)
+        return self._step(*devices.split_batch(self.strategy, batch), self._scale(step), report,
+                          tf.constant([seed, step], tf.int64))
 
     def _scale(self, step):
         return tf.constant(self.epsilon_scale(step), tf.float32)
@@ -189,24 +195,25 @@ class FreeTrainStep(TrainStep):
         """An empty array: a replay starts from the perturbation this step carries."""
         return np.zeros((0, *x_batch.shape[1:]))
 
-    def _replica_step(self, x_nat, labels, perturbation, scale, report):
+    def _replica_step(self, x_nat, labels, perturbation, scale, report, seed):
         metrics = _natural_metrics(self.model, x_nat, labels, report)
         x_adv, result, perturbation = steps.free_replay(
             self.context, x_nat, labels, perturbation=perturbation, objective=self.loss_fn,
             scale=scale)
         return {**metrics, **_adversarial_metrics(result.logits, labels)}, x_adv, perturbation
 
-    def _distributed_step(self, x_nat, labels, perturbation, scale, report):
+    def _distributed_step(self, x_nat, labels, perturbation, scale, report, seed):
         metrics, x_adv, perturbation = self.strategy.run(
-            self._replica_function, args=(x_nat, labels, perturbation, scale, report))
+            self._replica_function, args=(x_nat, labels, perturbation, scale, report, seed))
         self.perturbation.assign(self.strategy.gather(perturbation, axis=0))
         return self._totals(metrics), self.strategy.experimental_local_results(x_adv)[0]
 
-    def __call__(self, x_nat, labels, x_start=None, *, report=True, step=0):
-        """Runs one replay on a global batch; `x_start` is not used."""
+    def __call__(self, x_nat, labels, x_start=None, *, report=True, step=0, seed=0):
+        """Runs one replay on a global batch; `x_start` and `seed` are not used."""
         batch = (tf.convert_to_tensor(x_nat), tf.convert_to_tensor(labels),
                  tf.convert_to_tensor(self.perturbation))
-        return self._step(*devices.split_batch(self.strategy, batch), self._scale(step), report)
+        return self._step(*devices.split_batch(self.strategy, batch), self._scale(step), report,
+                          tf.constant([seed, step], tf.int64))
 
 
 def _natural_metrics(model, x_nat, labels, report):
@@ -226,15 +233,19 @@ def _num_correct(logits, labels):
 
 
 def build_train_step(strategy, model, optimizer, *, method="pgd", replays=1, batch_size=None,
-                     beta=steps.DEFAULT_BETA, attack_training=False, **options):
+                     beta=steps.DEFAULT_BETA, attack_training=False, alignment=0.0, **options):
     """The step of `method`: a FreeTrainStep (with `replays` and `batch_size`) for a method that
-    carries its perturbation, else a TrainStep (with `beta` and `attack_training`); `options`
-    (settings, loss_fn, epsilon_ramp_steps, jit_compile) go to either."""
+    carries its perturbation, else a TrainStep (with `beta`, `attack_training` and
+    `alignment`); `options` (settings, loss_fn, epsilon_ramp_steps, jit_compile) go to
+    either."""
     if steps.training_method(method).carries:
+        if alignment:
+            raise ValueError(f"GradAlign's penalty needs a drawn start, which {method} does "
+                             f"not have. Received: method={method!r}, alignment={alignment}")
         return FreeTrainStep(strategy, model, optimizer, method=method, replays=replays,
                              batch_size=batch_size, **options)
     return TrainStep(strategy, model, optimizer, method=method, beta=beta,
-                     attack_training=attack_training, **options)
+                     attack_training=attack_training, alignment=alignment, **options)
 
 
 def training_start(x_nat, settings, *, seed, step, method="pgd"):
@@ -361,7 +372,8 @@ def _train(settings, train_step, *, batch_for_step, seed, to_images, guard, chie
                 manager.save(checkpoint_number=step)
         report = step % settings.output_steps == 0
         start = time.perf_counter()
-        metrics, images = train_step(x_batch, y_batch, x_start, report=report, step=step)
+        metrics, images = train_step(x_batch, y_batch, x_start, report=report, step=step,
+                                     seed=seed)
         metrics = {name: value.numpy() for name, value in metrics.items()}
         training_time += time.perf_counter() - start
         if report:

@@ -20,6 +20,12 @@ accuracy in between, as the original did); free training's replay is `free_repla
   beta KL(f(x) || f(x_adv)), the KL reduced over the batch as the objective reduces its
   cross-entropy (a mean for a mean: the authors' batchmean).
 
+Any method but free can add GradAlign's penalty (Andriushchenko & Flammarion, 2020) to its loss:
+`alignment` times 1 - cos of the cross-entropy's input gradients at the clean batch (held
+constant) and at a uniform point of the ball around it (differentiated through, a double
+backward pass). A gradient that turns within the ball is what lets a one- or few-step attack
+miss the points a gradient-free attack finds; the penalty keeps it straight.
+
 The objective is `objective(labels, logits, model)`, the replica's share of the global batch's
 loss; a method whose entry `reduces` (TRADES) also needs `objective.reduce(values)`, which sums
 per-example values into that share in the same way (common/training/objectives.py's objectives
@@ -37,10 +43,12 @@ from typing import Any
 import tensorflow as tf
 
 from common.attacks import pgd, threat_model
+from common.runtime import seeds
 
 TRADES_NOISE = 0.001  # the start's standard deviation, as a fraction of the pixel range
 NFGSM_NOISE = 2.0  # the radius of N-FGSM's start, in epsilons (the authors' k = 2)
 DEFAULT_BETA = 6.0
+COSINE_FLOOR = 1e-12  # GradAlign's cosine treats a gradient shorter than this as 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,6 +62,7 @@ class StepContext:
         method: a key of METHODS.
         beta: TRADES' weight of the KL term.
         attack_training: the model runs in training mode during the attack.
+        alignment: GradAlign's weight of its penalty (0: none); not for free training.
     """
 
     model: Any
@@ -62,11 +71,24 @@ class StepContext:
     method: str = "pgd"
     beta: float = DEFAULT_BETA
     attack_training: bool = False
+    alignment: float = 0.0
 
     def __post_init__(self):
-        training_method(self.method)
+        method = training_method(self.method)
         if not self.beta >= 0:
             raise ValueError(f"beta must be at least 0. Received: beta={self.beta}")
+        if not self.alignment >= 0:
+            raise ValueError(f"alignment must be at least 0. Received: alignment="
+                             f"{self.alignment}")
+        if self.alignment and method.carries:
+            raise ValueError(f"GradAlign's penalty needs a drawn start, which {self.method} "
+                             f"does not have. Received: method={self.method!r}, "
+                             f"alignment={self.alignment}")
+
+    @property
+    def needs_reduce(self):
+        """The loss needs the objective's `reduce` (TRADES' KL term, GradAlign's penalty)."""
+        return METHODS[self.method].reduces or self.alignment > 0
 
     def threat(self, scale=None):
         """The threat model and step size, times `scale` (the epsilon ramp's) where given."""
@@ -93,13 +115,20 @@ def attack(context, x_nat, labels, *, start, scale=None):
         tf.float32))
 
 
-def update(context, x_nat, labels, *, x_adv, objective, input_gradient=False):
-    """One optimizer step on the method's loss at `x_adv`."""
+def update(context, x_nat, labels, *, x_adv, objective, input_gradient=False, seed=None,
+           scale=None):
+    """One optimizer step on the method's loss at `x_adv`, plus GradAlign's penalty where
+    `context.alignment` asks, its uniform point drawn from `seed` (two integers) in the ball
+    times `scale` (the epsilon ramp's, None: the whole ball)."""
     model, optimizer = context.model, context.optimizer
     with tf.GradientTape() as tape:
         tape.watch(x_adv)
         logits, loss = METHODS[context.method].loss(context, x_nat, labels, x_adv=x_adv,
                                                     objective=objective)
+        if context.alignment:
+            penalty = objective.reduce(misalignment(context, x_nat, labels, seed=seed,
+                                                    scale=scale))
+            loss += tf.cast(context.alignment, loss.dtype) * tf.cast(penalty, loss.dtype)
         scaled = optimizer.scale_loss(loss)
     sources = [model.trainable_variables, x_adv] if input_gradient \
         else [model.trainable_variables]
@@ -118,6 +147,56 @@ def free_replay(context, x_nat, labels, *, perturbation, objective, scale=None):
                     input_gradient=True)
     gradient = tf.where(tf.math.is_finite(result.input_gradient), result.input_gradient, 0.0)
     return x_adv, result, threat.within_ball(threat.step(perturbation, gradient, threat.epsilon))
+
+
+def replica_seed(seed):
+    """A stateless seed (two integers) of this replica's draws inside a step, from `seed` (the
+    run's seed and the step): each replica of a distributed step draws its own."""
+    replica = tf.distribute.get_replica_context()
+    replica_id = 0 if replica is None else replica.replica_id_in_sync_group
+    seed = tf.cast(seed, tf.int64)
+    return tf.stack([seed[0] * 1000 + tf.cast(replica_id, tf.int64), seed[1]])
+
+
+def misalignment(context, x_nat, labels, *, seed, scale=None):
+    """Per example, GradAlign's 1 - cos of the cross-entropy's input gradients at `x_nat` (held
+    constant) and at a uniform point of the ball around it, drawn from `seed` (two integers):
+    0 where the gradient keeps its direction, 1 where the two are orthogonal."""
+    threat, _ = context.threat(scale)
+    seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), seeds.ALIGNMENT)
+    return gradient_misalignment(context.model, x_nat, threat.random_start(x_nat, seed,
+                                                                           tf.float32), labels)
+
+
+def gradient_misalignment(model, x, x_near, labels):
+    """Per example, 1 - cos of the cross-entropy's input gradients at `x` (held constant) and
+    at `x_near` (differentiated through)."""
+    x, x_near = (tf.cast(points, tf.float32) for points in (x, x_near))
+    here = tf.stop_gradient(_input_gradient(model, x, labels))
+    return 1.0 - _cosine(here, _input_gradient(model, x_near, labels))
+
+
+def _input_gradient(model, x, labels):
+    """The summed cross-entropy's gradient at `x`, each example's own; recorded by any tape
+    around it, so that it can be differentiated again."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        logits = tf.cast(model(x, training=True), tf.float32)
+        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=labels, logits=logits))
+    return tape.gradient(loss, x)
+
+
+def _cosine(a, b):
+    """Per example, the cosine of two batches of gradients (0 where either is 0, with a
+    gradient of 0 there too)."""
+    a, b = (tf.reshape(x, (tf.shape(x)[0], -1)) for x in (a, b))
+    return tf.reduce_sum(a * b, axis=1) / (_norm(a) * _norm(b))
+
+
+def _norm(x):
+    """Each row's L2 norm, at least COSINE_FLOOR: finite, with a finite gradient, at 0."""
+    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=1) + COSINE_FLOOR ** 2)
 
 
 def training_settings(settings, method, *, fgsm_step_size=None, attack_steps=None):

@@ -144,6 +144,10 @@ def test_what_gradalign_cannot_run_with_is_refused():
         loop.TrainStep(tf.distribute.get_strategy(), model, keras.optimizers.SGD(0.1),
                        settings=settings, loss_fn=lambda labels, logits, model: 0.0,
                        alignment=0.5)
+    x, y = data()
+    with pytest.raises(ValueError, match="Received: seed=None"):
+        steps.update(context(model), x, y, x_adv=tf.constant(x),
+                     objective=objectives.Xent(divisor=32))
 
 
 def test_a_config_with_gradalign_and_free_training_is_refused():

@@ -172,17 +172,17 @@ class FreeTrainStep(TrainStep):
 
     Args:
         strategy, model, optimizer, settings, loss_fn, epsilon_ramp_steps, jit_compile: as
-            TrainStep's (of `settings` only the ball is used).
+            TrainStep's (of `settings` only the ball is used); `alignment` must be 0.
         replays: replays of each batch.
         batch_size: the global batch's size, the perturbation's first dimension.
         method: a key of steps.METHODS whose start is a carried perturbation.
     """
 
     def __init__(self, strategy, model, optimizer, *, settings, loss_fn, replays, batch_size,
-                 method="free", epsilon_ramp_steps=0, jit_compile=False):
+                 method="free", alignment=0.0, epsilon_ramp_steps=0, jit_compile=False):
         super().__init__(strategy, model, optimizer, settings=settings, loss_fn=loss_fn,
-                         method=method, epsilon_ramp_steps=epsilon_ramp_steps,
-                         jit_compile=jit_compile)
+                         method=method, alignment=alignment,
+                         epsilon_ramp_steps=epsilon_ramp_steps, jit_compile=jit_compile)
         self.replays = replays
         self.perturbation = tf.Variable(tf.zeros((batch_size, *model.input_shape[1:])),
                                         trainable=False, name="free_perturbation")
@@ -239,11 +239,8 @@ def build_train_step(strategy, model, optimizer, *, method="pgd", replays=1, bat
     `alignment`); `options` (settings, loss_fn, epsilon_ramp_steps, jit_compile) go to
     either."""
     if steps.training_method(method).carries:
-        if alignment:
-            raise ValueError(f"GradAlign's penalty needs a drawn start, which {method} does "
-                             f"not have. Received: method={method!r}, alignment={alignment}")
         return FreeTrainStep(strategy, model, optimizer, method=method, replays=replays,
-                             batch_size=batch_size, **options)
+                             batch_size=batch_size, alignment=alignment, **options)
     return TrainStep(strategy, model, optimizer, method=method, beta=beta,
                      attack_training=attack_training, alignment=alignment, **options)
 

@@ -126,6 +126,9 @@ def update(context, x_nat, labels, *, x_adv, objective, input_gradient=False, se
         logits, loss = METHODS[context.method].loss(context, x_nat, labels, x_adv=x_adv,
                                                     objective=objective)
         if context.alignment:
+            if seed is None:
+                raise ValueError("GradAlign's penalty draws its points from a seed. Received: "
+                                 "seed=None")
             penalty = objective.reduce(misalignment(context, x_nat, labels, seed=seed,
                                                     scale=scale))
             loss += tf.cast(context.alignment, loss.dtype) * tf.cast(penalty, loss.dtype)

@@ -77,7 +77,8 @@ def test_mixed_precision_attacks_within_a_point_of_float32(challenge, mode, poli
     accuracy, x_adv, model = attack_accuracy(challenge, folder, data)
     assert model.get_layer(index=2).compute_dtype == mode.split("_")[1]
     assert model.output.dtype == "float32" and x_adv.dtype == np.float32
-    assert 0 < reference < 1 and abs(accuracy - reference) <= 0.01, (accuracy, reference)
+    # Within a point: one example of the 100 attacked (0.22 - 0.21 is 0.010000000000000009).
+    assert 0 < reference < 1 and abs(accuracy - reference) <= 0.01 + 1e-12, (accuracy, reference)
 
 
 def test_auto_trains_in_bfloat16_only_on_cpus_with_bfloat16_instructions():

@@ -2,8 +2,9 @@
 multiply-adds of every Conv2D and Dense layer (elementwise work is not counted). Per example, an
 attack step is a forward pass and an input gradient of the same cost, and an adversarial
 training step is the attack, then a forward pass and a backward pass (input and weight
-gradients). Run as a script, it prints these counts for the MNIST network and the simple and wide
-CIFAR-10 networks (nothing is timed): `python benchmarks/flops.py`.
+gradients); TRADES' and GradAlign's steps are counted the same way, pass by pass. Run as a
+script, it prints these counts for the MNIST network and the simple and wide CIFAR-10 networks
+(nothing is timed): `python benchmarks/flops.py`.
 """
 
 import os
@@ -42,6 +43,19 @@ def attack_flops_per_example(model, steps):
 def training_flops_per_example(model, steps):
     """The attack, then a forward pass and a backward pass (input and weight gradients)."""
     return attack_flops_per_example(model, steps) + 3 * forward_flops_per_example(model)
+
+
+def trades_flops_per_example(model, steps):
+    """TRADES: the clean forward pass the attack's KL starts from, the attack, then forward
+    passes at the clean and the attacked batch and a backward pass through both."""
+    return (attack_flops_per_example(model, steps) + 7 * forward_flops_per_example(model))
+
+
+def gradalign_flops_per_example(model):
+    """GradAlign's penalty: an input gradient at the clean batch (a forward pass and an input
+    gradient), one at the uniform point, and the backward pass through that forward pass and
+    input gradient (input and weight gradients of both)."""
+    return 8 * forward_flops_per_example(model)
 
 
 def _define_flags():

@@ -175,19 +175,11 @@ def gradient_misalignment(model, x, x_near, labels):
     """Per example, 1 - cos of the cross-entropy's input gradients at `x` (held constant) and
     at `x_near` (differentiated through)."""
     x, x_near = (tf.cast(points, tf.float32) for points in (x, x_near))
-    here = tf.stop_gradient(_input_gradient(model, x, labels))
-    return 1.0 - _cosine(here, _input_gradient(model, x_near, labels))
-
-
-def _input_gradient(model, x, labels):
-    """The summed cross-entropy's gradient at `x`, each example's own; recorded by any tape
-    around it, so that it can be differentiated again."""
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        logits = tf.cast(model(x, training=True), tf.float32)
-        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=labels, logits=logits))
-    return tape.gradient(loss, x)
+    # The summed cross-entropy's gradient, each example's own; the tape around this function
+    # records the second one, so that it is differentiated through.
+    here = tf.stop_gradient(pgd.input_gradient(model, x, labels, "xent", training=True))
+    near = pgd.input_gradient(model, x_near, labels, "xent", training=True)
+    return 1.0 - _cosine(here, near)
 
 
 def _cosine(a, b):

@@ -33,6 +33,7 @@ BAD_VALUES = {
     "learning_rate_schedule": ["cosine", "piecewise"],
     "training_method": ["TRADES", "PGD", ""], "trades_beta": ["-1", "abc"],
     "gradalign_weight": ["-0.5", "abc"],
+    "awp_gamma": ["-0.005", "abc"],
     "fgsm_step_size": ["-0.375", "0", "abc"],
     "replay_m": INT_BAD + ["0"],
     "overfitting_check_steps": INT_BAD, "epsilon_ramp_steps": INT_BAD,

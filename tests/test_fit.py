@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from common.attacks import PGD
-from common.training import fit, loop, steps
+from common.training import fit, loop, objectives, steps
 
 EPSILON = 0.1
 
@@ -46,6 +46,35 @@ def compiled(model, attack, method, **options):
     adversarial.compile(optimizer=keras.optimizers.SGD(0.5),
                         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return adversarial
+
+
+@pytest.mark.parametrize("method", ["pgd", "trades"])
+@pytest.mark.parametrize("options", [{"alignment": 2.0}, {"weight_perturbation": 0.5}])
+def test_the_loops_step_with_gradalign_or_awp_equals_fits(method, options):
+    by_fit, by_loop, without = fit_and_loop_weights(method, **options)
+    for mine, other in zip(by_fit, by_loop):
+        np.testing.assert_allclose(mine, other, atol=1e-6)
+    assert not np.allclose(by_loop[0], without[0], atol=1e-4)  # the option changes the step
+
+
+def fit_and_loop_weights(method, **options):
+    """After one step on `data()`: the weights fit trains by `method` with `options` (an
+    AdversarialModel option that TrainStep takes too), and those the loop's step trains on the
+    same batch and start with the options and without them."""
+    x, y = data()
+    model = small_model()
+    adversarial = compiled(model, PGD(model, epsilon=EPSILON, steps=2, step_size=0.05), method,
+                           seed=5, **options)
+    adversarial.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    by_loop = []
+    for loop_options in (options, {}):
+        theirs = small_model()
+        step = loop.TrainStep(tf.distribute.get_strategy(), theirs, keras.optimizers.SGD(0.5),
+                              settings=adversarial.settings, loss_fn=objectives.Xent(divisor=32),
+                              method=method, **loop_options)
+        step(x, y, adversarial.start_points(x, 0).numpy(), report=False, step=0, seed=5)
+        by_loop.append(theirs.get_weights())
+    return model.get_weights(), *by_loop
 
 
 @pytest.mark.parametrize("method", ["pgd", "fgsm_rs", "nfgsm"])
@@ -85,7 +114,8 @@ def test_a_free_fit_step_equals_the_challenge_loops_replays():
 
 
 @pytest.mark.parametrize("method, options", [("pgd", {}),
-                                             ("free", {"replays": 2, "batch_size": 32})])
+                                             ("free", {"replays": 2, "batch_size": 32}),
+                                             ("pgd", {"weight_perturbation": 0.5})])
 @pytest.mark.slow
 def test_two_replicas_take_the_step_of_one_device(two_replicas, method, options):
     x, y = data()

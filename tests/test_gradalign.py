@@ -1,7 +1,7 @@
 """GradAlign's penalty (Andriushchenko & Flammarion, 2020) in the one training core: its closed
 forms (0 for a two-class linear model, whose input gradient never turns; 1 where the gradient is
-0), its second derivative through the CPU-tuned layers equal to Keras' own layers', the loop's
-step equal to fit's, and the errors for what it cannot run with."""
+0), its second derivative through the CPU-tuned layers equal to Keras' own layers', and the
+errors for what it cannot run with (the loop's step equal to fit's: tests/test_fit.py)."""
 
 import keras
 import numpy as np
@@ -93,29 +93,6 @@ def test_the_cpu_layers_second_derivative_equals_keras_own():
     assert np.abs(gradients[0][0]).max() > 0
     for mine, keras_own in zip(*gradients):
         np.testing.assert_allclose(mine, keras_own, rtol=1e-3, atol=1e-6)
-
-
-@pytest.mark.parametrize("method", ["pgd", "trades"])
-def test_the_loops_gradalign_step_equals_fits(method):
-    x, y = data()
-    model = small_model()
-    adversarial = fit.AdversarialModel(model, PGD(model, epsilon=EPSILON, steps=2, step_size=0.05),
-                                       method=method, alignment=2.0, seed=5)
-    adversarial.compile(optimizer=keras.optimizers.SGD(0.5),
-                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    adversarial.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
-
-    weights = {}
-    for alignment in (2.0, 0.0):
-        theirs = small_model()
-        step = loop.TrainStep(tf.distribute.get_strategy(), theirs, keras.optimizers.SGD(0.5),
-                              settings=adversarial.settings, loss_fn=objectives.Xent(divisor=32),
-                              method=method, alignment=alignment)
-        step(x, y, adversarial.start_points(x, 0).numpy(), report=False, step=0, seed=5)
-        weights[alignment] = theirs.get_weights()
-    for mine, other in zip(model.get_weights(), weights[2.0]):
-        np.testing.assert_allclose(mine, other, atol=1e-6)
-    assert not np.allclose(weights[2.0][0], weights[0.0][0], atol=1e-4)
 
 
 def test_the_penalty_is_added_with_its_weight_to_the_methods_loss():

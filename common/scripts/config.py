@@ -158,6 +158,10 @@ RULES = {
                          "& Flammarion, 2020: 1 - cos of the input gradients at the clean "
                          "batch and at a uniform point of the epsilon ball) added to the "
                          "training loss of any training_method but free; 0 turns it off."),
+    "awp_gamma": (float, _at_least(0), "Size of AWP's weight perturbation (Wu et al., 2020: "
+                  "each kernel moved by this fraction of its norm along the training loss's "
+                  "gradient before the update's gradient is taken; their TRADES-AWP: 0.005) "
+                  "for any training_method; 0 turns it off."),
     "replay_m": (int, _at_least(1), "Replays of each batch in free training; "
                  "max_num_training_steps counts replays."),
     "epsilon_ramp_steps": (int, _at_least(0), "Training's epsilon, and its step sizes, rise "

@@ -101,6 +101,7 @@ def _train_step(challenge, config, strategy, *, model, optimizer):
         loss_fn=challenge.loss(config, strategy.num_replicas_in_sync),
         replays=config["replay_m"], batch_size=config["training_batch_size"],
         beta=config["trades_beta"], alignment=config["gradalign_weight"],
+        weight_perturbation=config["awp_gamma"],
         attack_training=challenge.attack_training(config),
         epsilon_ramp_steps=config["epsilon_ramp_steps"], jit_compile=config["jit_compile"])
 

@@ -49,12 +49,14 @@ class AdversarialModel(keras.Model):
         alignment: GradAlign's weight (Andriushchenko & Flammarion, 2020) of 1 - cos of the
             cross-entropy's input gradients at the clean batch and at a uniform point of the
             ball (0: none; not for free).
+        weight_perturbation: AWP's size (Wu et al., 2020) of the weights' perturbation,
+            relative to each kernel's norm, at which each update's gradient is taken (0: none).
         seed: seeds the random starts (and GradAlign's points).
     """
 
     def __init__(self, model, attack, *, method="pgd", beta=steps.DEFAULT_BETA,
                  fgsm_step_size=None, replays=8, batch_size=None, attack_training=False,
-                 alignment=0.0, seed=0, **kwargs):
+                 alignment=0.0, weight_perturbation=0.0, seed=0, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(attack, PGD):
             raise TypeError(f"attack must be a common.attacks.PGD. Received: attack={attack!r}")
@@ -70,7 +72,8 @@ class AdversarialModel(keras.Model):
         self.context = steps.StepContext(model=model, optimizer=None, settings=settings,
                                          method=method, beta=float(beta),
                                          attack_training=attack_training,
-                                         alignment=float(alignment))
+                                         alignment=float(alignment),
+                                         weight_perturbation=float(weight_perturbation))
         self.method = method
         self.fgsm_step_size = fgsm_step_size
         self.replays = int(replays)
@@ -100,7 +103,8 @@ class AdversarialModel(keras.Model):
                 "fgsm_step_size": self.fgsm_step_size, "replays": self.replays,
                 "batch_size": self.batch_size,
                 "attack_training": self.context.attack_training,
-                "alignment": self.context.alignment, "seed": self.seed}
+                "alignment": self.context.alignment,
+                "weight_perturbation": self.context.weight_perturbation, "seed": self.seed}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):

@@ -82,6 +82,8 @@ class TrainStep:
             original's batch norm).
         alignment: GradAlign's weight of its penalty (steps.misalignment; 0: none), its
             uniform points drawn from the run's seed and the step.
+        weight_perturbation: AWP's size of the weights' perturbation relative to each kernel's
+            norm (steps.weight_offsets; 0: none).
         epsilon_ramp_steps: epsilon, and the step sizes with it, rise linearly from 0 at step 0
             to `settings.epsilon` at this step (0: no ramp).
         jit_compile: compiles the replica step with XLA.
@@ -91,10 +93,11 @@ class TrainStep:
 
     def __init__(self, strategy, model, optimizer, *, settings, loss_fn, method="pgd",
                  beta=steps.DEFAULT_BETA, attack_training=False, alignment=0.0,
-                 epsilon_ramp_steps=0, jit_compile=False):
+                 weight_perturbation=0.0, epsilon_ramp_steps=0, jit_compile=False):
         self.context = steps.StepContext(model=model, optimizer=optimizer, settings=settings,
                                          method=method, beta=beta,
-                                         attack_training=attack_training, alignment=alignment)
+                                         attack_training=attack_training, alignment=alignment,
+                                         weight_perturbation=weight_perturbation)
         rules = steps.training_method(method)
         if rules.carries is not isinstance(self, FreeTrainStep):
             raise ValueError(f"{type(self).__name__} does not run this method. "
@@ -171,17 +174,20 @@ class FreeTrainStep(TrainStep):
     their code.
 
     Args:
-        strategy, model, optimizer, settings, loss_fn, epsilon_ramp_steps, jit_compile: as
-            TrainStep's (of `settings` only the ball is used); `alignment` must be 0.
+        strategy, model, optimizer, settings, loss_fn, weight_perturbation,
+            epsilon_ramp_steps, jit_compile: as TrainStep's (of `settings` only the ball is
+            used); `alignment` must be 0.
         replays: replays of each batch.
         batch_size: the global batch's size, the perturbation's first dimension.
         method: a key of steps.METHODS whose start is a carried perturbation.
     """
 
     def __init__(self, strategy, model, optimizer, *, settings, loss_fn, replays, batch_size,
-                 method="free", alignment=0.0, epsilon_ramp_steps=0, jit_compile=False):
+                 method="free", alignment=0.0, weight_perturbation=0.0, epsilon_ramp_steps=0,
+                 jit_compile=False):
         super().__init__(strategy, model, optimizer, settings=settings, loss_fn=loss_fn,
                          method=method, alignment=alignment,
+                         weight_perturbation=weight_perturbation,
                          epsilon_ramp_steps=epsilon_ramp_steps, jit_compile=jit_compile)
         self.replays = replays
         self.perturbation = tf.Variable(tf.zeros((batch_size, *model.input_shape[1:])),
@@ -236,8 +242,8 @@ def build_train_step(strategy, model, optimizer, *, method="pgd", replays=1, bat
                      beta=steps.DEFAULT_BETA, attack_training=False, alignment=0.0, **options):
     """The step of `method`: a FreeTrainStep (with `replays` and `batch_size`) for a method that
     carries its perturbation, else a TrainStep (with `beta`, `attack_training` and
-    `alignment`); `options` (settings, loss_fn, epsilon_ramp_steps, jit_compile) go to
-    either."""
+    `alignment`); `options` (settings, loss_fn, weight_perturbation, epsilon_ramp_steps,
+    jit_compile) go to either."""
     if steps.training_method(method).carries:
         return FreeTrainStep(strategy, model, optimizer, method=method, replays=replays,
                              batch_size=batch_size, alignment=alignment, **options)

@@ -26,6 +26,13 @@ constant) and at a uniform point of the ball around it (differentiated through, 
 backward pass). A gradient that turns within the ball is what lets a one- or few-step attack
 miss the points a gradient-free attack finds; the penalty keeps it straight.
 
+Any method can also take its update at adversarially perturbed weights (AWP, Wu et al., 2020):
+each kernel (every trainable weight of more than one dimension) is moved by
+`weight_perturbation` times its own norm along the gradient of the method's loss at the attack's
+batch, summed over the replicas so that every replica moves the same way; the loss's gradient at
+the moved weights is then applied to the weights as they were. Robustness that holds in a whole
+neighbourhood of the weights generalises better from the training images to the test images.
+
 The objective is `objective(labels, logits, model)`, the replica's share of the global batch's
 loss; a method whose entry `reduces` (TRADES) also needs `objective.reduce(values)`, which sums
 per-example values into that share in the same way (common/training/objectives.py's objectives
@@ -36,10 +43,12 @@ scripts need to know of it (its start, its training settings, whether it carries
 or needs `reduce`) is a field of its `Method`.
 """
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import keras
 import tensorflow as tf
 
 from common.attacks import pgd, threat_model
@@ -49,6 +58,7 @@ TRADES_NOISE = 0.001  # the start's standard deviation, as a fraction of the pix
 NFGSM_NOISE = 2.0  # the radius of N-FGSM's start, in epsilons (the authors' k = 2)
 DEFAULT_BETA = 6.0
 COSINE_FLOOR = 1e-12  # GradAlign's cosine treats a gradient shorter than this as 0
+GRADIENT_FLOOR = 1e-20  # AWP leaves a kernel whose loss gradient is shorter than this in place
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,6 +73,8 @@ class StepContext:
         beta: TRADES' weight of the KL term.
         attack_training: the model runs in training mode during the attack.
         alignment: GradAlign's weight of its penalty (0: none); not for free training.
+        weight_perturbation: AWP's size of the weights' perturbation, relative to each kernel's
+            norm (0: none).
     """
 
     model: Any
@@ -72,6 +84,7 @@ class StepContext:
     beta: float = DEFAULT_BETA
     attack_training: bool = False
     alignment: float = 0.0
+    weight_perturbation: float = 0.0
 
     def __post_init__(self):
         method = training_method(self.method)
@@ -80,6 +93,9 @@ class StepContext:
         if not self.alignment >= 0:
             raise ValueError(f"alignment must be at least 0. Received: alignment="
                              f"{self.alignment}")
+        if not self.weight_perturbation >= 0:
+            raise ValueError(f"weight_perturbation must be at least 0. Received: "
+                             f"weight_perturbation={self.weight_perturbation}")
         if self.alignment and method.carries:
             raise ValueError(f"GradAlign's penalty needs a drawn start, which {self.method} "
                              f"does not have. Received: method={self.method!r}, "
@@ -119,25 +135,78 @@ def update(context, x_nat, labels, *, x_adv, objective, input_gradient=False, se
            scale=None):
     """One optimizer step on the method's loss at `x_adv`, plus GradAlign's penalty where
     `context.alignment` asks, its uniform point drawn from `seed` (two integers) in the ball
-    times `scale` (the epsilon ramp's, None: the whole ball)."""
+    times `scale` (the epsilon ramp's, None: the whole ball). Where `context.weight_perturbation`
+    asks, the loss, its logits and its gradients are those at the perturbed weights
+    (`weight_offsets`)."""
     model, optimizer = context.model, context.optimizer
+    offsets = weight_offsets(context, x_nat, labels, x_adv=x_adv, objective=objective) \
+        if context.weight_perturbation else []
     with tf.GradientTape() as tape:
         tape.watch(x_adv)
-        logits, loss = METHODS[context.method].loss(context, x_nat, labels, x_adv=x_adv,
-                                                    objective=objective)
-        if context.alignment:
-            if seed is None:
-                raise ValueError("GradAlign's penalty draws its points from a seed. Received: "
-                                 "seed=None")
-            penalty = objective.reduce(misalignment(context, x_nat, labels, seed=seed,
-                                                    scale=scale))
-            loss += tf.cast(context.alignment, loss.dtype) * tf.cast(penalty, loss.dtype)
+        with _moved(model, offsets):
+            logits, loss = METHODS[context.method].loss(context, x_nat, labels, x_adv=x_adv,
+                                                        objective=objective)
+            if context.alignment:
+                loss += _alignment_term(context, x_nat, labels, seed=seed, scale=scale,
+                                        objective=objective, dtype=loss.dtype)
         scaled = optimizer.scale_loss(loss)
     sources = [model.trainable_variables, x_adv] if input_gradient \
         else [model.trainable_variables]
     gradients = tape.gradient(scaled, sources)
     optimizer.apply_gradients(zip(gradients[0], model.trainable_variables))
     return Update(logits, loss, gradients[1] if input_gradient else None)
+
+
+def _alignment_term(context, x_nat, labels, *, seed, scale, objective, dtype):
+    """GradAlign's penalty times its weight, reduced as the objective reduces."""
+    if seed is None:
+        raise ValueError("GradAlign's penalty draws its points from a seed. Received: seed=None")
+    penalty = objective.reduce(misalignment(context, x_nat, labels, seed=seed, scale=scale))
+    return tf.cast(context.alignment, dtype) * tf.cast(penalty, dtype)
+
+
+def weight_offsets(context, x_nat, labels, *, x_adv, objective):
+    """AWP's perturbation of the weights: (kernel, offset) pairs, each offset
+    `context.weight_perturbation` times the kernel's norm along the gradient of the method's loss
+    at `x_adv` (the objective's weight decay included), the gradient summed over the replicas.
+    The pass that finds it leaves the model's state (batch norm's statistics) as it was."""
+    model = context.model
+    kernels = [weight for weight in model.trainable_variables if len(weight.shape) > 1]
+    with tf.GradientTape() as tape, keras.StatelessScope():
+        _, loss = METHODS[context.method].loss(context, x_nat, labels, x_adv=x_adv,
+                                               objective=objective)
+        scaled = context.optimizer.scale_loss(loss)
+    gradients = _summed_over_replicas(tape.gradient(scaled, kernels))
+    offsets = []
+    for kernel, gradient in zip(kernels, gradients):
+        size = context.weight_perturbation * tf.norm(kernel.value)
+        offsets.append((kernel, gradient * (size / tf.maximum(tf.norm(gradient),
+                                                              GRADIENT_FLOOR))))
+    return offsets
+
+
+def _summed_over_replicas(values):
+    """The values summed over the replicas of a distributed step (as they are outside one)."""
+    replica = tf.distribute.get_replica_context()
+    if replica is None or replica.num_replicas_in_sync == 1:
+        return values
+    return replica.all_reduce(tf.distribute.ReduceOp.SUM, values)
+
+
+@contextlib.contextmanager
+def _moved(model, offsets):
+    """Inside, the model's weights read as moved by `offsets` ((weight, offset) pairs; none:
+    as they are); the state the model updates inside (batch norm's statistics) is kept."""
+    if not offsets:
+        yield
+        return
+    with keras.StatelessScope([(weight, weight.value + offset)
+                               for weight, offset in offsets]) as scope:
+        yield
+    for variable in model.non_trainable_variables:
+        value = scope.get_current_value(variable)
+        if value is not None:
+            variable.assign(value)
 
 
 def free_replay(context, x_nat, labels, *, perturbation, objective, scale=None):

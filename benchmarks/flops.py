@@ -58,6 +58,13 @@ def gradalign_flops_per_example(model):
     return 8 * forward_flops_per_example(model)
 
 
+def awp_flops_per_example(model, method):
+    """AWP's perturbation: the method's loss again (for trades forward passes at the clean and
+    the attacked batch; else at the attacked batch) and its backward pass for the weights'
+    gradient (counted as input and weight gradients)."""
+    return (6 if method == "trades" else 3) * forward_flops_per_example(model)
+
+
 def _define_flags():
     flags.DEFINE_list("networks", list(NETWORKS),
                       f"the networks to count, of {', '.join(NETWORKS)}")

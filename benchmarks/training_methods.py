@@ -1,8 +1,9 @@
 """Times one training step of each training method on the MNIST network, on random inputs, in the
 same process and taking turns round after round: `pgd` (the original's attack, 40 steps by
 default), `fgsm_rs` (one step), `free` (one replay; each batch is replayed 8 times by default),
-`trades` (3 steps of 0.2 by default, the fast recipe's) and `trades+gradalign` (the same with
-GradAlign's penalty), at the config's batch of 50 and at 200 by default.
+`trades` (3 steps of 0.2 by default, the fast recipe's), `trades+gradalign` (the same with
+GradAlign's penalty) and `trades+awp` (the same with AWP's weight perturbation), at the config's
+batch of 50 and at 200 by default.
 
 Prints training examples per second (for free also the new examples per second: one replay's
 rate divided by the replays), GFLOP/s (counted from the conv and dense layers,
@@ -23,10 +24,12 @@ from absl import flags
 from benchmarks import cli, peak
 
 EPSILON, PGD_STEP_SIZE, FGSM_STEP_SIZE = 0.3, 0.01, 0.375
-GRADALIGN_WEIGHT = 0.5
-# name: (training method, GradAlign's weight)
-VARIANTS = {"pgd": ("pgd", 0.0), "fgsm_rs": ("fgsm_rs", 0.0), "free": ("free", 0.0),
-            "trades": ("trades", 0.0), "trades+gradalign": ("trades", GRADALIGN_WEIGHT)}
+GRADALIGN_WEIGHT, AWP_GAMMA = 0.5, 0.005
+# name: (training method, GradAlign's weight, AWP's size)
+VARIANTS = {"pgd": ("pgd", 0.0, 0.0), "fgsm_rs": ("fgsm_rs", 0.0, 0.0),
+            "free": ("free", 0.0, 0.0), "trades": ("trades", 0.0, 0.0),
+            "trades+gradalign": ("trades", GRADALIGN_WEIGHT, 0.0),
+            "trades+awp": ("trades", 0.0, AWP_GAMMA)}
 
 BATCHES = flags.DEFINE_list("batches", ["50", "200"], "batch sizes, each timed in turn")
 PGD_STEPS = flags.DEFINE_integer("pgd_steps", 40, "attack steps of the pgd method",
@@ -59,7 +62,7 @@ def training_steps(batch_size):
     settings = pgd.AttackSettings(epsilon=EPSILON, steps=PGD_STEPS.value, step_size=PGD_STEP_SIZE,
                                   random_start=True)
     by_variant = {}
-    for name, (method, alignment) in VARIANTS.items():
+    for name, (method, alignment, weight_perturbation) in VARIANTS.items():
         model = mnist_model.Model()
         optimizer = keras.optimizers.Adam(learning_rate=1e-4, epsilon=1e-8)
         attack = steps.training_settings(
@@ -68,12 +71,14 @@ def training_steps(batch_size):
             else None)
         step = loop.build_train_step(strategy, model, optimizer, method=method, settings=attack,
                                      loss_fn=summed_xent, replays=REPLAYS.value,
-                                     batch_size=batch_size, alignment=alignment)
-        by_variant[name] = (step, _flops_per_example(model, method, attack.steps, alignment))
+                                     batch_size=batch_size, alignment=alignment,
+                                     weight_perturbation=weight_perturbation)
+        by_variant[name] = (step, _flops_per_example(model, method, attack.steps, alignment,
+                                                     weight_perturbation))
     return by_variant
 
 
-def _flops_per_example(model, method, attack_steps, alignment):
+def _flops_per_example(model, method, attack_steps, alignment, weight_perturbation):
     from benchmarks import flops
     from common.training import steps
 
@@ -83,7 +88,8 @@ def _flops_per_example(model, method, attack_steps, alignment):
         count = flops.trades_flops_per_example(model, attack_steps)
     else:
         count = flops.training_flops_per_example(model, attack_steps)
-    return count + (flops.gradalign_flops_per_example(model) if alignment else 0)
+    count += flops.gradalign_flops_per_example(model) if alignment else 0
+    return count + (flops.awp_flops_per_example(model, method) if weight_perturbation else 0)
 
 
 def main():

@@ -13,21 +13,15 @@ so a step equals the step of one device.
 import keras
 import tensorflow as tf
 
-
-def _global_sum(value):
-    """The sum over all replicas in a replica context, the value itself elsewhere."""
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return value
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+from common.runtime.devices import global_sum
 
 
 def batch_moments(inputs):
     """Mean, biased variance and count over every axis but the last, across all replicas."""
     axes = list(range(len(inputs.shape) - 1))
-    count = _global_sum(tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), inputs.dtype))
-    mean = _global_sum(tf.reduce_sum(inputs, axis=axes)) / count
-    deviations = _global_sum(tf.reduce_sum(tf.math.squared_difference(inputs, mean), axis=axes))
+    count = global_sum(tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), inputs.dtype))
+    mean = global_sum(tf.reduce_sum(inputs, axis=axes)) / count
+    deviations = global_sum(tf.reduce_sum(tf.math.squared_difference(inputs, mean), axis=axes))
     return mean, deviations / count, count
 
 

@@ -126,6 +126,15 @@ def steady_cpu_kernels():
     return True
 
 
+def global_sum(value):
+    """The sum of `value` (a tensor or a nest of them) over the replicas of a distributed step,
+    the value itself outside one or with one replica."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
 def split_batch(strategy, batch):
     """Gives replica r the r-th consecutive slice of each tensor of the global batch."""
     replicas = strategy.num_replicas_in_sync

@@ -52,7 +52,7 @@ import keras
 import tensorflow as tf
 
 from common.attacks import pgd, threat_model
-from common.runtime import seeds
+from common.runtime import devices, seeds
 
 TRADES_NOISE = 0.001  # the start's standard deviation, as a fraction of the pixel range
 NFGSM_NOISE = 2.0  # the radius of N-FGSM's start, in epsilons (the authors' k = 2)
@@ -176,21 +176,13 @@ def weight_offsets(context, x_nat, labels, *, x_adv, objective):
         _, loss = METHODS[context.method].loss(context, x_nat, labels, x_adv=x_adv,
                                                objective=objective)
         scaled = context.optimizer.scale_loss(loss)
-    gradients = _summed_over_replicas(tape.gradient(scaled, kernels))
+    gradients = devices.global_sum(tape.gradient(scaled, kernels))
     offsets = []
     for kernel, gradient in zip(kernels, gradients):
         size = context.weight_perturbation * tf.norm(kernel.value)
         offsets.append((kernel, gradient * (size / tf.maximum(tf.norm(gradient),
                                                               GRADIENT_FLOOR))))
     return offsets
-
-
-def _summed_over_replicas(values):
-    """The values summed over the replicas of a distributed step (as they are outside one)."""
-    replica = tf.distribute.get_replica_context()
-    if replica is None or replica.num_replicas_in_sync == 1:
-        return values
-    return replica.all_reduce(tf.distribute.ReduceOp.SUM, values)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common.attacks import pgd
+from common.attacks import apgd, fab, pgd
+from common.attacks.threat_model import ThreatModel
 from common.evaluation import robustness, submission
 from common.io import checkpoints
 from common.runtime import devices
@@ -148,3 +149,64 @@ def test_steady_cpu_kernels_runs_graphs_as_traced():
         assert {"Conv2D", "BiasAdd", "Relu"} <= traced and "_FusedConv2D" not in traced
     finally:
         tf.config.optimizer.set_experimental_options(saved)
+
+
+def _functions_of(concrete):
+    """{name: FunctionDef} of a traced function's graph, the graph itself under the name ""."""
+    graph_def = concrete.graph.as_graph_def()
+    functions = {function.signature.name: function for function in graph_def.library.function}
+    functions[""] = graph_def
+    return functions
+
+
+def _nodes(function):
+    return function.node_def if hasattr(function, "node_def") else function.node
+
+
+def _loop_bodies(functions):
+    return [functions[node.attr["body"].func.name] for function in functions.values()
+            for node in _nodes(function) if node.op in ("While", "StatelessWhile")]
+
+
+def _called(functions, body):
+    """The functions that the loop `body` calls, with whether each is marked not to inline."""
+    calls = [node for node in _nodes(body) if node.op.endswith("PartitionedCall")]
+    return [(functions[node.attr["f"].func.name],
+             functions[node.attr["f"].func.name].attr["_noinline"].b) for node in calls]
+
+
+def _attack_loops():
+    model = mnist_model.Model(on_cpu=True)
+    threat = ThreatModel(epsilon=0.3, norm="Linf", pixel_range=(0.0, 1.0))
+    labels = tf.constant([3, 7], tf.int64)
+    pgd_settings = pgd.AttackSettings(epsilon=0.3, steps=2, step_size=0.1, random_start=False)
+    apgd_settings = apgd.APGDSettings(threat_model=threat, num_iterations=2)
+    fab_settings = fab.FABSettings(threat_model=threat, num_iterations=2)
+    targets = tf.constant([0, 1], tf.int64)
+    return {
+        "pgd": lambda x: pgd.pgd_steps(model, x, labels, tf.cast(x, tf.float64), pgd_settings),
+        "apgd": lambda x: apgd.apgd_steps(model, x, labels, targets=None, noise=x * 0,
+                                          settings=apgd_settings),
+        "fab": lambda x: fab.fab_steps(model, x, labels, targets=targets, noise=x * 0,
+                                       settings=fab_settings),
+    }
+
+
+@pytest.mark.parametrize("attack", ["pgd", "apgd", "fab"])
+def test_attack_loops_call_the_models_gradient_as_a_function_of_its_own(attack):
+    # On CPUs the max-pool gradient must not lie on the loop's cycle, where oneDNN's layout pass
+    # leaves it to TensorFlow's generic kernel in some processes (devices.loop_step): the loop
+    # body calls a function, not inlined, that holds it.
+    concrete = tf.function(_attack_loops()[attack]).get_concrete_function(
+        tf.TensorSpec((2, 784), tf.float32))
+    functions = _functions_of(concrete)
+    bodies = _loop_bodies(functions)
+    gradients = [body for body in bodies
+                 if any("MaxPoolGrad" in {node.op for node in _nodes(called)}
+                        for called, _ in _called(functions, body))]
+    assert gradients, f"no loop body of {attack} calls a function with the max-pool gradient"
+    for body in bodies:
+        assert "MaxPoolGrad" not in {node.op for node in _nodes(body)}
+    for body in gradients:
+        assert all(noinline for called, noinline in _called(functions, body)
+                   if "MaxPoolGrad" in {node.op for node in _nodes(called)})

@@ -97,7 +97,8 @@ def apgd_steps(model, x_nat, labels, *, targets, noise, settings):
     """
     threat = settings.threat_model
     steps = STEPS[type(threat.ball)]
-    loss_and_gradient = _loss_and_gradient(model, labels, targets=targets, settings=settings)
+    loss_and_gradient = devices.loop_step(
+        _loss_and_gradient(model, labels, targets=targets, settings=settings))
     if not settings.large_reps:
         _, x_broken, robust, step_size = steps(
             loss_and_gradient, x_nat, labels, x_start=threat.noise_start(x_nat, noise),

@@ -159,6 +159,7 @@ def fab_steps(model, x_nat, labels, *, targets, noise, settings, targeted=True,
     batch = tf.shape(x_nat)[0]
     flat_shape = (batch, -1)
 
+    @devices.loop_step
     def difference_and_gradient(x):
         if targeted:
             return _towards_target(model, x, labels, targets=targets)

@@ -94,9 +94,10 @@ def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=Non
         targets = losses.wrong_classes(logits, labels, 1)[:, 0]
     x = x_start
     seen = tf.TensorArray(tf.float32, size=settings.steps + 1)
+    gradient_of = input_gradient if training else devices.loop_step(input_gradient)
     for step in range(settings.steps) if training else tf.range(settings.steps):
-        grad, loss = input_gradient(model, tf.cast(x, tf.float32), labels, loss=settings.loss,
-                                    training=training, targets=targets, with_loss=True)
+        grad, loss = gradient_of(model, tf.cast(x, tf.float32), labels, loss=settings.loss,
+                                 training=training, targets=targets, with_loss=True)
         if trace:
             seen = seen.write(step, loss)
         x = threat.project(threat.step(x, grad, step_size), x_nat)

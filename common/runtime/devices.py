@@ -115,15 +115,32 @@ def steady_cpu_kernels():
     process runs the same CPU kernels; call it before the first model or attack runs. Returns
     whether it turned Grappler off.
 
-    With Grappler on, whether oneDNN takes over the max-pool gradient changes from one process
-    to the next, and a process where it does not runs the attacks and training slower. With it
-    off, every process measured took oneDNN's kernel, and the attacks and training lost no
-    speed (benchmarks/README.md). GPUs keep Grappler, whose layout optimizer serves them.
+    With Grappler on, whether oneDNN took over the max-pool gradient changed from one process
+    to the next more often than with it off, and the attacks and training lost no speed with it
+    off (benchmarks/README.md). The cause of those slow processes lay in the graph loops, and
+    `loop_step` removes it. GPUs keep Grappler, whose layout optimizer serves them.
     """
     if tf.config.list_physical_devices("GPU"):
         return False
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
     return True
+
+
+def loop_step(function):
+    """`function`, where no GPU is visible, as a function that TensorFlow calls rather than
+    inlines: for the model's forward and backward pass inside an attack's graph loop.
+
+    oneDNN's layout pass gives a max-pool gradient oneDNN's kernel only where it has already
+    rewritten the max-pool that the gradient comes from, and it visits the nodes in an order
+    that is topological only where the graph has no cycle. Inlined into a graph loop, the
+    model's passes lie on the loop's cycle, and where the pass enters that cycle changes from
+    one process to the next: in some processes it meets a max-pool gradient first and leaves it
+    to TensorFlow's generic kernel, which runs the attack slower (benchmarks/README.md). A
+    function the loop calls is a graph of its own, without a cycle. GPUs keep the inlined form.
+    """
+    if tf.config.list_physical_devices("GPU"):
+        return function
+    return tf.function(function, experimental_attributes={"_noinline": True})
 
 
 def global_sum(value):

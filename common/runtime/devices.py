@@ -127,8 +127,9 @@ def steady_cpu_kernels():
 
 
 def loop_step(function):
-    """`function`, where no GPU is visible, as a function that TensorFlow calls rather than
-    inlines: for the model's forward and backward pass inside an attack's graph loop.
+    """`function`, where the strategy in scope runs on CPUs (`runs_on_cpu`), as a function that
+    TensorFlow calls rather than inlines: for the model's forward and backward pass inside an
+    attack's graph loop.
 
     oneDNN's layout pass gives a max-pool gradient oneDNN's kernel only where it has already
     rewritten the max-pool that the gradient comes from, and it visits the nodes in an order
@@ -138,7 +139,7 @@ def loop_step(function):
     to TensorFlow's generic kernel, which runs the attack slower (benchmarks/README.md). A
     function the loop calls is a graph of its own, without a cycle. GPUs keep the inlined form.
     """
-    if tf.config.list_physical_devices("GPU"):
+    if not runs_on_cpu(tf.distribute.get_strategy()):
         return function
     return tf.function(function, experimental_attributes={"_noinline": True})
 

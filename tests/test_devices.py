@@ -163,6 +163,10 @@ def _nodes(function):
     return function.node_def if hasattr(function, "node_def") else function.node
 
 
+def _ops(function):
+    return {node.op for node in _nodes(function)}
+
+
 def _loop_bodies(functions):
     return [functions[node.attr["body"].func.name] for function in functions.values()
             for node in _nodes(function) if node.op in ("While", "StatelessWhile")]
@@ -170,9 +174,9 @@ def _loop_bodies(functions):
 
 def _called(functions, body):
     """The functions that the loop `body` calls, with whether each is marked not to inline."""
-    calls = [node for node in _nodes(body) if node.op.endswith("PartitionedCall")]
-    return [(functions[node.attr["f"].func.name],
-             functions[node.attr["f"].func.name].attr["_noinline"].b) for node in calls]
+    called = [functions[node.attr["f"].func.name] for node in _nodes(body)
+              if node.op.endswith("PartitionedCall")]
+    return [(function, function.attr["_noinline"].b) for function in called]
 
 
 def _attack_loops():
@@ -202,11 +206,10 @@ def test_attack_loops_call_the_models_gradient_as_a_function_of_its_own(attack):
     functions = _functions_of(concrete)
     bodies = _loop_bodies(functions)
     gradients = [body for body in bodies
-                 if any("MaxPoolGrad" in {node.op for node in _nodes(called)}
-                        for called, _ in _called(functions, body))]
+                 if any("MaxPoolGrad" in _ops(called) for called, _ in _called(functions, body))]
     assert gradients, f"no loop body of {attack} calls a function with the max-pool gradient"
     for body in bodies:
-        assert "MaxPoolGrad" not in {node.op for node in _nodes(body)}
+        assert "MaxPoolGrad" not in _ops(body)
     for body in gradients:
         assert all(noinline for called, noinline in _called(functions, body)
-                   if "MaxPoolGrad" in {node.op for node in _nodes(called)})
+                   if "MaxPoolGrad" in _ops(called))

@@ -43,10 +43,8 @@ def main():
     from benchmarks.flops import forward_flops_per_example
     from benchmarks.timing import alternating_best_seconds
     from common.attacks import APGD, FAB, PGD, Square
-    from common.runtime import devices
     from mnist_challenge import model as mnist_model
 
-    devices.steady_cpu_kernels()  # as the challenge scripts run
     batch, pgd_steps, iterations, queries = (BATCH.value, PGD_STEPS.value, ITERATIONS.value,
                                              QUERIES.value)
     rng = np.random.default_rng(0)

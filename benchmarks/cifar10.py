@@ -76,9 +76,7 @@ def main():
     import numpy as np
 
     from cifar10_challenge import model as cifar_model
-    from common.runtime import devices
 
-    devices.steady_cpu_kernels()  # as the challenge scripts run
     rng = np.random.default_rng(0)
     peak_gflops = peak.flagged_peak_gflops()
     print(peak.describe(peak_gflops))

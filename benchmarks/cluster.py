@@ -51,7 +51,6 @@ tf.config.threading.set_inter_op_parallelism_threads(threads)
 from common.attacks import AutoAttack
 from common.runtime import devices
 from mnist_challenge import model as mnist_model
-devices.steady_cpu_kernels()  # as the challenge scripts run
 keras.utils.set_random_seed(0)
 strategy = devices.evaluation_strategy()
 with strategy.scope():

@@ -86,9 +86,6 @@ def measure(input_shape, outputs, side, batch, rounds):
 
 
 def main():
-    from common.runtime import devices
-
-    devices.steady_cpu_kernels()  # as the challenge scripts run
     print(f"CPU: {peak.cpu_description()}")
     peak_before = peak.flagged_peak_gflops()
     results = [(layer, *measure(*layer[1:], BATCH.value, ROUNDS.value)) for layer in LAYERS]

@@ -41,12 +41,10 @@ def main():
     from benchmarks.flops import attack_flops_per_example, training_flops_per_example
     from benchmarks.timing import best_seconds, report, timed_training_step
     from common.attacks import pgd
-    from common.runtime import devices
     from common.training import loop
     from common.training.objectives import summed_xent
     from mnist_challenge import model as mnist_model
 
-    devices.steady_cpu_kernels()  # as the challenge scripts run
     attack_batch, training_batch, steps = ATTACK_BATCH.value, TRAINING_BATCH.value, STEPS.value
     rng = np.random.default_rng(0)
     model = mnist_model.Model()

@@ -87,9 +87,8 @@ def main():
 
     from benchmarks.flops import attack_flops_per_example, training_flops_per_example
     from benchmarks.timing import alternating_best_seconds, timed_training_step
-    from common.runtime import devices, precision
+    from common.runtime import precision
 
-    devices.steady_cpu_kernels()  # as the challenge scripts run
     rng = np.random.default_rng(0)
     print(peak.cpu_description())
     print("bfloat16 instructions:", "yes" if precision.cpu_computes_bfloat16() else

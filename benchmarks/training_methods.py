@@ -96,9 +96,7 @@ def main():
     import numpy as np
 
     from benchmarks.timing import alternating_best_seconds, report, timed_training_step
-    from common.runtime import devices
 
-    devices.steady_cpu_kernels()  # as the challenge scripts run
     rng = np.random.default_rng(0)
     peak_gflops = peak.flagged_peak_gflops()
     for batch_size in (int(batch) for batch in BATCHES.value):

@@ -155,8 +155,8 @@ def _import_from(checkout):
 
 
 def _as_the_scripts_run():
-    """Grappler off on CPUs, as the port's scripts run; a --baseline_checkout from before
-    `steady_cpu_kernels` runs as its scripts did, with Grappler."""
+    """The port's scripts run with TensorFlow's defaults; a --baseline_checkout from the days its
+    scripts turned Grappler off on CPUs (`devices.steady_cpu_kernels`) runs as they did."""
     from common.runtime import devices
 
     if hasattr(devices, "steady_cpu_kernels"):

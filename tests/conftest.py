@@ -25,15 +25,10 @@ from helpers import REPO, serve_folder, shared_path  # noqa: E402
 
 sys.path.insert(0, REPO)
 
-from common.runtime import devices  # noqa: E402
-
 # The 2-replica tests need two devices; this must happen before TensorFlow starts.
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0],
     [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
-# As the scripts run (common/scripts/cli.py): Grappler off where no GPU is visible, so that
-# every test process runs the same CPU kernels.
-devices.steady_cpu_kernels()
 
 
 @pytest.fixture

@@ -112,45 +112,6 @@ def test_a_malformed_tf_config_is_one_clear_error(monkeypatch, tf_config):
         devices.training_strategy()
 
 
-def optimized_op_types():
-    """The op types of a new function's graph (a convolution, its bias and ReLU, and the input
-    gradient) as it runs, after TensorFlow's graph passes."""
-    from tensorflow.python.eager import context
-
-    kernel = tf.ones((3, 3, 1, 2))
-
-    @tf.function
-    def input_gradient(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"),
-                                                           tf.ones(2))))
-        return tape.gradient(loss, x)
-
-    context.context().enable_run_metadata()
-    try:
-        input_gradient(tf.ones((1, 4, 4, 1)))
-        graphs = context.context().export_run_metadata().function_graphs
-    finally:
-        context.context().disable_run_metadata()
-    return {node.op for graph in graphs for node in graph.post_optimization_graph.node}
-
-
-def test_steady_cpu_kernels_runs_graphs_as_traced():
-    # Grappler fuses the convolution, bias and ReLU into one kernel; with it off (on this machine
-    # without a GPU) the graph runs op for op as traced. The test processes run with it off, as
-    # the scripts do (conftest.py).
-    saved = tf.config.optimizer.get_experimental_options()
-    try:
-        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
-        assert "_FusedConv2D" in optimized_op_types()
-        assert devices.steady_cpu_kernels()
-        traced = optimized_op_types()
-        assert {"Conv2D", "BiasAdd", "Relu"} <= traced and "_FusedConv2D" not in traced
-    finally:
-        tf.config.optimizer.set_experimental_options(saved)
-
-
 def _functions_of(concrete):
     """{name: FunctionDef} of a traced function's graph, the graph itself under the name ""."""
     graph_def = concrete.graph.as_graph_def()

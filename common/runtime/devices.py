@@ -1,7 +1,7 @@
 """Which devices run the work: the local strategy, the training and evaluation strategies (one
 machine or a cluster named by `TF_CONFIG`), the chief task of a cluster, the same CPU kernels in
-every process (`steady_cpu_kernels`), and `Spread`, which runs a function on one consecutive
-slice of a batch per replica, on this machine or over a cluster."""
+every process (`loop_step`), and `Spread`, which runs a function on one consecutive slice of a
+batch per replica, on this machine or over a cluster."""
 
 import functools
 import json
@@ -108,22 +108,6 @@ def runs_on_cpu(strategy=None):
     if workers is None:
         return not tf.config.list_logical_devices("GPU")
     return all(tf.DeviceSpec.from_string(device).device_type == "CPU" for device in workers)
-
-
-def steady_cpu_kernels():
-    """Turns off Grappler, TensorFlow's graph optimizer, where no GPU is visible, so that every
-    process runs the same CPU kernels; call it before the first model or attack runs. Returns
-    whether it turned Grappler off.
-
-    With Grappler on, whether oneDNN took over the max-pool gradient changed from one process
-    to the next more often than with it off, and the attacks and training lost no speed with it
-    off (benchmarks/README.md). The cause of those slow processes lay in the graph loops, and
-    `loop_step` removes it. GPUs keep Grappler, whose layout optimizer serves them.
-    """
-    if tf.config.list_physical_devices("GPU"):
-        return False
-    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
-    return True
 
 
 def loop_step(function):

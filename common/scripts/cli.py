@@ -9,7 +9,6 @@ import textwrap
 
 from absl import app, flags, logging
 
-from common.runtime import devices
 from common.runtime.errors import UserError
 from common.scripts import config as config_lib
 from common.scripts import startup
@@ -98,7 +97,6 @@ def run(main, config_path=None):
     read or written) ends with `Error: ...` on stderr and exit status 1.
 
     With `config_path` (a challenge's config.json), `--config` and one flag per key are defined.
-    Where no GPU is visible, `main` runs with Grappler off (devices.steady_cpu_kernels).
     """
     if config_path is not None:
         config_lib.define_flags(config_path)
@@ -108,7 +106,6 @@ def run(main, config_path=None):
     def guarded_main(argv):
         if not (FLAGS.tf_log or startup.wants_tensorflow_log()):
             _quiet_tensorflow(std_logging.ERROR)
-        devices.steady_cpu_kernels()
         try:
             main(argv)
         except UserError as error:

@@ -121,7 +121,7 @@ def test_float16_training_scales_its_loss(policy, mnist_data):
     initial_scale = float(optimizer.dynamic_scale.numpy())
     batch = 10  # few images: float16 is slow on CPUs
     x, y = data.train_images[:batch], data.train_labels[:batch]
-    for _ in range(10):
+    for _ in range(7):  # the loss overflows float16 at the first 5 scales; 2 steps then apply
         metrics, _ = step(x, y, x.astype(np.float64), report=True)
     after = model.get_layer("fc1").kernel.numpy()
     assert after.dtype == np.float32 and np.all(np.isfinite(after))

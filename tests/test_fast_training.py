@@ -130,6 +130,23 @@ def test_a_few_step_training_attack_leaves_the_evaluation_attack_alone():
         load(MNIST, "--training_attack=[2,0.2]", "--training_method=fgsm_rs")).steps == 1
 
 
+def test_config_robust_holds_the_measured_recipe():
+    """config_robust.json is the recipe docs/training.md measured: 10 steps of 0.1 in training,
+    the original's 40 steps of 0.01 in evaluation, bfloat16 only where the CPU has it."""
+    config = load(MNIST, "--config=mnist_challenge/config_robust.json")
+    assert MNIST.training_attack_settings(config) == pgd.AttackSettings(
+        epsilon=EPSILON, steps=10, step_size=0.1, random_start=True)
+    assert MNIST.attack_settings(config) == pgd.AttackSettings(epsilon=EPSILON, steps=40,
+                                                               step_size=0.01, random_start=True)
+    assert (config["training_method"], config["training_precision"]) == ("pgd", "auto")
+    assert config["precision"] == "float32"
+    assert (config["max_num_training_steps"], config["training_batch_size"]) == (9500, 100)
+    assert config["epsilon_ramp_steps"] == 1900 and config["overfitting_check_steps"] == 500
+    assert config["learning_rate_schedule"] == "piecewise_linear"
+    assert config["step_size_schedule"] == [[0, 0.0], [3800, 0.002], [9500, 0.0]]
+    assert config["model_dir"].endswith("mnist_challenge/models/robust")
+
+
 @pytest.mark.slow
 def test_free_replays_equal_a_hand_written_loop(batch, initial_weights):
     x, y = batch

@@ -13,6 +13,10 @@ between processes ((max - min) / median) and the fraction of the fp32 matrix-mul
 With --baseline_checkout=DIR the port of another checkout of this repository takes the
 original's place (say `git worktree add ../before COMMIT`): a change measured against the code
 before it, the same workloads, the same alternation.
+
+`--precision=mixed_bfloat16` runs the port in bfloat16 (with --baseline_checkout, both ports): what
+the opt-in precision buys over the original, which computes in float32. The fraction of peak is
+still of the fp32 peak.
 """
 
 import json
@@ -69,6 +73,8 @@ flags.register_validator(
         bool(path) and os.path.isfile(os.path.join(path, "common", "attacks", "pgd.py"))),
     "--baseline_checkout must be a checkout of this repository (a folder holding "
     "common/attacks/pgd.py)")
+PRECISION = flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16"],
+                              "the port's precision (the original computes in float32)")
 SIDE = flags.DEFINE_enum("side", None, list(SIDES), "run one side of one workload in this "
                          "process and print its result (what the comparison starts)")
 flags.adopt_module_key_flags(peak)
@@ -164,8 +170,9 @@ def _as_the_scripts_run():
 
 
 def run_side(workload, side):
-    """{"examples_per_second", "flops_per_example"} of one side of one workload, measured in
-    this process (flops only on the port's side, from its Keras model)."""
+    """{"examples_per_second", "flops_per_example", "compute_dtype"} of one side of one
+    workload, measured in this process (flops and dtype only on the port's side, from its Keras
+    model)."""
     from benchmarks.flops import attack_flops_per_example, training_flops_per_example
 
     rng = np.random.default_rng(0)
@@ -177,7 +184,7 @@ def run_side(workload, side):
         count = MNIST_BATCHES.value if workload == "mnist_attack" else TRAINING_STEPS.value
         x = rng.uniform(0, 1, (batch, 784)).astype(np.float32)
     y = rng.integers(0, 10, batch)
-    flops = None
+    flops = compute_dtype = None
     if side == "original" and BASELINE_CHECKOUT.value:
         _import_from(BASELINE_CHECKOUT.value)
         side = "port"
@@ -185,7 +192,10 @@ def run_side(workload, side):
         run = _cifar_original(x, y) if workload == "cifar10_attack" else \
             _mnist_original(workload, x, y)
     else:
+        import keras
+
         _as_the_scripts_run()
+        keras.mixed_precision.set_global_policy(PRECISION.value)
         if workload == "cifar10_attack":
             model, run = _cifar_port(x, y)
             flops = attack_flops_per_example(model, CIFAR_STEPS.value)
@@ -194,13 +204,16 @@ def run_side(workload, side):
             counter = attack_flops_per_example if workload == "mnist_attack" else \
                 training_flops_per_example
             flops = counter(model, MNIST_STEPS.value)
+        compute_dtype = model.compute_dtype
     seconds = _timed(run, count)
-    return {"examples_per_second": batch * count / seconds, "flops_per_example": flops}
+    return {"examples_per_second": batch * count / seconds, "flops_per_example": flops,
+            "compute_dtype": compute_dtype}
 
 
 def _child(workload, side):
     """The result of one side of one workload, run in a new process with this one's sizes."""
-    sizes = [flag.serialize() for flag in (*SIZE_FLAGS, BASELINE_CHECKOUT) if flag.present]
+    sizes = [flag.serialize() for flag in (*SIZE_FLAGS, BASELINE_CHECKOUT, PRECISION)
+             if flag.present]
     process = subprocess.run(
         [sys.executable, os.path.abspath(__file__), f"--side={side}", f"--workloads={workload}",
          *sizes], capture_output=True, text=True)
@@ -227,6 +240,13 @@ def baseline_description():
     except OSError:  # no git on this machine
         commit = ""
     return f"the port in {path}" + (f" at {commit}" if commit else "")
+
+
+def precision_description():
+    """What each side computes in."""
+    if BASELINE_CHECKOUT.value:
+        return f"both ports compute in {PRECISION.value}"
+    return f"the port computes in {PRECISION.value}, the original in float32"
 
 
 def _spread(values):
@@ -257,8 +277,10 @@ def summarize(workload, results, peak_gflops):
     for side in SIDES:
         speeds = [result["examples_per_second"] for result in results[side]]
         fraction = statistics.median(speeds) * flops / 1e9 / peak_gflops
-        print(f"  {_label(side):9s} median {statistics.median(speeds):8.2f} examples/s, spread "
-              f"{_spread(speeds):.1%}, {fraction:.1%} of peak")
+        dtypes = "/".join(sorted({result["compute_dtype"] or "float32"
+                                  for result in results[side]}))
+        print(f"  {_label(side):9s} median {statistics.median(speeds):8.2f} examples/s in "
+              f"{dtypes}, spread {_spread(speeds):.1%}, {fraction:.1%} of peak")
     return statistics.median(ratios)
 
 
@@ -270,6 +292,7 @@ def main():
         return
     print(f"CPU: {peak.cpu_description()}")
     print(f"Baseline: {baseline_description()}")
+    print(f"Precision: {precision_description()}")
     peak_before = peak.flagged_peak_gflops()
     results = {workload: compare(workload, PAIRS.value) for workload in WORKLOAD.value}
     peak_gflops = max(peak_before, peak.flagged_peak_gflops())

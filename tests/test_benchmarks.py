@@ -182,22 +182,29 @@ def test_the_port_and_the_original_alternate_in_their_own_processes():
         assert re.search(rf"^{workload}: median ratio \d+\.\d{{3}} ", result.stdout, re.M)
     assert len(re.findall(r"^pair 1 \(port first\): port +\d+\.\d\d, original +\d+\.\d\d "
                           r"examples/s, ratio \d+\.\d{3}$", result.stdout, re.M)) == 3
-    assert len(re.findall(r"spread \d+\.\d%, \d+\.\d% of peak$", result.stdout, re.M)) == 6
+    assert len(re.findall(r"examples/s in float32, spread \d+\.\d%, \d+\.\d% of peak$",
+                          result.stdout, re.M)) == 6
+    assert re.search(r"^Precision: the port computes in float32, the original in float32$",
+                     result.stdout, re.M), result.stdout
 
 
 @pytest.mark.slow
-def test_a_checkout_takes_the_originals_place():
-    # The port against itself: the same code on both sides, named as the other checkout.
+def test_a_checkout_takes_the_originals_place_in_the_precision_asked():
+    # The port against itself: the same code on both sides, named as the other checkout, both
+    # in bfloat16 (each process reports the compute dtype its model was built with).
     result = run("benchmarks/versus_original.py", "--workloads=mnist_attack", "--pairs=1",
                     "--mnist_batch=2", "--mnist_batches=1", "--mnist_steps=1",
-                    f"--baseline_checkout={REPO}", "--peak_size=256", "--peak_products=2",
-                    "--peak_repeats=1", timeout=300)
+                    f"--baseline_checkout={REPO}", "--precision=mixed_bfloat16",
+                    "--peak_size=256", "--peak_products=2", "--peak_repeats=1", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.search(rf"^Baseline: the port in {re.escape(REPO)}( at \S+)?$",
                      result.stdout, re.M), result.stdout
+    assert re.search(r"^Precision: both ports compute in mixed_bfloat16$", result.stdout, re.M)
     assert re.search(r"^pair 1 \(port first\): port +\d+\.\d\d, checkout +\d+\.\d\d "
                      r"examples/s, ratio \d+\.\d{3}$", result.stdout, re.M), result.stdout
-    assert re.search(r"^  checkout +median .* of peak$", result.stdout, re.M)
+    for side in ("port", "checkout"):
+        assert re.search(rf"^  {side} +median +\d+\.\d\d examples/s in bfloat16, .* of peak$",
+                         result.stdout, re.M), result.stdout
 
 
 @pytest.mark.slow

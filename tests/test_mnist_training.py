@@ -143,3 +143,45 @@ def test_an_uneven_split_is_refused(two_replicas):
                           loss_fn=summed_xent)
     with pytest.raises(UserError, match="training_batch_size 5 does not split over 2 replicas"):
         step(np.zeros((5, 784), np.float32), np.zeros(5, np.int64), np.zeros((5, 784)))
+
+
+class FailingSource:
+    """A batch source that records the indices asked for and fails at `fail_at`."""
+
+    def __init__(self, fail_at=None):
+        self.asked, self.fail_at = [], fail_at
+        self.images = np.random.default_rng(0).uniform(0, 1, (4, 784)).astype(np.float32)
+
+    def __call__(self, index):
+        self.asked.append(index)
+        if index == self.fail_at:
+            raise OSError(f"the batch of step {index} could not be read")
+        return self.images, np.arange(4) + index % 6
+
+
+def train_four_steps(tmp_path, source):
+    model = mnist_model.Model()
+    attack = pgd.LinfPGDAttack(model, 0.3, 1, 0.1, True, "xent")
+    step = loop.TrainStep(tf.distribute.get_strategy(), model,
+                          keras.optimizers.Adam(learning_rate=1e-4),
+                          settings=attack.settings, loss_fn=summed_xent)
+    settings = loop.LoopSettings(model_dir=str(tmp_path), batch_size=4, max_steps=4,
+                                 output_steps=100, summary_steps=100, checkpoint_steps=100)
+    loop.train(settings, step, batch_for_step=source, seed=1,
+               to_images=lambda x: tf.reshape(x, (-1, 28, 28, 1)))
+
+
+def test_the_loop_asks_for_each_batch_once_in_order(tmp_path):
+    source = FailingSource()
+    train_four_steps(tmp_path, source)
+    assert source.asked == [0, 1, 2, 3]
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("checkpoint-4")
+
+
+def test_a_failing_batch_source_stops_training_with_its_own_error(tmp_path):
+    # Batches are prepared ahead in another thread; the error must still reach the caller as
+    # itself, at the step that needed the batch (the only checkpoint is step 0's).
+    source = FailingSource(fail_at=2)
+    with pytest.raises(OSError, match="^the batch of step 2 could not be read$"):
+        train_four_steps(tmp_path, source)
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("checkpoint-0")

@@ -16,6 +16,8 @@ an optional guard against catastrophic overfitting (common/training/overfitting.
 run whose robustness collapses.
 """
 
+import collections
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -259,19 +261,26 @@ def training_start(x_nat, settings, *, seed, step, method="pgd"):
 
 
 def _batches(train_step, batch_for_step, *, first_step, last_step, seed):
-    """Prefetched (x, y, start) global batches from `first_step` up to `last_step`; the steps
-    that replay a batch (free training) get that same batch."""
+    """(x, y, start) global batches from `first_step` up to `last_step`, each prepared in a
+    background thread PREFETCH_BATCHES steps ahead, so that a fast device need not wait for it;
+    the steps that replay a batch (free training) get that same batch. A thread rather than a
+    tf.data pipeline, which slows the training step itself while the process draws from it
+    (benchmarks/README.md, "The training loop's batches")."""
 
-    def generate():
+    def prepare(step):
+        x_batch, y_batch = batch_for_step(step // train_step.replays)
+        return (np.asarray(x_batch, np.float32), np.asarray(y_batch, np.int64),
+                train_step.start_points(x_batch, seed, step))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = collections.deque(
+            pool.submit(prepare, step)
+            for step in range(first_step, min(first_step + PREFETCH_BATCHES, last_step)))
         for step in range(first_step, last_step):
-            x_batch, y_batch = batch_for_step(step // train_step.replays)
-            yield x_batch, y_batch, train_step.start_points(x_batch, seed, step)
-
-    shape = (None, *train_step.model.input_shape[1:])
-    signature = (tf.TensorSpec(shape, tf.float32), tf.TensorSpec((None,), tf.int64),
-                 tf.TensorSpec(shape, tf.float64))
-    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
-    return iter(dataset.prefetch(PREFETCH_BATCHES))
+            batch = ahead.popleft().result()
+            if step + PREFETCH_BATCHES < last_step:
+                ahead.append(pool.submit(prepare, step + PREFETCH_BATCHES))
+            yield batch
 
 
 def _resume(checkpoint, model_dir):

@@ -264,8 +264,8 @@ def _batches(train_step, batch_for_step, *, first_step, last_step, seed):
     """(x, y, start) global batches from `first_step` up to `last_step`, each prepared in a
     background thread PREFETCH_BATCHES steps ahead, so that a fast device need not wait for it;
     the steps that replay a batch (free training) get that same batch. A thread rather than a
-    tf.data pipeline, which slows the training step itself while the process draws from it
-    (benchmarks/README.md, "The training loop's batches")."""
+    `tf.data.Dataset.from_generator`, which slows the training step itself while the process
+    draws from it (benchmarks/README.md, "The training loop's batches")."""
 
     def prepare(step):
         x_batch, y_batch = batch_for_step(step // train_step.replays)

@@ -114,7 +114,7 @@ def test_the_flag_reader_finds_each_kind_and_the_adopted_flags():
     assert "benchmarks" in defined_flags("benchmarks/")[1]
     tried = {argument.split("=")[0] for script in _scripts()
              for (argument,) in bad_arguments(script)}
-    assert {"--quick", "--side", "--batches", "--no_such_flag", "200"} <= tried
+    assert {"--quick", "--precision", "--batches", "--no_such_flag", "200"} <= tried
     assert len(_scripts()) >= 9
 
 

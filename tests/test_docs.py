@@ -248,6 +248,17 @@ def _npy_shape(path):
         return ast.literal_eval(npy.read(size).decode("latin1"))["shape"]
 
 
+def test_the_readmes_first_command_trains_as_the_quick_start_does():
+    """README.md's first block installs and trains: the training command after its `&&` is the
+    Quick start's first command, so the time and robustness the page gives are that command's."""
+    _, _, block = _code_blocks(_read(README))[0]
+    commands = [line for line in "\n".join(block).replace("\\\n", " ").splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    trains = [command.split("&&")[-1].split() for command in commands if "train.py" in command]
+    _, quick_start = _quick_start_block()
+    assert trains == [quick_start[0].split()], (trains, quick_start[0])
+
+
 @pytest.mark.slow
 def test_the_quick_start_runs(tmp_path, mnist_data):
     """Runs each command of README.md's Quick start block, in order, as written but shortened

@@ -49,7 +49,8 @@ def gradient_forms(batch, input_shape, kernel):
     few_channels = input_shape[-1] < layers.MIN_CHANNELS_FOR_CONVOLUTION_GRADIENT
     for form, gradient in layers.INPUT_GRADIENTS.items():
         if form != "depthwise" or few_channels:  # the depthwise form only where it may be used
-            forms[form] = lambda g, gradient=gradient: gradient(g, kernel)
+            forms[form] = lambda g, gradient=gradient: gradient(
+                g, layers.flipped_transposed(kernel))
     return forms
 
 

@@ -116,6 +116,57 @@ def test_both_layer_paths_give_the_same_logits_and_input_gradients(build, shape)
                                atol=1e-5 * np.abs(gradient).max())
 
 
+def _kernel_reads_in_the_steps(model, x, y, settings):
+    """How many ops inside PGD's graph loop (its body and the functions it calls) read or cast
+    a tensor of a kernel's shape."""
+    from common.attacks import pgd
+
+    @tf.function
+    def attack(x, y):
+        return pgd.pgd_steps(model, x, y, x_start=tf.cast(x, tf.float64), settings=settings)
+
+    kernels = {tuple(layer.kernel.shape) for layer in model.layers if hasattr(layer, "kernel")}
+    outer = attack.get_concrete_function(x, y).graph
+    inner, reads = list(outer._functions.values()), 0
+    while inner:
+        graph = inner.pop().graph
+        inner.extend(graph._functions.values())
+        reads += sum(op.type in ("ReadVariableOp", "Cast") and
+                     tuple(op.outputs[0].shape) in kernels for op in graph.get_operations())
+    return reads
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_an_attack_reads_and_casts_the_kernels_once_with_the_same_result(policy, monkeypatch):
+    """Inside an attack's steps the CPU-tuned layers take the kernels (cast to the compute
+    dtype) and the flipped kernels that `weights_read_once` read before the steps, and the
+    attack finds exactly the points it finds reading them at every step."""
+    from contextlib import nullcontext
+
+    from common.attacks import pgd
+    from common.runtime import precision
+
+    precision.set_precision(policy)
+    try:
+        keras.utils.set_random_seed(3)
+        model = mnist_model.Model(on_cpu=True)
+        rng = np.random.default_rng(5)
+        x = tf.constant(rng.uniform(0, 1, (6, 784)).astype(np.float32))
+        y = tf.constant(rng.integers(0, 10, 6))
+        settings = pgd.AttackSettings(epsilon=0.3, steps=4, step_size=0.1, random_start=False)
+        found, reads = [], []
+        for read_once in (layers.weights_read_once, lambda model: nullcontext()):
+            monkeypatch.setattr(layers, "weights_read_once", read_once)
+            reads.append(_kernel_reads_in_the_steps(model, x, y, settings))
+            found.append(pgd.pgd_steps(model, x, y, x_start=tf.cast(x, tf.float64),
+                                       settings=settings).numpy())
+    finally:
+        precision.set_precision("float32")
+    assert reads[0] == 0 and reads[1] >= 4, reads  # four kernels, read in every step before
+    np.testing.assert_array_equal(found[0], found[1])
+    assert np.abs(found[0] - x.numpy()).max() > 0.2  # the steps moved the points
+
+
 def test_the_devices_decide_which_layers_a_model_gets(two_replicas):
     assert devices.runs_on_cpu(two_replicas)
     assert devices.runs_on_cpu(tf.distribute.OneDeviceStrategy("/cpu:0"))

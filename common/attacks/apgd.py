@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from common.attacks import checks, losses, runs, threat_model
 from common.attacks.threat_model import ThreatModel, per_example
+from common.models import layers
 from common.runtime import devices, seeds
 
 FIRST_CHECKPOINT = 0.22  # p1
@@ -97,21 +98,22 @@ def apgd_steps(model, x_nat, labels, *, targets, noise, settings):
     """
     threat = settings.threat_model
     steps = STEPS[type(threat.ball)]
-    loss_and_gradient = devices.loop_step(
-        _loss_and_gradient(model, labels, targets=targets, settings=settings))
-    if not settings.large_reps:
-        _, x_broken, robust, step_size = steps(
-            loss_and_gradient, x_nat, labels, x_start=threat.noise_start(x_nat, noise),
-            threat=threat, num_iterations=settings.num_iterations, fresh=True)
+    with layers.weights_read_once(model):
+        loss_and_gradient = devices.loop_step(
+            _loss_and_gradient(model, labels, targets=targets, settings=settings))
+        if not settings.large_reps:
+            _, x_broken, robust, step_size = steps(
+                loss_and_gradient, x_nat, labels, x_start=threat.noise_start(x_nat, noise),
+                threat=threat, num_iterations=settings.num_iterations, fresh=True)
+            return x_broken, robust, step_size
+        x_best = threat.scaled(LARGE_REPS_EPSILONS[0]).noise_start(x_nat, noise)
+        for factor, iterations in zip(LARGE_REPS_EPSILONS,
+                                      large_reps_iterations(settings.num_iterations)):
+            stage = threat.scaled(factor)
+            x_best, x_broken, robust, step_size = steps(
+                loss_and_gradient, x_nat, labels, x_start=stage.project(x_best, x_nat),
+                threat=stage, num_iterations=iterations, fresh=False)
         return x_broken, robust, step_size
-    x_best = threat.scaled(LARGE_REPS_EPSILONS[0]).noise_start(x_nat, noise)
-    for factor, iterations in zip(LARGE_REPS_EPSILONS,
-                                  large_reps_iterations(settings.num_iterations)):
-        stage = threat.scaled(factor)
-        x_best, x_broken, robust, step_size = steps(
-            loss_and_gradient, x_nat, labels, x_start=stage.project(x_best, x_nat),
-            threat=stage, num_iterations=iterations, fresh=False)
-    return x_broken, robust, step_size
 
 
 def large_reps_iterations(num_iterations):

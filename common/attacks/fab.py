@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from common.attacks import checks, losses, runs, threat_model
 from common.attacks.threat_model import ThreatModel
+from common.models import layers
 from common.runtime import devices, seeds
 
 SMALLEST_NORM = 1e-8
@@ -175,27 +176,28 @@ def fab_steps(model, x_nat, labels, *, targets, noise, settings, targeted=True,
         x = threat.start_on_sphere(x, tf.reshape(noise, flat_shape), radius=0.5)
     best = x_original
     best_distance = tf.fill((batch,), np.inf)
-    for _ in tf.range(settings.num_iterations):
-        difference, gradient = difference_and_gradient(tf.reshape(x, tf.shape(x_nat)))
-        weights = tf.reshape(gradient, flat_shape)
-        biases = tf.reduce_sum(weights * x, axis=1) - difference
-        step_here = project_onto_hyperplane(x, weights, biases, pixel_range=pixel_range,
-                                            ball=threat.ball)
-        step_original = project_onto_hyperplane(x_original, weights, biases,
-                                                pixel_range=pixel_range, ball=threat.ball)
-        norm_here = tf.maximum(threat.norms(step_here), SMALLEST_NORM)
-        norm_original = tf.maximum(threat.norms(step_original), SMALLEST_NORM)
-        alpha = tf.clip_by_value(norm_here / (norm_here + norm_original), 0.0,
-                                 settings.alpha_max)[:, None]
-        x = tf.clip_by_value((x + settings.eta * step_here) * (1 - alpha)
-                             + (x_original + settings.eta * step_original) * alpha,
-                             *pixel_range)
-        adversarial = misclassified(tf.reshape(x, tf.shape(x_nat)))
-        distance = threat.norms(x - x_original)
-        closer = tf.logical_and(adversarial, distance < best_distance)
-        best = tf.where(closer[:, None], x, best)
-        best_distance = tf.where(closer, distance, best_distance)
-        x = tf.where(adversarial[:, None], x_original + (x - x_original) * settings.beta, x)
+    with layers.weights_read_once(model):
+        for _ in tf.range(settings.num_iterations):
+            difference, gradient = difference_and_gradient(tf.reshape(x, tf.shape(x_nat)))
+            weights = tf.reshape(gradient, flat_shape)
+            biases = tf.reduce_sum(weights * x, axis=1) - difference
+            step_here = project_onto_hyperplane(x, weights, biases, pixel_range=pixel_range,
+                                                ball=threat.ball)
+            step_original = project_onto_hyperplane(x_original, weights, biases,
+                                                    pixel_range=pixel_range, ball=threat.ball)
+            norm_here = tf.maximum(threat.norms(step_here), SMALLEST_NORM)
+            norm_original = tf.maximum(threat.norms(step_original), SMALLEST_NORM)
+            alpha = tf.clip_by_value(norm_here / (norm_here + norm_original), 0.0,
+                                     settings.alpha_max)[:, None]
+            x = tf.clip_by_value((x + settings.eta * step_here) * (1 - alpha)
+                                 + (x_original + settings.eta * step_original) * alpha,
+                                 *pixel_range)
+            adversarial = misclassified(tf.reshape(x, tf.shape(x_nat)))
+            distance = threat.norms(x - x_original)
+            closer = tf.logical_and(adversarial, distance < best_distance)
+            best = tf.where(closer[:, None], x, best)
+            best_distance = tf.where(closer, distance, best_distance)
+            x = tf.where(adversarial[:, None], x_original + (x - x_original) * settings.beta, x)
     return tf.reshape(best, tf.shape(x_nat)), best_distance
 
 

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from common.attacks import checks, losses
 from common.attacks.threat_model import ThreatModel
+from common.models import layers
 from common.runtime import devices, precision, seeds
 
 
@@ -95,12 +96,13 @@ def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=Non
     x = x_start
     seen = tf.TensorArray(tf.float32, size=settings.steps + 1)
     gradient_of = input_gradient if training else devices.loop_step(input_gradient)
-    for step in range(settings.steps) if training else tf.range(settings.steps):
-        grad, loss = gradient_of(model, tf.cast(x, tf.float32), labels, loss=settings.loss,
-                                 training=training, targets=targets, with_loss=True)
-        if trace:
-            seen = seen.write(step, loss)
-        x = threat.project(threat.step(x, grad, step_size), x_nat)
+    with layers.weights_read_once(model):
+        for step in range(settings.steps) if training else tf.range(settings.steps):
+            grad, loss = gradient_of(model, tf.cast(x, tf.float32), labels, loss=settings.loss,
+                                     training=training, targets=targets, with_loss=True)
+            if trace:
+                seen = seen.write(step, loss)
+            x = threat.project(threat.step(x, grad, step_size), x_nat)
     if not trace:
         return x
     logits = tf.cast(devices.call_model(model, tf.cast(x, tf.float32), training), tf.float32)

@@ -4,8 +4,12 @@ two input gradients computed by other, equal products that TensorFlow's CPU kern
 On GPUs, cuDNN's and cuBLAS's own kernels are the ones to trust, so `layer_classes(on_cpu)` gives
 these layers only where the model runs on CPUs, and Keras' own elsewhere. Both have the same
 weights under the same names, so a checkpoint fits either. The timings behind the choices are in
-benchmarks/README.md.
+benchmarks/README.md. Inside an attack's steps these layers take their kernels as read once
+before the steps (`weights_read_once`).
 """
+
+import contextlib
+import threading
 
 import keras
 import tensorflow as tf
@@ -35,8 +39,9 @@ def input_gradient_form(input_channels, features=None):
     return "depthwise" if depthwise_gradient_wins(features) else "tensorflow"
 
 
-def _flipped_transposed(kernel):
-    """The kernel flipped in space with input and output channels swapped."""
+def flipped_transposed(kernel):
+    """The kernel flipped in space with input and output channels swapped: the kernel of the
+    input gradient's forms."""
     return tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
 
 
@@ -46,42 +51,76 @@ def _kernel_gradient(inputs, kernel, output_gradient):
         strides=[1, 1, 1, 1], padding="SAME")
 
 
-def convolution_input_gradient(output_gradient, kernel):
+def convolution_input_gradient(output_gradient, flipped):
     """The input gradient of a stride-1 'same' convolution with an odd kernel, as a forward
-    convolution of the output gradient with the flipped, channel-swapped kernel."""
-    return tf.nn.conv2d(output_gradient, _flipped_transposed(kernel), 1, "SAME")
+    convolution of the output gradient with the kernel `flipped` (`flipped_transposed`)."""
+    return tf.nn.conv2d(output_gradient, flipped, 1, "SAME")
 
 
-def depthwise_input_gradient(output_gradient, kernel):
+def depthwise_input_gradient(output_gradient, flipped):
     """The same input gradient as one depthwise convolution, each output channel's gradient with
-    its flipped kernel slices, giving (output channel, input channel) pairs, then summed over
-    the output channels."""
-    flipped = _flipped_transposed(kernel)  # [height, width, out, in]
+    its slices of `flipped` ([height, width, out, in]), giving (output channel, input channel)
+    pairs, then summed over the output channels."""
     pairs = tf.nn.depthwise_conv2d(output_gradient, flipped, [1, 1, 1, 1], "SAME")
     shape = tf.shape(pairs)
     pairs = tf.reshape(pairs, tf.concat([shape[:3], tf.shape(flipped)[2:]], 0))
     return tf.reduce_sum(pairs, axis=3)
 
 
-def _same_convolution_with(input_gradient):
-    """A stride-1 'same' convolution whose input gradient is `input_gradient(g, kernel)`."""
+def _same_convolution(inputs, kernel, *, input_gradient, flipped=None):
+    """A stride-1 'same' convolution whose input gradient is `input_gradient(g, flipped)`, the
+    flipped kernel made from `kernel` where the gradient is taken unless given."""
 
     @tf.custom_gradient
     def convolution(inputs, kernel):
         def gradient(output_gradient):
-            return (input_gradient(output_gradient, kernel),
+            flipped_kernel = flipped_transposed(kernel) if flipped is None else flipped
+            return (input_gradient(output_gradient, flipped_kernel),
                     _kernel_gradient(inputs, kernel, output_gradient))
 
         return tf.nn.conv2d(inputs, kernel, 1, "SAME"), gradient
 
-    return convolution
+    return convolution(inputs, kernel)
 
 
 # The forms of `input_gradient_form` other than TensorFlow's own, by name.
 INPUT_GRADIENTS = {"convolution": convolution_input_gradient,
                    "depthwise": depthwise_input_gradient}
-_CONVOLUTIONS = {form: _same_convolution_with(gradient)
-                 for form, gradient in INPUT_GRADIENTS.items()}
+
+# Per thread (each replica of a strategy traces in its own), what `weights_read_once` read:
+# {id(layer): (kernel in the compute dtype, the flipped kernel or None)}.
+_read_once = threading.local()
+
+
+@contextlib.contextmanager
+def weights_read_once(model):
+    """While an attack's steps are traced: the CPU-tuned layers of `model` take their kernel,
+    cast to their compute dtype, and the flipped kernel of their input gradient as computed
+    here, once, rather than reading, casting and flipping them again in every step, which the
+    weights, the same throughout an attack, do not need (the gain, in mixed_bfloat16 most, is in
+    benchmarks/README.md). Other layers, and models that are not Keras models, read their
+    weights as always."""
+    previous = getattr(_read_once, "weights", {})
+    _read_once.weights = {**previous, **{id(layer): layer.weights_for_steps()
+                                         for layer in _tuned_layers(model)}}
+    try:
+        yield
+    finally:
+        _read_once.weights = previous
+
+
+def _tuned_layers(model):
+    """The built layers of this module in `model`, those of nested models included."""
+    for layer in getattr(model, "layers", ()):
+        if isinstance(layer, (Conv2D, Dense)):
+            if layer.built:
+                yield layer
+        else:
+            yield from _tuned_layers(layer)
+
+
+def _weights_read_once(layer):
+    return getattr(_read_once, "weights", {}).get(id(layer))
 
 
 class Conv2D(keras.layers.Conv2D):
@@ -97,10 +136,25 @@ class Conv2D(keras.layers.Conv2D):
     """
 
     def convolution_op(self, inputs, kernel):
-        form = input_gradient_form(kernel.shape[2]) if self._same_odd_unit_stride() else None
-        if form in _CONVOLUTIONS:
-            return _CONVOLUTIONS[form](inputs, tf.convert_to_tensor(kernel))
-        return super().convolution_op(inputs, kernel)
+        kernel, flipped = _weights_read_once(self) or (kernel, None)
+        form = self._input_gradient_form()
+        if form not in INPUT_GRADIENTS:
+            return super().convolution_op(inputs, kernel)
+        return _same_convolution(inputs, tf.convert_to_tensor(kernel),
+                                 input_gradient=INPUT_GRADIENTS[form], flipped=flipped)
+
+    def weights_for_steps(self):
+        """(the kernel in the compute dtype, its flipped kernel where this layer's input
+        gradient takes one, else None), for `weights_read_once`."""
+        kernel = tf.cast(tf.convert_to_tensor(self.kernel), self.compute_dtype)
+        flipped = flipped_transposed(kernel) if self._input_gradient_form() in INPUT_GRADIENTS \
+            else None
+        return kernel, flipped
+
+    def _input_gradient_form(self):
+        if not self._same_odd_unit_stride():
+            return None
+        return input_gradient_form(self.kernel.shape[2])
 
     def _same_odd_unit_stride(self):
         return (tuple(self.strides) == (1, 1) and self.padding == "same"
@@ -129,12 +183,18 @@ class Dense(keras.layers.Dense):
     TensorFlow's CPU kernels ran faster than its own gradient @ kernel^T."""
 
     def call(self, inputs, training=None):
-        outputs = _matmul(inputs, tf.convert_to_tensor(self.kernel))
+        kernel, _ = _weights_read_once(self) or (tf.convert_to_tensor(self.kernel), None)
+        outputs = _matmul(inputs, kernel)
         if self.bias is not None:
             outputs = outputs + self.bias
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
+
+
+    def weights_for_steps(self):
+        """(the kernel in the compute dtype, None), for `weights_read_once`."""
+        return tf.cast(tf.convert_to_tensor(self.kernel), self.compute_dtype), None
 
 
 def layer_classes(on_cpu):

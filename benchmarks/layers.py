@@ -6,7 +6,11 @@ equal products, the forms taking turns round after round in one process.
   depthwise form (used below 8 input channels where `layers.depthwise_gradient_wins()`);
 - conv2 (32 input channels): Conv2DBackpropInput and the forward-convolution form (used from 8
   input channels on every CPU);
-- fc1: gradient @ kernel^T and (kernel @ gradient^T)^T (used on every CPU).
+- fc1: gradient @ kernel^T, (kernel @ gradient^T)^T (used on every CPU outside attacks) and
+  gradient @ the kernel transposed beforehand (used in attacks' steps).
+
+The convolution forms' flipped kernel and fc1's transposed kernel are made once, before the
+rounds, as an attack makes them once before its steps (`layers.weights_read_once`).
 
 Prints, per layer and form, the best milliseconds of --rounds, GFLOP/s and the fraction of the
 fp32 matrix-multiply peak, then the fastest form and the form the port uses on this CPU. Run from
@@ -41,25 +45,28 @@ def gradient_forms(batch, input_shape, kernel):
     from common.models import layers
 
     if len(input_shape) == 1:
+        transposed = tf.transpose(kernel)  # as an attack's steps take it, made before them
         return {"tensorflow": lambda g: tf.matmul(g, kernel, transpose_b=True),
-                "transposed product": lambda g: layers.dense_input_gradient(g, kernel)}
+                "transposed product": lambda g: layers.dense_input_gradient(g, kernel),
+                "pretransposed product": lambda g: tf.matmul(g, transposed)}
     sizes = tf.constant((batch, *input_shape))
     forms = {"tensorflow": lambda g: tf.raw_ops.Conv2DBackpropInput(
         input_sizes=sizes, filter=kernel, out_backprop=g, strides=[1, 1, 1, 1], padding="SAME")}
+    flipped = layers.flipped_transposed(kernel)  # as an attack's steps take it, made before them
     few_channels = input_shape[-1] < layers.MIN_CHANNELS_FOR_CONVOLUTION_GRADIENT
     for form, gradient in layers.INPUT_GRADIENTS.items():
         if form != "depthwise" or few_channels:  # the depthwise form only where it may be used
-            forms[form] = lambda g, gradient=gradient: gradient(
-                g, layers.flipped_transposed(kernel))
+            forms[form] = lambda g, gradient=gradient: gradient(g, flipped)
     return forms
 
 
 def form_in_use(input_shape):
-    """The form the port's CPU-tuned layer takes for this layer on this CPU."""
+    """The form the port's CPU-tuned layer takes for this layer on this CPU in an attack's
+    steps."""
     from common.models import layers
 
     if len(input_shape) == 1:
-        return "transposed product"
+        return "pretransposed product"
     return layers.input_gradient_form(input_shape[-1])
 
 

@@ -226,7 +226,8 @@ def test_the_layers_benchmark_times_every_form_and_names_the_one_in_use():
     result = run("benchmarks/", "--quick", "--benchmarks=layers")
     assert result.returncode == 0, result.stderr[-2000:]
     forms = {"conv1": {"tensorflow", "convolution", "depthwise"},
-             "conv2": {"tensorflow", "convolution"}, "fc1": {"tensorflow", "transposed product"}}
+             "conv2": {"tensorflow", "convolution"},
+             "fc1": {"tensorflow", "transposed product", "pretransposed product"}}
     in_use = {}
     for layer, names in forms.items():
         timed = set(re.findall(rf"^{layer} +(\w+(?: product)?) +\d+\.\d\d ms +\d+\.\d "
@@ -239,7 +240,8 @@ def test_the_layers_benchmark_times_every_form_and_names_the_one_in_use():
     from common.models import layers  # here, so that the other tests load no TensorFlow
 
     few_channels = "depthwise" if layers.depthwise_gradient_wins() else "tensorflow"
-    assert in_use == {"conv1": few_channels, "conv2": "convolution", "fc1": "transposed product"}
+    assert in_use == {"conv1": few_channels, "conv2": "convolution",
+                      "fc1": "pretransposed product"}
 
 
 @pytest.mark.slow

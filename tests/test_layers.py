@@ -117,32 +117,35 @@ def test_both_layer_paths_give_the_same_logits_and_input_gradients(build, shape)
 
 
 def _kernel_reads_in_the_steps(model, x, y, settings):
-    """How many ops inside PGD's graph loop (its body and the functions it calls) read or cast
-    a tensor of a kernel's shape."""
+    """How many ops inside PGD's graph loop (its body and the functions it calls) read, cast,
+    flip or transpose a kernel: ops of those types whose output has the shape of a kernel, of a
+    kernel with its last two axes swapped, or of a dense kernel transposed."""
     from common.attacks import pgd
 
     @tf.function
     def attack(x, y):
         return pgd.pgd_steps(model, x, y, x_start=tf.cast(x, tf.float64), settings=settings)
 
-    kernels = {tuple(layer.kernel.shape) for layer in model.layers if hasattr(layer, "kernel")}
+    shapes = set()
+    for layer in model.layers:
+        if hasattr(layer, "kernel"):
+            shape = tuple(layer.kernel.shape)
+            shapes |= {shape, shape[:-2] + shape[:-3:-1]}
     outer = attack.get_concrete_function(x, y).graph
     inner, reads = list(outer._functions.values()), 0
     while inner:
         graph = inner.pop().graph
         inner.extend(graph._functions.values())
-        reads += sum(op.type in ("ReadVariableOp", "Cast") and
-                     tuple(op.outputs[0].shape) in kernels for op in graph.get_operations())
+        reads += sum(op.type in ("ReadVariableOp", "Cast", "ReverseV2", "Transpose") and
+                     tuple(op.outputs[0].shape) in shapes for op in graph.get_operations())
     return reads
 
 
-@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
-def test_an_attack_reads_and_casts_the_kernels_once_with_the_same_result(policy, monkeypatch):
-    """Inside an attack's steps the CPU-tuned layers take the kernels (cast to the compute
-    dtype) and the flipped kernels that `weights_read_once` read before the steps, and the
-    attack finds exactly the points it finds reading them at every step."""
-    from contextlib import nullcontext
-
+@pytest.mark.parametrize("policy, tolerance", [("float32", 1e-5), ("mixed_bfloat16", 2e-2)])
+def test_an_attack_reads_the_kernels_once_for_the_same_gradients(policy, tolerance):
+    """Inside PGD's steps the CPU-tuned layers read, cast, flip and transpose no kernel: they
+    take what `weights_read_once` made before the steps; with those, the model's input gradient
+    is the one it has reading its weights (to the round-off of the compute dtype)."""
     from common.attacks import pgd
     from common.runtime import precision
 
@@ -154,17 +157,16 @@ def test_an_attack_reads_and_casts_the_kernels_once_with_the_same_result(policy,
         x = tf.constant(rng.uniform(0, 1, (6, 784)).astype(np.float32))
         y = tf.constant(rng.integers(0, 10, 6))
         settings = pgd.AttackSettings(epsilon=0.3, steps=4, step_size=0.1, random_start=False)
-        found, reads = [], []
-        for read_once in (layers.weights_read_once, lambda model: nullcontext()):
-            monkeypatch.setattr(layers, "weights_read_once", read_once)
-            reads.append(_kernel_reads_in_the_steps(model, x, y, settings))
-            found.append(pgd.pgd_steps(model, x, y, x_start=tf.cast(x, tf.float64),
-                                       settings=settings).numpy())
+        reads = _kernel_reads_in_the_steps(model, x, y, settings)
+        with layers.weights_read_once(model):
+            read_once = pgd.input_gradient(model, x, y, "xent").numpy()
+        read_each_time = pgd.input_gradient(model, x, y, "xent").numpy()
     finally:
         precision.set_precision("float32")
-    assert reads[0] == 0 and reads[1] >= 4, reads  # four kernels, read in every step before
-    np.testing.assert_array_equal(found[0], found[1])
-    assert np.abs(found[0] - x.numpy()).max() > 0.2  # the steps moved the points
+    assert reads == 0
+    assert np.abs(read_each_time).max() > 0
+    np.testing.assert_allclose(read_once, read_each_time, rtol=0,
+                               atol=tolerance * np.abs(read_each_time).max())
 
 
 def test_the_devices_decide_which_layers_a_model_gets(two_replicas):

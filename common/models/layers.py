@@ -88,18 +88,18 @@ INPUT_GRADIENTS = {"convolution": convolution_input_gradient,
                    "depthwise": depthwise_input_gradient}
 
 # Per thread (each replica of a strategy traces in its own), what `weights_read_once` read:
-# {id(layer): (kernel in the compute dtype, the flipped kernel or None)}.
+# {id(layer): (the kernel in the compute dtype, the form its input gradient takes or None)}.
 _read_once = threading.local()
 
 
 @contextlib.contextmanager
 def weights_read_once(model):
     """While an attack's steps are traced: the CPU-tuned layers of `model` take their kernel,
-    cast to their compute dtype, and the flipped kernel of their input gradient as computed
-    here, once, rather than reading, casting and flipping them again in every step, which the
-    weights, the same throughout an attack, do not need (the gain, in mixed_bfloat16 most, is in
-    benchmarks/README.md). Other layers, and models that are not Keras models, read their
-    weights as always."""
+    cast to their compute dtype, and the form of it their input gradient takes (a convolution's
+    flipped kernel, a dense layer's transposed one) as computed here, once, rather than reading,
+    casting and flipping them again in every step, which the weights, the same throughout an
+    attack, do not need (the gains are in benchmarks/README.md). Other layers, and models that
+    are not Keras models, read their weights as always."""
     previous = getattr(_read_once, "weights", {})
     _read_once.weights = {**previous, **{id(layer): layer.weights_for_steps()
                                          for layer in _tuned_layers(model)}}
@@ -168,33 +168,43 @@ def dense_input_gradient(output_gradient, kernel):
     return tf.transpose(tf.matmul(kernel, output_gradient, transpose_b=True))
 
 
-@tf.custom_gradient
-def _matmul(inputs, kernel):
-    def gradient(output_gradient):
-        input_gradient = dense_input_gradient(output_gradient, kernel)
-        kernel_gradient = tf.matmul(inputs, output_gradient, transpose_a=True)
-        return input_gradient, kernel_gradient
+def _product(inputs, kernel, *, transposed=None):
+    """`inputs @ kernel`, whose input gradient is gradient @ `transposed` (the kernel transposed
+    beforehand) where given, else `dense_input_gradient`."""
 
-    return tf.matmul(inputs, kernel), gradient
+    @tf.custom_gradient
+    def product(inputs, kernel):
+        def gradient(output_gradient):
+            if transposed is None:
+                input_gradient = dense_input_gradient(output_gradient, kernel)
+            else:
+                input_gradient = tf.matmul(output_gradient, transposed)
+            return input_gradient, tf.matmul(inputs, output_gradient, transpose_a=True)
+
+        return tf.matmul(inputs, kernel), gradient
+
+    return product(inputs, kernel)
 
 
 class Dense(keras.layers.Dense):
     """keras.layers.Dense whose input gradient is computed as (kernel @ gradient^T)^T, which
-    TensorFlow's CPU kernels ran faster than its own gradient @ kernel^T."""
+    TensorFlow's CPU kernels ran faster than its own gradient @ kernel^T; inside an attack's
+    steps as gradient @ kernel^T against the kernel transposed once before them
+    (`weights_read_once`), faster still in float32."""
 
     def call(self, inputs, training=None):
-        kernel, _ = _weights_read_once(self) or (tf.convert_to_tensor(self.kernel), None)
-        outputs = _matmul(inputs, kernel)
+        kernel, transposed = _weights_read_once(self) or (tf.convert_to_tensor(self.kernel), None)
+        outputs = _product(inputs, kernel, transposed=transposed)
         if self.bias is not None:
             outputs = outputs + self.bias
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
 
-
     def weights_for_steps(self):
-        """(the kernel in the compute dtype, None), for `weights_read_once`."""
-        return tf.cast(tf.convert_to_tensor(self.kernel), self.compute_dtype), None
+        """(the kernel in the compute dtype, the kernel transposed), for `weights_read_once`."""
+        kernel = tf.cast(tf.convert_to_tensor(self.kernel), self.compute_dtype)
+        return kernel, tf.transpose(kernel)
 
 
 def layer_classes(on_cpu):

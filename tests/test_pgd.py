@@ -240,3 +240,27 @@ def test_an_l2_step_moves_by_the_step_size_along_the_gradient():
                      random_start=False, loss="margin", pixel_range=(-10, 10))
     np.testing.assert_allclose(attack.perturb(x_nat, [0]) - x_nat, [[-0.1, -0.2, -0.2]],
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("norm, epsilon", [("Linf", 0.3), ("L2", 1.0), ("L1", 2.0)])
+def test_a_scaled_attack_is_the_attack_built_at_its_epsilon_from_one_trace(norm, epsilon):
+    """PGD.scaled(f) gives, point for point, what PGD built at f times epsilon and the step size
+    gives (random starts and restarts included, and the loss trace), while the traced steps of
+    the attack scaled serve every factor."""
+    model = tiny_model()
+    x = np.random.default_rng(0).uniform(size=(16, 12)).astype(np.float32)
+    y = np.arange(16) % 3
+    options = dict(norm=norm, steps=4, restarts=2, seed=5)
+    base = pgd.PGD(model, epsilon=epsilon, step_size=epsilon / 3, **options)
+    for factor in (0.25, 1.5, 0.7, 0.0, 1.0):
+        built = pgd.PGD(model, epsilon=epsilon * factor, step_size=epsilon / 3 * factor,
+                        **options)
+        scaled = base.scaled(factor)
+        assert scaled.settings == built.settings and base.settings.epsilon == epsilon
+        np.testing.assert_array_equal(scaled.attack_float64(x, y), built.attack_float64(x, y))
+        for got, expected in zip(scaled.perturb_with_losses(x, y), built.perturb_with_losses(x, y)):
+            np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(base.scaled(0.5).perturb(x, y), base.perturb(x, y))
+    assert base._spread_attack.tracing_count() == base._spread_traced.tracing_count() == 1
+    with pytest.raises(ValueError, match=r"factor must be at least 0.0. Received: factor=-1"):
+        base.scaled(-1)

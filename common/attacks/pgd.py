@@ -6,6 +6,7 @@ float64 and the model sees it cast to float32: a float32 iterate drifts from the
 few percent of pixels over 40 steps.
 """
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -80,7 +81,8 @@ def pgd_steps(model, x_nat, labels, x_start, settings, training=False, scale=Non
     With `training`, batch norm updates its averages and, over several replicas, synchronizes
     its statistics, which TensorFlow cannot do inside a graph loop: the steps are then unrolled
     in Python; otherwise they run in a graph loop, which traces once for any number of steps.
-    `scale` (a float32 scalar, training's epsilon ramp) multiplies epsilon and the step size.
+    `scale` (a scalar tensor: float32, training's epsilon ramp; float64, PGD.scaled) multiplies
+    epsilon and the step size.
     The `targeted` loss aims at the most likely wrong class of the natural image.
     With `trace`, returns (the iterate, the loss maximised per example at the start and after
     each step: shape steps + 1, batch).
@@ -151,6 +153,9 @@ class PGD:
         strategy: spreads each batch over its replicas (by default the one in scope, else every
             local GPU: devices.default_strategy).
         jit_compile: compiles the steps with XLA.
+
+    `scaled(factor)` is the same attack at epsilon and step size times `factor`, running the
+    steps this one traced: a sweep over epsilon traces once.
     """
 
     def __init__(self, model, *, epsilon, norm="Linf", steps=40, step_size=None, loss="xent",
@@ -164,8 +169,9 @@ class PGD:
         self.threat_model = self.settings.threat_model
         self.model = model
         self.restarts = int(restarts)
-        self.rng = np.random.default_rng() if seed is None else \
-            seeds.generator(seed, seeds.ATTACK_STARTS)
+        self.seed = seed
+        self.rng = self._new_rng()
+        self._scale = np.float64(1.0)  # times the settings its traced steps were built with
         self.strategy = strategy or devices.default_strategy()
         self._spread_attack = devices.Spread(self.strategy, self._attack_batch, jit_compile)
         self._spread_traced = devices.Spread(self.strategy, self._traced_batch, jit_compile)
@@ -180,12 +186,32 @@ class PGD:
                    random_start=settings.random_start, pixel_range=settings.pixel_range,
                    **options)
 
-    def _attack_batch(self, x_nat, labels, x_start):
-        return pgd_steps(self.model, x_nat, labels, x_start=x_start, settings=self.settings)
+    def _new_rng(self):
+        return np.random.default_rng() if self.seed is None else \
+            seeds.generator(self.seed, seeds.ATTACK_STARTS)
 
-    def _traced_batch(self, x_nat, labels, x_start):
+    def scaled(self, factor):
+        """This attack with epsilon and the step size times `factor` (at least 0), drawing its
+        random starts as a new attack of the same seed would. It runs the steps this attack
+        traced, with the factor as an input (float64): the same points as an attack built at
+        `epsilon * factor` and `step_size * factor`."""
+        checks.check_keywords(factor=(factor, 0.0))
+        attack = copy.copy(self)
+        attack.settings = dataclasses.replace(self.settings,
+                                              epsilon=self.settings.epsilon * factor,
+                                              step_size=self.settings.step_size * factor)
+        attack.threat_model = attack.settings.threat_model
+        attack.rng = attack._new_rng()
+        attack._scale = np.float64(self._scale * factor)
+        return attack
+
+    def _attack_batch(self, x_nat, labels, x_start, scale):
+        return pgd_steps(self.model, x_nat, labels, x_start=x_start, settings=self.settings,
+                         scale=scale)
+
+    def _traced_batch(self, x_nat, labels, x_start, scale):
         x, seen = pgd_steps(self.model, x_nat, labels, x_start=x_start, settings=self.settings,
-                            trace=True)
+                            scale=scale, trace=True)
         return x, tf.transpose(seen)
 
     def _score_batch(self, x, labels):
@@ -217,14 +243,14 @@ class PGD:
         """The adversarial examples as the float64 iterate holds them; with `start`, the first
         restart begins there instead of at a drawn start point."""
         x_nat, y, start = self._checked(x_nat, y, start)
-        return self._restarted(x_nat, y, self._spread_attack(x_nat, y, start))
+        return self._restarted(x_nat, y, self._spread_attack(x_nat, y, start, self._scale))
 
     def perturb_with_losses(self, x, y):
         """`perturb(x, y)`, and the loss the attack maximises per example at the start and after
         each step of its first restart (shape: batch, steps + 1): whether the attack made
         progress."""
         x_nat, y, start = self._checked(x, y, None)
-        first, seen = self._spread_traced(x_nat, y, start)
+        first, seen = self._spread_traced(x_nat, y, start, self._scale)
         return self._restarted(x_nat, y, first).astype(np.float32), seen
 
     def _restarted(self, x_nat, y, best):
@@ -233,7 +259,7 @@ class PGD:
             return best
         best_loss, best_wrong = self._spread_score(best.astype(np.float32), y)
         for _ in range(self.restarts - 1):
-            x_adv = self._spread_attack(x_nat, y, self.start_point(x_nat))
+            x_adv = self._spread_attack(x_nat, y, self.start_point(x_nat), self._scale)
             loss, wrong = self._spread_score(x_adv.astype(np.float32), y)
             better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
             best[better] = x_adv[better]

@@ -132,7 +132,7 @@ class LinfBall(Ball):
         """`x` clipped to `x_nat` +- epsilon and the pixel range, the bounds in float32 as the
         original's numpy loop computes them beside its float64 iterate."""
         low, high = pixel_range
-        x_nat = tf.cast(x_nat, tf.float32)
+        x_nat, epsilon = tf.cast(x_nat, tf.float32), tf.cast(epsilon, tf.float32)
         lower = tf.maximum(tf.cast(x_nat - epsilon, x.dtype), low)
         upper = tf.minimum(tf.cast(x_nat + epsilon, x.dtype), high)
         return tf.clip_by_value(x, lower, upper)
@@ -336,7 +336,8 @@ class ThreatModel:
         return BALLS[self.norm]
 
     def scaled(self, factor):
-        """The same threat model with epsilon times `factor` (a float or a scalar tensor)."""
+        """The same threat model with epsilon times `factor` (a float or a scalar tensor,
+        float32 as training's epsilon ramp or float64 as PGD.scaled)."""
         return dataclasses.replace(self, epsilon=self.epsilon * factor)
 
     def norms(self, x):

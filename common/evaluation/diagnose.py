@@ -156,13 +156,6 @@ def largest_epsilon(threat, example_shape):
     return float(threat.norms(tf.cast(full, tf.float64)).numpy()[0])
 
 
-def _scaled_pgd(run, settings, factor, *, seed):
-    """PGD of `settings` with epsilon and the step size times `factor`."""
-    scaled = dataclasses.replace(settings, epsilon=settings.epsilon * factor,
-                                 step_size=settings.step_size * factor)
-    return PGD.from_settings(run.model, scaled, seed=seed, strategy=run.strategy)
-
-
 def _reported(run, attack):
     """(which examples the reported attack breaks, its loss per example and step)."""
     everything = np.arange(len(run.y))
@@ -212,25 +205,24 @@ def _stronger(run, settings, robust):
     return broken, trace
 
 
-def _unbounded(run, settings, correct):
-    """Which examples classified correctly PGD of `settings` leaves so with epsilon as large as
-    the pixel range allows."""
+def _unbounded(run, scalable, correct):
+    """Which examples classified correctly the PGD `scalable` leaves so with epsilon as large as
+    the pixel range allows (its step size scaled alike)."""
     factor = largest_epsilon(run.threat, run.x.shape[1:]) / run.threat.epsilon
-    attack = _scaled_pgd(run, settings, factor, seed=run.seed)
+    attack = scalable.scaled(factor)
     return correct & ~run.broken_by(attack.perturb, np.flatnonzero(correct))
 
 
-def _grid(run, settings, correct, reported_broken):
-    """Per attack (the reported PGD, APGD-CE), which examples it breaks at each of
-    EPSILON_FACTORS times epsilon, attacking only those classified correctly."""
-    todo = np.flatnonzero(correct)
+def _grid(run, scalable, correct, reported_broken):
+    """Per attack (the reported PGD, scaled from `scalable`; APGD-CE), which examples it breaks
+    at each of EPSILON_FACTORS times epsilon, attacking only those classified correctly."""
+    settings, todo = scalable.settings, np.flatnonzero(correct)
     pgd_broken, apgd_broken = [], []
     for factor in EPSILON_FACTORS:
         if factor == 1.0:
             pgd_broken.append(reported_broken)
         else:
-            attack = _scaled_pgd(run, settings, factor, seed=run.seed)
-            pgd_broken.append(run.broken_by(attack.perturb, todo))
+            pgd_broken.append(run.broken_by(scalable.scaled(factor).perturb, todo))
         apgd = APGD(run.model, epsilon=run.threat.epsilon * factor, norm=run.threat.norm,
                     loss="xent", eot_iterations=run.eot, pixel_range=run.threat.pixel_range,
                     seed=run.seed, strategy=run.strategy)
@@ -345,9 +337,11 @@ def _diagnosis(run, attack, *, early, first_logits, progress):
     robust_after_reported = correct & ~reported_broken
     stronger_broken, stronger_trace = _stronger(run, settings, robust_after_reported)
     stage(3)
-    left = _unbounded(run, settings, correct)
+    # One trace serves every epsilon of the reported PGD's (one restart) below.
+    scalable = PGD.from_settings(run.model, settings, seed=run.seed, strategy=run.strategy)
+    left = _unbounded(run, scalable, correct)
     stage(4)
-    grid = _grid(run, settings, correct, reported_broken)
+    grid = _grid(run, scalable, correct, reported_broken)
     stage(5)
     vanishing = _vanishing_gradients(run)
     bar.update(len(STAGES) - bar.n)

@@ -188,37 +188,46 @@ def accuracy_under_attack(ledger, key, *, attack, score, x, y, batch_size):
                         "seconds": progress["seconds"]})
 
 
-def _row_job(run, key, row, *, settings, attacked_model):
-    """The accuracy of run.model under `row` crafted on `attacked_model`, at `settings`."""
+def _row_job(run, key, row, *, attack):
+    """The accuracy of run.model under `row`'s attack, made when the job runs by `attack()`
+    (None: natural)."""
     score = robustness.scoring_function(run.model, run.strategy)
 
     def compute(ledger):
-        attack = None if settings is None else run.attack(attacked_model, settings, row.restarts)
-        accuracy_under_attack(ledger, key, attack=attack, score=score, x=run.images,
+        accuracy_under_attack(ledger, key, attack=attack(), score=score, x=run.images,
                               y=run.labels, batch_size=run.batch_size)
 
     return Job(key, row.gradients * len(run.labels), compute)
 
 
+def _crafted_on(run, row, attacked_model):
+    """What makes `row`'s attack at the config's settings, crafted on `attacked_model`."""
+    settings = run.row_settings(row)
+    return lambda: None if settings is None else run.attack(attacked_model, settings,
+                                                            row.restarts)
+
+
 def table_jobs(run):
-    return [_row_job(run, row.name, row, settings=run.row_settings(row), attacked_model=run.model)
+    return [_row_job(run, row.name, row, attack=_crafted_on(run, row, run.model))
             for row in run.paper.table]
 
 
 def transfer_jobs(run):
-    return [_row_job(run, row.name, row, settings=run.row_settings(row),
-                     attacked_model=run.source)
+    return [_row_job(run, row.name, row, attack=_crafted_on(run, row, run.source))
             for row in run.paper.transfer[run.source_name]]
 
 
 def sweep_jobs(run):
-    jobs = []
-    for epsilon in run.paper.epsilon_grid:
-        for row in (Row("FGSM"), Row("PGD", run.paper.sweep_steps)):
-            settings = run.row_settings(row, epsilon, run.paper.sweep_step_size(epsilon))
-            jobs.append(_row_job(run, f"{row.method} epsilon={epsilon:g}", row,
-                                 settings=settings, attacked_model=run.model))
-    return jobs
+    """FGSM and PGD at every epsilon of the grid, each row's attack the one at the grid's
+    largest epsilon, scaled (PGD.scaled: one trace per row for the whole grid)."""
+    largest = max(run.paper.epsilon_grid)
+    rows = (Row("FGSM"), Row("PGD", run.paper.sweep_steps))
+    scalable = {row.method: run.attack(run.model, run.row_settings(
+        row, largest, run.paper.sweep_step_size(largest)), row.restarts) for row in rows}
+    return [_row_job(run, f"{row.method} epsilon={epsilon:g}", row,
+                     attack=lambda row=row, factor=epsilon / largest:
+                     scalable[row.method].scaled(factor))
+            for epsilon in run.paper.epsilon_grid for row in rows]
 
 
 def _trace_job(run, index, trace):

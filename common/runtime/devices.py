@@ -157,8 +157,9 @@ class Spread:
     consecutive slice of the batch per replica of `strategy`, each on its device, and returns the
     results concatenated in order as numpy arrays. Over a cluster (MultiWorkerMirroredStrategy)
     every worker passes the same batch, attacks its replicas' slices and receives the whole
-    result. The function is traced once per shape of one example, so it serves inputs of any
-    shape; `jit_compile` compiles it with XLA."""
+    result. A 0-d argument (a scalar, such as an attack's epsilon scale) goes whole to every
+    replica. The function is traced once per shape of one example, so it serves inputs of any
+    shape and any scalar's value; `jit_compile` compiles it with XLA."""
 
     def __init__(self, strategy, function, jit_compile=False):
         self.strategy = strategy or default_strategy()
@@ -168,16 +169,15 @@ class Spread:
 
     def _functions(self, arrays):
         """(the function, its distributed call) for arrays of these example shapes."""
-        key = tuple((array.shape[1:], array.dtype.str) for array in arrays)
+        key = tuple(tf.TensorSpec(() if array.ndim == 0 else (None, *array.shape[1:]),
+                                  array.dtype) for array in arrays)
         if key not in self._traced:
             # TensorFlow counts the traces of every function of the same code together and warns
             # of retracing after five; each Spread traces once per example shape, so a partial
             # gives it its own count (a sweep building one attack per epsilon is no retracing).
             function = tf.function(functools.partial(self._python_function),
                                    jit_compile=self._jit_compile,
-                                   input_signature=tuple(
-                                       tf.TensorSpec((None, *array.shape[1:]), array.dtype)
-                                       for array in arrays))
+                                   input_signature=key)
             strategy = self.strategy
             gather = spans_workers(strategy)
 
@@ -212,7 +212,7 @@ class Spread:
         def replica_slice(context):
             replica = context.replica_id_in_sync_group
             first, end = (bounds[replica], bounds[replica + 1]) if counts[replica] else (0, 1)
-            return tuple(array[first:end] for array in arrays)
+            return tuple(array[first:end] if array.ndim else array for array in arrays)
 
         results = distributed(strategy.experimental_distribute_values_from_function(replica_slice))
         if spans_workers(strategy):

@@ -129,3 +129,31 @@ def test_apgd_t_keeps_the_clean_image_where_it_fails_and_the_break_where_it_succ
     x_adv = apgd.APGD(model, epsilon=5.0, steps=10, targets=3,
                       pixel_range=(-10.0, 10.0)).perturb(x, np.array([0]))
     assert np.argmax(model(x_adv).numpy()) == 3
+
+
+@pytest.mark.parametrize("norm, epsilon, options", [
+    ("Linf", 0.3, {"restarts": 2}), ("L2", 1.0, {"targets": 2}),
+    ("L1", 3.0, {"large_reps": True})])
+def test_a_scaled_attack_is_the_attack_built_at_its_epsilon_from_one_trace(norm, epsilon,
+                                                                           options):
+    """APGD.scaled(f) gives, point for point, what APGD built at f times epsilon gives (its
+    starts, restarts, targets and L1 schedule included), from the iterations traced once."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((12,))
+    model = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Dense(16, "relu")(inputs)))
+    x = np.random.default_rng(1).uniform(size=(24, 12)).astype(np.float32)
+    y = np.argmax(model(x).numpy(), axis=1)
+    settings = dict(norm=norm, steps=12, seed=3, **options)
+    base = apgd.APGD(model, epsilon=epsilon, **settings)
+    broken = []
+    for factor in (0.5, 1.5, 0.7, 1.0):
+        scaled = base.scaled(factor)
+        built = apgd.APGD(model, epsilon=epsilon * factor, **settings)
+        assert scaled.settings == built.settings and base.threat_model.epsilon == epsilon
+        x_adv = scaled.perturb(x, y)
+        np.testing.assert_array_equal(x_adv, built.perturb(x, y))
+        broken.append(np.mean(np.argmax(model(x_adv).numpy(), axis=1) != y))
+    assert broken[0] < broken[1]  # the larger ball breaks more: the factor took effect
+    assert base._spread.tracing_count() == 1
+    with pytest.raises(ValueError, match=r"factor must be at least 0.0. Received: factor=-1"):
+        base.scaled(-1)

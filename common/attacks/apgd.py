@@ -10,9 +10,11 @@ as any iterate is misclassified. All the iterations run in one `tf.function` wit
 In L1 the steps are sparse and the step size follows the sparsity of the best point instead.
 """
 
+import copy
 import dataclasses
 import math
 
+import numpy as np
 import tensorflow as tf
 
 from common.attacks import checks, losses, runs, threat_model
@@ -85,7 +87,7 @@ def halve_step(rising, interval, *, halved_at_last, best_at_last, best):
     return tf.logical_or(oscillating, stuck)
 
 
-def apgd_steps(model, x_nat, labels, *, targets, noise, settings):
+def apgd_steps(model, x_nat, labels, *, targets, noise, settings, scale=None):
     """One run of APGD from the random start given by `noise` (the shape of `x_nat`, drawn by
     the threat model's `noise`): the iterations of the threat model's ball (STEPS), or with
     `large_reps` the reference's schedule: LARGE_REPS_ITERATIONS of the iterations at each of
@@ -94,9 +96,10 @@ def apgd_steps(model, x_nat, labels, *, targets, noise, settings):
 
     Returns the last misclassified iterate of each example (its start where none was), whether
     the example stayed correctly classified throughout (in the large-reps schedule: throughout
-    its last part, within epsilon), and its final step size.
+    its last part, within epsilon), and its final step size. `scale` (a float64 scalar tensor,
+    APGD.scaled) multiplies epsilon.
     """
-    threat = settings.threat_model
+    threat = settings.threat_model if scale is None else settings.threat_model.scaled(scale)
     steps = STEPS[type(threat.ball)]
     with layers.weights_read_once(model):
         loss_and_gradient = devices.loop_step(
@@ -172,7 +175,7 @@ def momentum_steps(loss_and_gradient, x_nat, labels, *, x_start, threat, num_ite
     robust = _correct(logits, labels)
     x_broken = x_adv
     x_best, gradient_best, loss_best = x_adv, gradient, loss
-    step_size = tf.fill(tf.shape(loss), tf.constant(2.0 * threat.epsilon, tf.float32))
+    step_size = tf.fill(tf.shape(loss), tf.cast(2.0 * threat.epsilon, tf.float32))
     x_previous = x_adv
     # The reference compares the first step's loss with a zero-initialised entry.
     previous_loss = tf.zeros_like(loss)
@@ -226,7 +229,7 @@ def sparse_steps(loss_and_gradient, x_nat, labels, *, x_start, threat, num_itera
     robust = _correct(logits, labels)
     x_broken = x_adv
     x_best, gradient_best, loss_best = x_adv, gradient, loss
-    full_step = tf.fill(tf.shape(loss), tf.constant(threat.epsilon, tf.float32))
+    full_step = tf.fill(tf.shape(loss), tf.cast(threat.epsilon, tf.float32))
     step_size = full_step
     if fresh:
         sparsity = tf.fill(tf.shape(loss), size)
@@ -288,6 +291,9 @@ class APGD:
         pixel_range: (low, high), the range of valid inputs.
         strategy: spreads each batch over its replicas.
         jit_compile: compiles the iterations with XLA.
+
+    `scaled(factor)` is the same attack at epsilon times `factor`, running the iterations this
+    one traced: a sweep over epsilon traces once.
     """
 
     def __init__(self, model, *, epsilon, norm="Linf", steps=100, loss=None, restarts=1,
@@ -310,10 +316,24 @@ class APGD:
         self.model = model
         self.restarts, self.targets = int(restarts), targets
         self.seed = seed
+        self._scale = np.float64(1.0)  # times the epsilon its traced iterations were built with
         self._spread = devices.Spread(
-            strategy, lambda x, y, targets, noise: apgd_steps(
-                model, x, y, targets=targets, noise=noise, settings=self.settings), jit_compile)
+            strategy, lambda x, y, targets, noise, scale: apgd_steps(
+                model, x, y, targets=targets, noise=noise, settings=self.settings, scale=scale),
+            jit_compile)
         self._logits = devices.spread_logits(model, strategy)
+
+    def scaled(self, factor):
+        """This attack with epsilon times `factor` (at least 0). It runs the iterations this
+        attack traced, with the factor as an input (float64): the same points as an attack
+        built at `epsilon * factor`."""
+        checks.check_keywords(factor=(factor, 0.0))
+        attack = copy.copy(self)
+        attack.settings = dataclasses.replace(
+            self.settings, threat_model=self.threat_model.scaled(factor))
+        attack.threat_model = attack.settings.threat_model
+        attack._scale = np.float64(self._scale * factor)
+        return attack
 
     def perturb(self, x, y):
         """Adversarial examples for `(x, y)` (arrays or tensors), float32, the shape of `x`."""
@@ -324,7 +344,8 @@ class APGD:
         def attack(todo, run):
             noise = runs.start_noise(self.threat_model, seed=self.seed, stream=seeds.APGD_STARTS,
                                      run=run.index, shape=x[todo].shape)
-            x_adv, robust, _ = self._spread(x[todo], y[todo], run.targets[todo], noise)
+            x_adv, robust, _ = self._spread(x[todo], y[todo], run.targets[todo], noise,
+                                            self._scale)
             return x_adv, ~robust
 
         return runs.on_robust_examples(x, planned, attack, robust=runs.correct(logits, y))

@@ -390,5 +390,6 @@ class ThreatModel:
     def start_on_sphere(self, x_nat, noise, radius=1.0):
         """`x_nat` plus `noise` scaled to norm `radius` x epsilon, clipped to the pixel range:
         APGD's start in L-infinity and L2, and FAB's (radius 0.5)."""
-        return tf.clip_by_value(x_nat + _scale(radius, noise) * self.epsilon
+        epsilon = tf.cast(self.epsilon, noise.dtype)
+        return tf.clip_by_value(x_nat + _scale(radius, noise) * epsilon
                                 * self.normalized(noise), *self.pixel_range)

@@ -214,19 +214,20 @@ def _unbounded(run, scalable, correct):
 
 
 def _grid(run, scalable, correct, reported_broken):
-    """Per attack (the reported PGD, scaled from `scalable`; APGD-CE), which examples it breaks
-    at each of EPSILON_FACTORS times epsilon, attacking only those classified correctly."""
+    """Per attack (the reported PGD, scaled from `scalable`; APGD-CE, scaled from one
+    attack), which examples it breaks at each of EPSILON_FACTORS times epsilon, attacking only
+    those classified correctly."""
     settings, todo = scalable.settings, np.flatnonzero(correct)
+    apgd = APGD(run.model, epsilon=run.threat.epsilon, norm=run.threat.norm, loss="xent",
+                eot_iterations=run.eot, pixel_range=run.threat.pixel_range, seed=run.seed,
+                strategy=run.strategy)
     pgd_broken, apgd_broken = [], []
     for factor in EPSILON_FACTORS:
         if factor == 1.0:
             pgd_broken.append(reported_broken)
         else:
             pgd_broken.append(run.broken_by(scalable.scaled(factor).perturb, todo))
-        apgd = APGD(run.model, epsilon=run.threat.epsilon * factor, norm=run.threat.norm,
-                    loss="xent", eot_iterations=run.eot, pixel_range=run.threat.pixel_range,
-                    seed=run.seed, strategy=run.strategy)
-        apgd_broken.append(run.broken_by(apgd.perturb, todo))
+        apgd_broken.append(run.broken_by(apgd.scaled(factor).perturb, todo))
     return {attack_name(settings): pgd_broken, "APGD-CE": apgd_broken}
 
 
@@ -337,7 +338,7 @@ def _diagnosis(run, attack, *, early, first_logits, progress):
     robust_after_reported = correct & ~reported_broken
     stronger_broken, stronger_trace = _stronger(run, settings, robust_after_reported)
     stage(3)
-    # One trace serves every epsilon of the reported PGD's (one restart) below.
+    # One trace serves every epsilon of the reported PGD (one restart) below.
     scalable = PGD.from_settings(run.model, settings, seed=run.seed, strategy=run.strategy)
     left = _unbounded(run, scalable, correct)
     stage(4)

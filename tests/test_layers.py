@@ -32,6 +32,15 @@ def _assert_same_as_keras(ours, theirs, x):
         np.testing.assert_allclose(mine.numpy(), reference.numpy(), rtol=1e-5, atol=1e-5)
 
 
+def _operations(graph):
+    """The ops of a traced graph and of every function it calls, however deeply."""
+    graphs = [graph]
+    while graphs:
+        graph = graphs.pop()
+        graphs.extend(function.graph for function in graph._functions.values())
+        yield from graph.get_operations()
+
+
 def _input_gradient_ops(layer, x):
     """The op types of the traced input gradient of `layer` at `x`."""
     @tf.function
@@ -41,10 +50,7 @@ def _input_gradient_ops(layer, x):
             loss = tf.reduce_sum(layer(x))
         return tape.gradient(loss, x)
 
-    graph = input_gradient.get_concrete_function(x).graph
-    return {op.type for op in graph.get_operations()} | {
-        op.type for function in graph._functions.values()
-        for op in function.graph.get_operations()}
+    return {op.type for op in _operations(input_gradient.get_concrete_function(x).graph)}
 
 
 # (input channels, kernel size, strides, the input gradient's kind): the documented cases of
@@ -132,13 +138,10 @@ def _kernel_reads_in_the_steps(model, x, y, settings):
             shape = tuple(layer.kernel.shape)
             shapes |= {shape, shape[:-2] + shape[:-3:-1]}
     outer = attack.get_concrete_function(x, y).graph
-    inner, reads = list(outer._functions.values()), 0
-    while inner:
-        graph = inner.pop().graph
-        inner.extend(graph._functions.values())
-        reads += sum(op.type in ("ReadVariableOp", "Cast", "ReverseV2", "Transpose") and
-                     tuple(op.outputs[0].shape) in shapes for op in graph.get_operations())
-    return reads
+    return sum(op.type in ("ReadVariableOp", "Cast", "ReverseV2", "Transpose") and
+               tuple(op.outputs[0].shape) in shapes
+               for function in outer._functions.values()
+               for op in _operations(function.graph))
 
 
 @pytest.mark.parametrize("policy, tolerance", [("float32", 1e-5), ("mixed_bfloat16", 2e-2)])

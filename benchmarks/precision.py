@@ -4,11 +4,12 @@ after round in one process: the fast recipe's training step (config_fast.json: a
 batch 200 by default), on random inputs.
 
 Prints the CPU with its bfloat16 instructions (AVX512_BF16, AMX-BF16: without them bfloat16 is
-emulated), then per workload and precision examples/s, GFLOP/s (counted from the conv and dense
-layers, `benchmarks/flops.py`), the fraction of the fp32 matrix-multiply peak measured in this
-process, and the speed relative to float32. Each precision keeps its best time over --rounds
-rounds, after one untimed (tracing) run. Run from the repository root:
-`python benchmarks/precision.py`, or `python benchmarks/` with every other benchmark.
+emulated) and what `training_precision: auto` trains in on it, then per workload and precision
+examples/s, GFLOP/s (counted from the conv and dense layers, `benchmarks/flops.py`), the fraction
+of the fp32 matrix-multiply peak measured in this process, and the speed relative to float32. Each
+precision keeps its best time over --rounds rounds, after one untimed (tracing) run. Run from the
+repository root: `python benchmarks/precision.py`, or `python benchmarks/` with every other
+benchmark.
 """
 
 import os
@@ -93,6 +94,8 @@ def main():
     print(peak.cpu_description())
     print("bfloat16 instructions:", "yes" if precision.cpu_computes_bfloat16() else
           "none (bfloat16 is emulated)")
+    print("training_precision auto trains in:",
+          "mixed_bfloat16" if precision.bfloat16_beats_float32() else "float32")
     batch, attack_batch = TRAINING_BATCH.value, ATTACK_BATCH.value
     x = rng.uniform(0, 1, (max(batch, attack_batch), 784)).astype(np.float32)
     y = rng.integers(0, 10, len(x))

@@ -2,6 +2,8 @@
 
 import functools
 import os
+import re
+import subprocess
 
 import keras
 import numpy as np
@@ -14,7 +16,7 @@ from cifar10_challenge import model as cifar_model
 from common.attacks import pgd
 from common.evaluation import robustness
 from common.io import checkpoints
-from common.runtime import precision
+from common.runtime import devices, precision
 from common.training import loop
 from common.training.objectives import summed_xent
 from mnist_challenge import mnist_input
@@ -81,15 +83,28 @@ def test_mixed_precision_attacks_within_a_point_of_float32(challenge, mode, poli
     assert 0 < reference < 1 and abs(accuracy - reference) <= 0.01 + 1e-12, (accuracy, reference)
 
 
-def test_auto_trains_in_bfloat16_only_on_cpus_with_bfloat16_instructions():
+def test_auto_trains_in_bfloat16_only_where_it_beats_float32():
     policy = precision.training_policy
+    amd, intel = "AuthenticAMD", "GenuineIntel"
     zen4, skylake = {"avx2", "avx512f", "avx512_bf16"}, {"avx2", "avx512f"}
-    assert policy("auto", "float32", on_cpu=True, features=zen4) == "mixed_bfloat16"
-    assert policy("auto", "float32", on_cpu=True, features={"amx_bf16"}) == "mixed_bfloat16"
-    assert policy("auto", "float32", on_cpu=True, features=skylake) == "float32"
-    assert policy("auto", "mixed_float16", on_cpu=False, features=zen4) == "mixed_float16"
+    amx = {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+    hidden_amx = {"avx512f", "avx512_bf16", "avx512_fp16"}  # machine K: 0.7x float32
+    assert policy("auto", "float32", on_cpu=True, features=zen4, vendor=amd) == "mixed_bfloat16"
+    assert policy("auto", "float32", on_cpu=True, features=amx, vendor=intel) == "mixed_bfloat16"
+    assert policy("auto", "float32", on_cpu=True, features=hidden_amx, vendor=intel) == "float32"
+    assert policy("auto", "float32", on_cpu=True, features=zen4, vendor="") == "float32"
+    assert policy("auto", "float32", on_cpu=True, features=skylake, vendor=amd) == "float32"
+    assert policy("auto", "mixed_float16", on_cpu=False, features=zen4, vendor=amd) == \
+        "mixed_float16"
     assert policy("", "mixed_bfloat16", on_cpu=True) == "mixed_bfloat16"
-    assert policy("float32", "mixed_bfloat16", on_cpu=True, features=zen4) == "float32"
+    assert policy("float32", "mixed_bfloat16", on_cpu=True, features=zen4, vendor=amd) == \
+        "float32"
+
+
+def test_the_cpu_vendor_is_the_one_lscpu_names():
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    vendor = re.search(r"^Vendor ID:\s*(\S+)", lscpu, re.MULTILINE).group(1)
+    assert devices.cpu_vendor() == vendor
 
 
 def test_train_py_trains_in_its_training_precision_and_saves_float32_weights(tmp_path,

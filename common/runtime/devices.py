@@ -88,14 +88,26 @@ def cpu_features():
     """The CPU's instruction-set extensions as the kernel lists them (/proc/cpuinfo's flags):
     a fact of the machine, so every process of it makes the same speed choices (a timing probe
     could choose differently in two processes). Empty where the system does not say."""
+    return frozenset(_cpuinfo_field("flags").split())
+
+
+def cpu_vendor():
+    """The CPU's maker as /proc/cpuinfo names it ("GenuineIntel", "AuthenticAMD"), where the
+    same instructions run at different speeds; empty where the system does not say."""
+    return _cpuinfo_field("vendor_id").strip()
+
+
+def _cpuinfo_field(name):
+    """The value of /proc/cpuinfo's first `name` line, empty where there is none."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value
     except OSError:
         pass
-    return frozenset()
+    return ""
 
 
 def runs_on_cpu(strategy=None):

@@ -12,12 +12,11 @@ import keras
 
 from common.runtime import devices
 
-# /proc/cpuinfo's names of the instructions that compute in bfloat16. With them oneDNN runs
-# mixed_bfloat16 faster than float32; without them it emulates bfloat16, slower (figures in
-# benchmarks/README.md).
+# /proc/cpuinfo's names of the instructions that compute in bfloat16. Without them oneDNN
+# emulates bfloat16, at about a quarter of float32's speed (figures in benchmarks/README.md).
 BFLOAT16_INSTRUCTIONS = ("avx512_bf16", "amx_bf16")
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
-AUTO = "auto"  # training_precision: mixed_bfloat16 on CPUs with those instructions
+AUTO = "auto"  # training_precision: mixed_bfloat16 on CPUs where it beats float32
 
 # The attack's gradient sign is the same for any positive multiple of the loss; scaled by 2^10,
 # gradients down to about 6e-11 instead of 6e-8 survive float16.
@@ -48,10 +47,22 @@ def cpu_computes_bfloat16(features=None):
     return any(name in features for name in BFLOAT16_INSTRUCTIONS)
 
 
-def training_policy(training_precision, precision, *, on_cpu, features=None):
+def bfloat16_beats_float32(features=None, vendor=None):
+    """Whether mixed_bfloat16 runs faster than float32 on the CPU with `features` made by
+    `vendor` (this one's by default): with AMX-BF16, whose tiles multiply bfloat16 matrices, and
+    with AVX512_BF16 on AMD's CPUs. Intel's AVX512_BF16 without AMX ran bfloat16 slower than
+    float32 (figures in benchmarks/README.md), so there float32 is kept."""
+    features = devices.cpu_features() if features is None else features
+    vendor = devices.cpu_vendor() if vendor is None else vendor
+    return "amx_bf16" in features or ("avx512_bf16" in features and vendor == "AuthenticAMD")
+
+
+def training_policy(training_precision, precision, *, on_cpu, features=None, vendor=None):
     """The policy training computes in: `training_precision` where set, `precision` where it is
-    empty. "auto" is mixed_bfloat16 where training runs on CPUs with bfloat16 instructions
-    (`features`, this CPU's by default) and `precision` elsewhere, GPUs included."""
+    empty. "auto" is mixed_bfloat16 where training runs on CPUs where it beats float32
+    (`bfloat16_beats_float32` of `features` and `vendor`, this CPU's by default) and `precision`
+    elsewhere, GPUs included."""
     if training_precision == AUTO:
-        return "mixed_bfloat16" if on_cpu and cpu_computes_bfloat16(features) else precision
+        fast = on_cpu and bfloat16_beats_float32(features, vendor)
+        return "mixed_bfloat16" if fast else precision
     return training_precision or precision

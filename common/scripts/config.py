@@ -181,8 +181,8 @@ RULES = {
     "precision": (str, _one_of(*precision.POLICIES), "float32, mixed_float16 or mixed_bfloat16."),
     "training_precision": (str, _one_of("", *precision.POLICIES, precision.AUTO),
                            "What train.py alone computes in: empty (as precision), float32, "
-                           "mixed_float16, mixed_bfloat16, or auto (mixed_bfloat16 on CPUs with "
-                           "bfloat16 instructions, precision elsewhere)."),
+                           "mixed_float16, mixed_bfloat16, or auto (mixed_bfloat16 on CPUs where "
+                           "it beats float32: AMX, or AVX512_BF16 on AMD; precision elsewhere)."),
 }
 
 

@@ -104,7 +104,9 @@ def test_auto_trains_in_bfloat16_only_where_it_beats_float32():
 def test_the_cpu_vendor_is_the_one_lscpu_names():
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
     vendor = re.search(r"^Vendor ID:\s*(\S+)", lscpu, re.MULTILINE).group(1)
-    assert devices.cpu_vendor() == vendor
+    with open("/proc/cpuinfo") as info:  # ARM's cpuinfo names no vendor; lscpu derives one
+        said = any(line.startswith("vendor_id") for line in info)
+    assert devices.cpu_vendor() == (vendor if said else "")
 
 
 def test_train_py_trains_in_its_training_precision_and_saves_float32_weights(tmp_path,
